@@ -1,0 +1,35 @@
+# `make test` and `make demo` do all the set-up: create or reuse .venv, install
+# the pinned dependencies, build the extension in place, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Written after a complete install; a venv without it is rebuilt.
+STAMP := $(VENV)/.bn_ext-requirements
+export MAX_JOBS ?= 2
+
+.PHONY: all venv build test demo bench clean
+
+all: build
+
+$(STAMP): requirements.txt
+	@if [ ! -x $(PY) ] || ! $(PY) -c "import sys" >/dev/null 2>&1; then \
+		rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); fi
+	$(PY) -m pip install -q -r requirements.txt
+	cp requirements.txt $(STAMP)
+
+venv: $(STAMP)
+
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build
+	$(PY) -m pytest -q -ra
+
+demo: build
+	$(PY) -m bn_ext demo
+
+bench: build
+	$(PY) -m bn_ext bench
+
+clean:
+	rm -rf build bn_ext/*.so

@@ -1,0 +1,49 @@
+// BatchNorm argument checks and the view of an input as channels-first
+// (N, C, S) or channels-last (M, C) memory, shared by the CPU and CUDA ops.
+#pragma once
+
+#include "norm_common.h"
+
+#include <ATen/core/Tensor.h>
+
+namespace bn_ext {
+
+// An input in one of the two layouts the kernels handle.
+//  channels_last == false: contiguous (N, C, S), S = product of the spatial sizes.
+//  channels_last == true:  contiguous (M, C) rows, M = N * S (also 2-D inputs and S == 1).
+struct BatchNormGeometry {
+  bool channels_last;
+  int64_t N, C, S;
+  int64_t reduce_size() const { return N * S; }
+};
+
+// The memory format the kernels read and write an input in: torch's suggestion,
+// so the output keeps the input's format as torch's own BatchNorm does.
+inline at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
+  return input.suggest_memory_format();
+}
+
+inline BatchNormGeometry batch_norm_geometry(const at::Tensor& dense) {
+  int64_t S = 1;
+  for (int64_t d = 2; d < dense.dim(); ++d) S *= dense.size(d);
+  const bool channels_last = S == 1 || dense.suggest_memory_format() != at::MemoryFormat::Contiguous;
+  return {channels_last, dense.size(0), dense.size(1), S};
+}
+
+inline void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var, bool training) {
+  check_floating_input(input, "batch_norm");
+  TORCH_CHECK_INDEX(input.dim() >= 2, "batch_norm: input must have at least 2 dims (N, C, *), got ",
+                    input.dim(), "-D input of size ", input.sizes());
+  const int64_t C = input.size(1);
+  check_param(weight, "weight", input, C, "the input's channel count, input.size(1)");
+  check_param(bias, "bias", input, C, "the input's channel count, input.size(1)");
+  check_param(running_mean, "running_mean", input, C, "the input's channel count, input.size(1)");
+  check_param(running_var, "running_var", input, C, "the input's channel count, input.size(1)");
+  TORCH_CHECK(training || (has(running_mean) && has(running_var)),
+              "batch_norm: running_mean and running_var must be defined in evaluation mode (training=False)");
+}
+
+}  // namespace bn_ext

@@ -1,0 +1,481 @@
+// BatchNorm on the CPU: training/eval forward, running-statistics update and
+// backward. Two memory layouts: channels-first (N, C, S), reduced over runs
+// of S elements per channel, and channels-last (M, C), reduced down columns
+// with vectors across channels.
+#include "batch_norm_common.h"
+#include "cpu/kernel_utils.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace bn_ext::cpu {
+namespace {
+
+using at::Tensor;
+
+// Work split: at most this many tasks per reduction, and elements per stripe
+// below which splitting a channel's reduction is not worth it.
+constexpr int64_t kMaxReductionTasks = 256;
+constexpr int64_t kMinStripe = 16384;
+// Channels one channels-last task handles; its accumulators stay in L1.
+constexpr int64_t kChannelBlock = 256;
+// Elements per task of an elementwise pass.
+constexpr int64_t kElementwiseGrain = 32768;
+
+// A per-channel tensor (optional) read as doubles.
+std::vector<double> channel_values(const std::optional<Tensor>& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (!has(t)) return v;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "channel_values", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t stride = t->dim() == 0 ? 0 : t->stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * stride]);
+  });
+  return v;
+}
+
+// Tensor of `dtype` holding `values`.
+Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
+  Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "channel_tensor", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t c = 0; c < values.size(); ++c) p[c] = static_cast<scalar_t>(values[c]);
+  });
+  return t;
+}
+
+int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(elements_per_task, 1));
+}
+
+// ---------------------------------------------------------------------------
+// Reduction drivers. Each channel's reduction domain is split into stripes
+// whose boundaries depend on the shape only; a stripe is walked in
+// cache-sized chunks, in order, by one task; stripes are merged in order.
+
+// Channels-first: fn(c, stripe, runs) once per chunk, where runs(visit) calls
+// visit(offset, length) for every contiguous run of the chunk.
+template <typename ChunkFn>
+void for_each_channels_first_chunk(const BatchNormGeometry& g, int64_t stripes, const ChunkFn& fn) {
+  const int64_t R = g.reduce_size();
+  const int64_t stripe_len = (R + stripes - 1) / stripes;
+  at::parallel_for(0, g.C * stripes, grain_for(stripe_len), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / stripes, stripe = task % stripes;
+      const int64_t lo = part_begin(stripe, stripes, R), hi = part_begin(stripe + 1, stripes, R);
+      for (int64_t i = lo; i < hi; i += kCacheChunk) {
+        const int64_t j = std::min(hi, i + kCacheChunk);
+        auto runs = [&](const auto& visit) {
+          for (int64_t k = i; k < j;) {
+            const int64_t n = k / g.S, s = k % g.S;
+            const int64_t len = std::min(g.S - s, j - k);
+            visit((n * g.C + c) * g.S + s, len);
+            k += len;
+          }
+        };
+        fn(c, stripe, runs);
+      }
+    }
+  });
+}
+
+// Channels-last: fn(stripe, c0, c1, r0, r1) once per chunk of rows [r0, r1)
+// and channel block [c0, c1).
+template <typename ChunkFn>
+void for_each_channels_last_chunk(const BatchNormGeometry& g, int64_t stripes, const ChunkFn& fn) {
+  const int64_t M = g.reduce_size();
+  const int64_t blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
+  const int64_t block_width = std::min(g.C, kChannelBlock);
+  const int64_t chunk_rows = std::max<int64_t>(1, kCacheChunk / std::max<int64_t>(block_width, 1));
+  at::parallel_for(0, stripes * blocks, grain_for(M / stripes * block_width), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t stripe = task / blocks, block = task % blocks;
+      const int64_t c0 = block * kChannelBlock, c1 = std::min(g.C, c0 + kChannelBlock);
+      const int64_t lo = part_begin(stripe, stripes, M), hi = part_begin(stripe + 1, stripes, M);
+      for (int64_t r = lo; r < hi; r += chunk_rows) fn(stripe, c0, c1, r, std::min(hi, r + chunk_rows));
+    }
+  });
+}
+
+int64_t stripe_count(const BatchNormGeometry& g) {
+  const int64_t tasks_per_stripe = g.channels_last ? (g.C + kChannelBlock - 1) / kChannelBlock : g.C;
+  const int64_t min_rows = g.channels_last ? std::max<int64_t>(1, kMinStripe / std::max<int64_t>(g.C, 1)) : kMinStripe;
+  return part_count(g.reduce_size(), min_rows, kMaxReductionTasks / std::max<int64_t>(tasks_per_stripe, 1));
+}
+
+// Applies `op(c0, c1, lane_fn)` style vector loops across a channel range of
+// one channels-last row: out[c] = f(c, vector of columns).
+template <typename T, typename VecFn, typename ScalarFn>
+inline void across_channels(int64_t c0, int64_t c1, const VecFn& vec_fn, const ScalarFn& scalar_fn) {
+  constexpr int64_t W = OpVec<T>::size();
+  int64_t c = c0;
+  for (; c + W <= c1; c += W) vec_fn(c);
+  for (; c < c1; ++c) scalar_fn(c);
+}
+
+// Per-channel moments of x (count, mean, M2).
+template <typename T>
+std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  const int64_t stripes = stripe_count(g);
+  std::vector<Moments> partial(g.C * stripes);
+  if (!g.channels_last) {
+    for_each_channels_first_chunk(g, stripes, [&](int64_t c, int64_t stripe, const auto& runs) {
+      // Two passes over the chunk (it is in cache by the second): the sum
+      // shifted by its first value, then the squares about the chunk's mean.
+      Op shift = 0, sum = 0;
+      int64_t n = 0;
+      runs([&](int64_t off, int64_t len) {
+        if (n == 0) shift = static_cast<Op>(x[off]);
+        sum += shifted_sum(x + off, len, shift);
+        n += len;
+      });
+      const Op offset = sum / static_cast<Op>(n);
+      Op m2 = 0;
+      runs([&](int64_t off, int64_t len) { m2 += centered_square_sum(x + off, len, shift, offset); });
+      chan_merge(partial[c * stripes + stripe], {n, static_cast<double>(shift) + offset, static_cast<double>(m2)});
+    });
+  } else {
+    for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+      Op shift[kChannelBlock], acc[kChannelBlock];
+      const T* first = x + r0 * g.C;
+      for (int64_t c = c0; c < c1; ++c) {
+        shift[c - c0] = static_cast<Op>(first[c]);
+        acc[c - c0] = 0;
+      }
+      // sum[c] += x[r, c] - shift[c]
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = x + r * g.C;
+        across_channels<T>(
+            c0, c1,
+            [&](int64_t c) {
+              (Vec::loadu(acc + c - c0) + (load_op(row + c) - Vec::loadu(shift + c - c0))).store(acc + c - c0);
+            },
+            [&](int64_t c) { acc[c - c0] += static_cast<Op>(row[c]) - shift[c - c0]; });
+      }
+      const Op inv_n = Op(1) / static_cast<Op>(r1 - r0);
+      Op offset[kChannelBlock];
+      for (int64_t c = c0; c < c1; ++c) {
+        offset[c - c0] = acc[c - c0] * inv_n;
+        acc[c - c0] = 0;
+      }
+      // m2[c] += ((x[r, c] - shift[c]) - offset[c])^2
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* row = x + r * g.C;
+        across_channels<T>(
+            c0, c1,
+            [&](int64_t c) {
+              const Vec d = (load_op(row + c) - Vec::loadu(shift + c - c0)) - Vec::loadu(offset + c - c0);
+              at::vec::fmadd(d, d, Vec::loadu(acc + c - c0)).store(acc + c - c0);
+            },
+            [&](int64_t c) {
+              const Op d = (static_cast<Op>(row[c]) - shift[c - c0]) - offset[c - c0];
+              acc[c - c0] += d * d;
+            });
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        chan_merge(partial[stripe * g.C + c],
+                   {r1 - r0, static_cast<double>(shift[c - c0]) + offset[c - c0], static_cast<double>(acc[c - c0])});
+      }
+    });
+  }
+  std::vector<Moments> total(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t s = 0; s < stripes; ++s) {
+      chan_merge(total[c], g.channels_last ? partial[s * g.C + c] : partial[c * stripes + s]);
+    }
+  }
+  return total;
+}
+
+// Per-channel sum(dy) and sum(dy * (x - center)).
+struct GradSums {
+  double dy = 0.0;
+  double dy_xc = 0.0;
+};
+
+template <typename T>
+std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const std::vector<opmath_t<T>>& center,
+                                        const BatchNormGeometry& g) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t stripes = stripe_count(g);
+  std::vector<GradSums> partial(g.C * stripes);
+  if (!g.channels_last) {
+    for_each_channels_first_chunk(g, stripes, [&](int64_t c, int64_t stripe, const auto& runs) {
+      const Vec vcenter(center[c]);
+      Vec acc_dy(0), acc_dyx(0);
+      Op s_dy = 0, s_dyx = 0;
+      runs([&](int64_t off, int64_t len) {
+        const T* pdy = dy + off;
+        const T* px = x + off;
+        int64_t i = 0;
+        for (; i + W <= len; i += W) {
+          const Vec vdy = load_op(pdy + i);
+          acc_dy += vdy;
+          acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
+        }
+        for (; i < len; ++i) {
+          const Op d = static_cast<Op>(pdy[i]);
+          s_dy += d;
+          s_dyx += d * (static_cast<Op>(px[i]) - center[c]);
+        }
+      });
+      auto& p = partial[c * stripes + stripe];
+      p.dy += static_cast<double>(reduce_add(acc_dy) + s_dy);
+      p.dy_xc += static_cast<double>(reduce_add(acc_dyx) + s_dyx);
+    });
+  } else {
+    for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+      Op acc_dy[kChannelBlock] = {}, acc_dyx[kChannelBlock] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* rdy = dy + r * g.C;
+        const T* rx = x + r * g.C;
+        across_channels<T>(
+            c0, c1,
+            [&](int64_t c) {
+              const Vec vdy = load_op(rdy + c);
+              (Vec::loadu(acc_dy + c - c0) + vdy).store(acc_dy + c - c0);
+              at::vec::fmadd(vdy, load_op(rx + c) - Vec::loadu(center.data() + c), Vec::loadu(acc_dyx + c - c0))
+                  .store(acc_dyx + c - c0);
+            },
+            [&](int64_t c) {
+              const Op d = static_cast<Op>(rdy[c]);
+              acc_dy[c - c0] += d;
+              acc_dyx[c - c0] += d * (static_cast<Op>(rx[c]) - center[c]);
+            });
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        partial[stripe * g.C + c].dy += static_cast<double>(acc_dy[c - c0]);
+        partial[stripe * g.C + c].dy_xc += static_cast<double>(acc_dyx[c - c0]);
+      }
+    });
+  }
+  std::vector<GradSums> total(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t s = 0; s < stripes; ++s) {
+      const auto& p = g.channels_last ? partial[s * g.C + c] : partial[c * stripes + s];
+      total[c].dy += p.dy;
+      total[c].dy_xc += p.dy_xc;
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise pass: out = [dy * alpha[c]] + [(x - center[c]) * beta[c]] + gamma[c].
+// Forward uses the x term only; backward in eval mode the dy term only.
+template <typename T>
+struct ChannelCoefficients {
+  std::vector<opmath_t<T>> alpha, beta, gamma, center;
+  explicit ChannelCoefficients(int64_t C) : alpha(C), beta(C), gamma(C), center(C) {}
+};
+
+template <typename T, bool kUseDy, bool kUseX>
+void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k,
+                         const BatchNormGeometry& g) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  auto scalar = [&](int64_t i, int64_t c) {
+    Op v = k.gamma[c];
+    if constexpr (kUseX) v += (static_cast<Op>(x[i]) - k.center[c]) * k.beta[c];
+    if constexpr (kUseDy) v += static_cast<Op>(dy[i]) * k.alpha[c];
+    out[i] = static_cast<T>(v);
+  };
+  auto vector = [&](int64_t i, const Vec& alpha, const Vec& beta, const Vec& gamma, const Vec& center) {
+    Vec v = gamma;
+    if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - center, beta, v);
+    if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), alpha, v);
+    store_op(out + i, v);
+  };
+  if (!g.channels_last) {
+    const int64_t total = g.N * g.C * g.S;
+    at::parallel_for(0, total, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end;) {
+        const int64_t c = (i / g.S) % g.C;
+        const int64_t run_end = std::min(end, (i / g.S + 1) * g.S);
+        const Vec alpha(k.alpha[c]), beta(k.beta[c]), gamma(k.gamma[c]), center(k.center[c]);
+        for (; i + W <= run_end; i += W) vector(i, alpha, beta, gamma, center);
+        for (; i < run_end; ++i) scalar(i, c);
+      }
+    });
+  } else {
+    at::parallel_for(0, g.reduce_size(), grain_for(g.C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t base = r * g.C;
+        across_channels<T>(
+            0, g.C,
+            [&](int64_t c) {
+              vector(base + c, Vec::loadu(k.alpha.data() + c), Vec::loadu(k.beta.data() + c),
+                     Vec::loadu(k.gamma.data() + c), Vec::loadu(k.center.data() + c));
+            },
+            [&](int64_t c) { scalar(base + c, c); });
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Operators.
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias,
+                                                          const std::optional<Tensor>& running_mean,
+                                                          const std::optional<Tensor>& running_var, bool training,
+                                                          double eps) {
+  check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
+  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  Tensor out = at::empty_like(x);
+  const auto sdtype = stat_dtype(input.scalar_type());
+  if (x.numel() == 0 && training) {
+    return {out, at::zeros({g.C}, x.options().dtype(sdtype)), at::zeros({g.C}, x.options().dtype(sdtype))};
+  }
+  std::vector<double> mean(g.C), invstd(g.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cpu", [&] {
+    using Op = opmath_t<scalar_t>;
+    if (training) {
+      const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
+      for (int64_t c = 0; c < g.C; ++c) {
+        mean[c] = moments[c].mean;
+        invstd[c] = 1.0 / std::sqrt(moments[c].m2 / static_cast<double>(moments[c].count) + eps);
+      }
+    } else {
+      mean = channel_values(running_mean, g.C, 0.0);
+      const auto var = channel_values(running_var, g.C, 1.0);
+      for (int64_t c = 0; c < g.C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    }
+    const auto w = channel_values(weight, g.C, 1.0);
+    const auto b = channel_values(bias, g.C, 0.0);
+    // y = (x - center) * a + b', center = mean rounded to op-math and b' folding
+    // the rounding remainder, so inputs with a large mean keep their precision.
+    ChannelCoefficients<scalar_t> k(g.C);
+    for (int64_t c = 0; c < g.C; ++c) {
+      const double a = w[c] * invstd[c];
+      k.center[c] = static_cast<Op>(mean[c]);
+      k.beta[c] = static_cast<Op>(a);
+      k.gamma[c] = static_cast<Op>(b[c] - (mean[c] - static_cast<double>(k.center[c])) * a);
+    }
+    channel_affine_pass<scalar_t, false, true>(out.mutable_data_ptr<scalar_t>(), nullptr,
+                                               x.const_data_ptr<scalar_t>(), k, g);
+  });
+  return {out, channel_tensor(mean, sdtype), channel_tensor(invstd, sdtype)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                           const std::optional<Tensor>& weight,
+                                                           const Tensor& save_mean, const Tensor& save_invstd,
+                                                           bool training, double eps,
+                                                           std::array<bool, 3> output_mask) {
+  (void)eps;  // used by the autograd formula of this op, not by the kernel
+  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_backward: grad_out must have the input's size ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  const int64_t C = input.size(1);
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
+              "batch_norm_backward: save_mean and save_invstd should contain ", C, " elements, got ",
+              save_mean.numel(), " and ", save_invstd.numel());
+  const auto fmt = batch_norm_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor dy = grad_out.contiguous(fmt);
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {
+    using Op = opmath_t<scalar_t>;
+    const auto mean = channel_values(save_mean, C, 0.0);
+    const auto invstd = channel_values(save_invstd, C, 1.0);
+    const auto w = channel_values(weight, C, 1.0);
+    ChannelCoefficients<scalar_t> k(C);
+    for (int64_t c = 0; c < C; ++c) k.center[c] = static_cast<Op>(mean[c]);
+
+    const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+    std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+    if (need_sums && x.numel() > 0) {
+      const auto sums = channel_grad_sums(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k.center, g);
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy[c] = sums[c].dy;
+        // sum(dy * (x - mean)) from the sum about the rounded center.
+        sum_dy_xmu[c] = sums[c].dy_xc - (mean[c] - static_cast<double>(k.center[c])) * sums[c].dy;
+      }
+    }
+    if (output_mask[0] && x.numel() > 0) {
+      const double M = static_cast<double>(g.reduce_size());
+      for (int64_t c = 0; c < C; ++c) {
+        const double alpha = w[c] * invstd[c];
+        k.alpha[c] = static_cast<Op>(alpha);
+        if (training) {
+          // dx = alpha * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy (x - mean))/M)
+          const double proj = invstd[c] * invstd[c] * sum_dy_xmu[c] / M;
+          k.beta[c] = static_cast<Op>(-alpha * proj);
+          k.gamma[c] = static_cast<Op>(alpha * (proj * (mean[c] - static_cast<double>(k.center[c])) - sum_dy[c] / M));
+        }
+      }
+      if (training) {
+        channel_affine_pass<scalar_t, true, true>(grad_input.mutable_data_ptr<scalar_t>(),
+                                                  dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k, g);
+      } else {
+        channel_affine_pass<scalar_t, true, false>(grad_input.mutable_data_ptr<scalar_t>(),
+                                                   dy.const_data_ptr<scalar_t>(), nullptr, k, g);
+      }
+    }
+    if (output_mask[1]) {
+      std::vector<double> gw(C);
+      for (int64_t c = 0; c < C; ++c) gw[c] = sum_dy_xmu[c] * invstd[c];
+      grad_weight = channel_tensor(gw, param_dtype);
+    }
+    if (output_mask[2]) grad_bias = channel_tensor(sum_dy, param_dtype);
+  });
+  auto empty = [&] { return at::empty({0}, x.options().dtype(param_dtype)); };
+  return {grad_input, grad_weight.defined() ? grad_weight : empty(), grad_bias.defined() ? grad_bias : empty()};
+}
+
+void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                                 const Tensor& save_mean, const Tensor& save_invstd, double momentum, double eps,
+                                 int64_t count) {
+  const int64_t C = save_mean.numel();
+  const auto mean = channel_values(save_mean, C, 0.0);
+  const auto invstd = channel_values(save_invstd, C, 1.0);
+  // Unbiased variance, as torch keeps in running_var.
+  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+  auto update = [&](const Tensor& t, auto&& batch_value) {
+    TORCH_CHECK(t.numel() == C, "batch_norm_update_stats: running statistics should contain ", C,
+                " elements not ", t.numel());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm_update_stats", [&] {
+      scalar_t* p = t.mutable_data_ptr<scalar_t>();
+      const int64_t stride = t.stride(0);
+      for (int64_t c = 0; c < C; ++c) {
+        const double old = static_cast<double>(p[c * stride]);
+        p[c * stride] = static_cast<scalar_t>((1.0 - momentum) * old + momentum * batch_value(c));
+      }
+    });
+  };
+  if (has(running_mean)) update(*running_mean, [&](int64_t c) { return mean[c]; });
+  if (has(running_var)) {
+    update(*running_var, [&](int64_t c) { return (1.0 / (invstd[c] * invstd[c]) - eps) * unbias; });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats_cpu);
+}
+
+}  // namespace bn_ext::cpu

@@ -1,0 +1,157 @@
+// Building blocks shared by the CPU norm kernels: vector load/store in the
+// op-math type, stable partial moments with Chan's merge, and run-level sums.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace bn_ext::cpu {
+
+// float for float/half/bfloat16, double for double.
+template <typename T>
+using opmath_t = at::opmath_type<T>;
+template <typename T>
+using OpVec = at::vec::Vectorized<opmath_t<T>>;
+
+// Elements per task whose data should still sit in L1/L2 when a kernel makes a
+// second sweep over it. Chunk boundaries derive from this constant and the
+// shape only, never from the thread count, so results are thread-count invariant.
+constexpr int64_t kCacheChunk = 4096;
+
+// Load OpVec<T>::size() elements of T as op-math.
+template <typename T>
+inline OpVec<T> load_op(const T* p) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    OpVec<T> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  } else {
+    return OpVec<T>::loadu(p);
+  }
+}
+
+// Store OpVec<T>::size() op-math elements as T (rounding once).
+template <typename T>
+inline void store_op(T* p, const OpVec<T>& v) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, OpVec<T>::size());
+  } else {
+    v.store(p);
+  }
+}
+
+template <typename Acc>
+inline Acc reduce_add(const at::vec::Vectorized<Acc>& v) {
+  // Fixed lane order, so the result does not depend on anything but the data.
+  alignas(64) Acc lanes[at::vec::Vectorized<Acc>::size()];
+  v.store(lanes);
+  Acc s = 0;
+  for (int64_t i = 0; i < at::vec::Vectorized<Acc>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Partial moments of a set of values: count, mean and M2 = sum((x - mean)^2).
+struct Moments {
+  int64_t count = 0;
+  double mean = 0.0;
+  double m2 = 0.0;
+};
+
+// Chan et al.'s parallel combination; exact for uneven counts.
+inline void chan_merge(Moments& a, const Moments& b) {
+  if (b.count == 0) return;
+  if (a.count == 0) {
+    a = b;
+    return;
+  }
+  const double n = static_cast<double>(a.count + b.count);
+  const double delta = b.mean - a.mean;
+  const double b_share = static_cast<double>(b.count) / n;
+  a.mean += delta * b_share;
+  a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * b_share;
+  a.count += b.count;
+}
+
+// sum(x - shift) over a contiguous run. Subtracting a value of the data
+// (the chunk's first element) keeps the sum small for inputs with a large mean.
+template <typename T>
+inline opmath_t<T> shifted_sum(const T* p, int64_t n, opmath_t<T> shift) {
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vshift(shift);
+  Vec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 += load_op(p + i) - vshift;
+    acc1 += load_op(p + i + W) - vshift;
+  }
+  for (; i + W <= n; i += W) acc0 += load_op(p + i) - vshift;
+  opmath_t<T> s = reduce_add(acc0 + acc1);
+  for (; i < n; ++i) s += static_cast<opmath_t<T>>(p[i]) - shift;
+  return s;
+}
+
+// sum(((x - shift) - offset)^2) over a contiguous run: the second pass of a
+// two-pass variance, with mean = shift + offset kept in two parts.
+template <typename T>
+inline opmath_t<T> centered_square_sum(const T* p, int64_t n, opmath_t<T> shift, opmath_t<T> offset) {
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vshift(shift), voffset(offset);
+  Vec acc0(0), acc1(0);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec d0 = (load_op(p + i) - vshift) - voffset;
+    const Vec d1 = (load_op(p + i + W) - vshift) - voffset;
+    acc0 = at::vec::fmadd(d0, d0, acc0);
+    acc1 = at::vec::fmadd(d1, d1, acc1);
+  }
+  for (; i + W <= n; i += W) {
+    const Vec d = (load_op(p + i) - vshift) - voffset;
+    acc0 = at::vec::fmadd(d, d, acc0);
+  }
+  opmath_t<T> s = reduce_add(acc0 + acc1);
+  for (; i < n; ++i) {
+    const opmath_t<T> d = (static_cast<opmath_t<T>>(p[i]) - shift) - offset;
+    s += d * d;
+  }
+  return s;
+}
+
+// Moments of one contiguous run that fits in cache: two passes over it.
+template <typename T>
+inline Moments run_moments(const T* p, int64_t n) {
+  if (n == 0) return {};
+  using Op = opmath_t<T>;
+  const Op shift = static_cast<Op>(p[0]);
+  const Op offset = shifted_sum(p, n, shift) / static_cast<Op>(n);
+  return {n, static_cast<double>(shift) + static_cast<double>(offset),
+          static_cast<double>(centered_square_sum(p, n, shift, offset))};
+}
+
+// Moments of a long contiguous run: cache-sized chunks merged in order.
+template <typename T>
+inline Moments long_run_moments(const T* p, int64_t n) {
+  Moments total;
+  for (int64_t i = 0; i < n; i += kCacheChunk) {
+    chan_merge(total, run_moments(p + i, std::min(kCacheChunk, n - i)));
+  }
+  return total;
+}
+
+// Split `n` items into at most `max_parts` contiguous parts of at least
+// `min_part` items each (except when n is smaller). Depends on its arguments only.
+inline int64_t part_count(int64_t n, int64_t min_part, int64_t max_parts) {
+  if (n <= 0) return 1;
+  return std::clamp<int64_t>(n / std::max<int64_t>(min_part, 1), 1, std::max<int64_t>(max_parts, 1));
+}
+
+inline int64_t part_begin(int64_t part, int64_t parts, int64_t n) {
+  return n / parts * part + std::min(part, n % parts);
+}
+
+}  // namespace bn_ext::cpu

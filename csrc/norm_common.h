@@ -1,0 +1,43 @@
+// Argument checks and shape helpers shared by every backend of every op, so
+// the CPU and CUDA implementations reject the same inputs with the same words.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+namespace bn_ext {
+
+// Statistics are float32 for half-precision inputs, the input's dtype otherwise.
+inline at::ScalarType stat_dtype(at::ScalarType input_dtype) {
+  return (input_dtype == at::kHalf || input_dtype == at::kBFloat16) ? at::kFloat : input_dtype;
+}
+
+inline void check_floating_input(const at::Tensor& input, const char* op) {
+  const auto t = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+      ": input must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+// A parameter-like tensor (weight, bias, running statistics): on the input's
+// device, with the input's dtype or float32 beside a half-precision input, and
+// `numel` elements.
+inline void check_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
+                        int64_t numel, const char* what) {
+  if (!param.has_value() || !param->defined()) return;
+  const auto& p = *param;
+  TORCH_CHECK(p.device() == input.device(), name, " must be on the same device as input (", input.device(),
+              "), got ", p.device());
+  const auto in = input.scalar_type();
+  TORCH_CHECK(p.scalar_type() == in || (p.scalar_type() == at::kFloat && stat_dtype(in) == at::kFloat),
+              name, " must have the input's dtype (", in, ")",
+              stat_dtype(in) == at::kFloat && in != at::kFloat ? " or float32" : "", ", got ", p.scalar_type());
+  TORCH_CHECK(p.numel() == numel, name, " should contain ", numel, " elements (", what, ") not ", p.numel());
+}
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace bn_ext

@@ -1,0 +1,19 @@
+// Every bn_ext operator schema, in one place. Implementations are registered
+// per backend (cpu/, cuda/); fake kernels and autograd live in bn_ext/functional.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(bn_ext, m) {
+  // BatchNorm. The forward is functional: it returns the statistics it used
+  // (batch statistics in training, running ones in eval); running statistics
+  // are updated by the separate in-place op below.
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_update_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor save_mean, "
+      "Tensor save_invstd, float momentum, float eps, int count) -> ()");
+  // Gradients not asked for by output_mask come back as empty tensors.
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
+      "Tensor save_invstd, bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
