@@ -35,8 +35,16 @@ def _channel_shape(x: Tensor) -> list[int]:
 # BatchNorm
 
 
+def _check_same_device(input: Tensor, **tensors: Tensor | None) -> None:
+    # The fake kernels also serve mixed real/meta calls, which reach no C++ check.
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name} must be on the same device as input ({input.device}), got {t.device}")
+
+
 @torch.library.register_fake("bn_ext::batch_norm_forward")
 def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps):
+    _check_same_device(input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     channels = input.shape[1]
     stat = _stat_dtype(input.dtype)
     out = torch.empty_like(input, memory_format=suggest_memory_format(input))
@@ -44,7 +52,9 @@ def _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, tra
 
 
 @torch.library.register_fake("bn_ext::batch_norm_update_stats")
-def _batch_norm_update_stats_fake(running_mean, running_var, save_mean, save_invstd, momentum, eps, count):
+def _batch_norm_update_stats_fake(
+    running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps, count
+):
     return None
 
 
@@ -95,7 +105,7 @@ torch.library.register_autograd(
 )
 
 
-def batch_norm_grads_reference(grad_out, input, weight, save_mean, save_invstd, training, eps):
+def _batch_norm_grads_reference(grad_out, input, weight, save_mean, save_invstd, training, eps):
     """BatchNorm's first derivatives as a composite of torch ops.
 
     In training the statistics are recomputed from `input`, so differentiating
@@ -132,7 +142,7 @@ def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     w = weight if has_weight else torch.ones(input.shape[1], dtype=input.dtype, device=input.device)
 
     def first_derivatives(dy, x, w_):
-        return batch_norm_grads_reference(dy, x, w_, save_mean, save_invstd, ctx.training, ctx.eps)
+        return _batch_norm_grads_reference(dy, x, w_, save_mean, save_invstd, ctx.training, ctx.eps)
 
     outputs, vjp = torch.func.vjp(first_derivatives, grad_out, input, w)
     cotangents = tuple(
@@ -172,15 +182,41 @@ def batch_norm(
     the batch statistics normalise the input and, when given, running_mean and
     running_var are updated in place (running_var with the unbiased variance).
     """
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
     if training and input.dim() >= 2:
         _verify_batch_size(input.size())
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     out, save_mean, save_invstd = _ops.batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, eps
     )
-    if training and (running_mean is not None or running_var is not None) and input.numel() > 0:
+    if training and running_mean is not None and input.numel() > 0:
         with torch.no_grad():
             _ops.batch_norm_update_stats(
-                running_mean, running_var, save_mean, save_invstd, momentum, eps, input.numel() // input.shape[1]
+                running_mean,
+                running_var,
+                save_mean,
+                save_invstd,
+                momentum,
+                num_batches_tracked,
+                eps,
+                input.numel() // input.shape[1],
             )
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_ext.functional import batch_norm
+from bn_ext.functional import _batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "revert"]
 
@@ -20,24 +20,22 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        # momentum=None means a cumulative moving average driven by num_batches_tracked.
-        average_factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                average_factor = 1.0 / float(self.num_batches_tracked)
         # Without running statistics, batch statistics are used in eval too.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return batch_norm(
+        # momentum=None: a cumulative moving average driven by num_batches_tracked.
+        return _batch_norm(
             input,
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
             self.weight,
             self.bias,
             use_batch_stats,
-            average_factor,
+            self.momentum,
             self.eps,
+            self.num_batches_tracked,
         )
 
 

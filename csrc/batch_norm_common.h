@@ -42,6 +42,8 @@ inline void check_batch_norm_args(const at::Tensor& input, const std::optional<a
   check_param(bias, "bias", input, C, "the input's channel count, input.size(1)");
   check_param(running_mean, "running_mean", input, C, "the input's channel count, input.size(1)");
   check_param(running_var, "running_var", input, C, "the input's channel count, input.size(1)");
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var),
+                    "batch_norm: running_mean and running_var must either both be None or neither be None");
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "batch_norm: running_mean and running_var must be defined in evaluation mode (training=False)");
 }

@@ -9,9 +9,11 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, bool training, float eps) -> (Tensor out, Tensor save_mean, Tensor save_invstd)");
+  // momentum None: cumulative average, factor 1 / num_batches_tracked (read
+  // here rather than in Python so compiled graphs need no data-dependent scalar).
   m.def(
       "batch_norm_update_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor save_mean, "
-      "Tensor save_invstd, float momentum, float eps, int count) -> ()");
+      "Tensor save_invstd, float? momentum, Tensor? num_batches_tracked, float eps, int count) -> ()");
   // Gradients not asked for by output_mask come back as empty tensors.
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "

@@ -445,8 +445,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
 }
 
 void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                                 const Tensor& save_mean, const Tensor& save_invstd, double momentum, double eps,
-                                 int64_t count) {
+                                 const Tensor& save_mean, const Tensor& save_invstd, std::optional<double> momentum,
+                                 const std::optional<Tensor>& num_batches_tracked, double eps, int64_t count) {
+  TORCH_CHECK(momentum.has_value() || has(num_batches_tracked),
+              "batch_norm_update_stats: num_batches_tracked is required when momentum is None");
+  const double factor = momentum.has_value() ? *momentum : 1.0 / num_batches_tracked->item<double>();
   const int64_t C = save_mean.numel();
   const auto mean = channel_values(save_mean, C, 0.0);
   const auto invstd = channel_values(save_invstd, C, 1.0);
@@ -460,7 +463,7 @@ void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, cons
       const int64_t stride = t.stride(0);
       for (int64_t c = 0; c < C; ++c) {
         const double old = static_cast<double>(p[c * stride]);
-        p[c * stride] = static_cast<scalar_t>((1.0 - momentum) * old + momentum * batch_value(c));
+        p[c * stride] = static_cast<scalar_t>((1.0 - factor) * old + factor * batch_value(c));
       }
     });
   };

@@ -1,0 +1,92 @@
+"""The operator contract: opcheck on every operator, torch.compile(fullgraph)
+with no graph break, and torch.export."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import bn_ext
+
+ops = torch.ops.bn_ext
+
+
+def bn_forward_samples():
+    x = torch.randn(3, 4, 5, 6)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    xh = x.to(torch.bfloat16)
+    return [
+        (x, w, b, None, None, True, 1e-5),
+        (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, False, 1e-5),
+        (x.detach().to(memory_format=torch.channels_last), w.detach(), None, rm, rv, True, 1e-3),
+        (torch.randn(8, 3, 10)[:, :, ::2], None, None, None, None, True, 1e-5),
+        (xh, w.detach(), b.detach(), rm, rv, True, 1e-5),
+        (torch.randn(6, 4, dtype=torch.float64), None, None, None, None, True, 1e-5),
+    ]
+
+
+@pytest.mark.parametrize("args", bn_forward_samples(), ids=range(6))
+def test_opcheck_batch_norm_forward(args):
+    opcheck(ops.batch_norm_forward.default, args)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
+def test_opcheck_batch_norm_backward(training, mask):
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    w = torch.rand(4, dtype=torch.float64)
+    _, mean, invstd = ops.batch_norm_forward(x, w, None, torch.zeros(4, dtype=torch.float64),
+                                             torch.ones(4, dtype=torch.float64), training, 1e-5)
+    dy = torch.randn_like(x)
+    opcheck(ops.batch_norm_backward.default, (dy, x, w, mean, invstd, training, 1e-5, mask))
+    opcheck(ops.batch_norm_backward.default,
+            (dy.requires_grad_(), x.requires_grad_(), w.requires_grad_(), mean, invstd, training, 1e-5, mask))
+
+
+def test_opcheck_batch_norm_update_stats():
+    opcheck(ops.batch_norm_update_stats.default,
+            (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4) + 1, 0.1, None, 1e-5, 10))
+    opcheck(ops.batch_norm_update_stats.default,
+            (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4) + 1, None, torch.tensor(3), 1e-5, 3))
+
+
+def conv_bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), bn_ext.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3), bn_ext.nn.BatchNorm2d(4, momentum=None), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 5), bn_ext.nn.BatchNorm1d(5),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(training):
+    eager = conv_bn_net().train(training)
+    compiled_model = conv_bn_net().train(training)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8, requires_grad=True)
+        out_e = eager(x)
+        out_c = compiled(x)
+        torch.testing.assert_close(out_c, out_e)
+        (ge,) = torch.autograd.grad(out_e.square().sum(), x)
+        (gc,) = torch.autograd.grad(out_c.square().sum(), x)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_compile_has_no_graph_break():
+    explanation = torch._dynamo.explain(conv_bn_net().train())(torch.randn(4, 3, 8, 8))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_runs_and_matches(training):
+    model = conv_bn_net().train(training)
+    x = torch.randn(4, 3, 8, 8)
+    program = torch.export.export(model, (x,))
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "bn_ext.batch_norm_forward.default" in names
+    reference = conv_bn_net().train(training)
+    torch.testing.assert_close(program.module()(x), reference(x))
