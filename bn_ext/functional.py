@@ -14,7 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 import bn_ext._C  # noqa: F401  (registers the operators)
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
 _ops = torch.ops.bn_ext
 
@@ -29,6 +29,23 @@ def _reduction_dims(x: Tensor) -> list[int]:
 
 def _channel_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _double_backward(reference, grad_out, input, weight, other_args, grads_of_grads, output_mask):
+    """Gradients of a backward op's outputs through its composite reference."""
+    has_weight = weight is not None
+    w = weight if has_weight else torch.ones(1, dtype=input.dtype, device=input.device)
+
+    def first_derivatives(dy, x, w_):
+        return reference(dy, x, *other_args(w_ if has_weight else None))
+
+    outputs, vjp = torch.func.vjp(first_derivatives, grad_out, input, w)
+    cotangents = tuple(
+        g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
+        for g, o, asked in zip(grads_of_grads, outputs, output_mask)
+    )
+    d_grad_out, d_input, d_weight = vjp(cotangents)
+    return d_grad_out, d_input, (d_weight.to(weight.dtype) if has_weight else None)
 
 
 # ---------------------------------------------------------------------------
@@ -138,19 +155,12 @@ def _batch_norm_backward_setup(ctx, inputs, output):
 
 def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
-    has_weight = weight is not None
-    w = weight if has_weight else torch.ones(input.shape[1], dtype=input.dtype, device=input.device)
-
-    def first_derivatives(dy, x, w_):
-        return _batch_norm_grads_reference(dy, x, w_, save_mean, save_invstd, ctx.training, ctx.eps)
-
-    outputs, vjp = torch.func.vjp(first_derivatives, grad_out, input, w)
-    cotangents = tuple(
-        g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
-        for g, o, asked in zip((gg_input, gg_weight, gg_bias), outputs, ctx.output_mask)
+    d_grad_out, d_input, d_weight = _double_backward(
+        _batch_norm_grads_reference, grad_out, input, weight,
+        lambda w: (w, save_mean, save_invstd, ctx.training, ctx.eps), (gg_input, gg_weight, gg_bias),
+        ctx.output_mask,
     )
-    d_grad_out, d_input, d_weight = vjp(cotangents)
-    return d_grad_out, d_input, (d_weight.to(weight.dtype) if has_weight else None), None, None, None, None, None
+    return d_grad_out, d_input, d_weight, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -221,3 +231,200 @@ def _batch_norm(
     return out
 
 
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm and RMSNorm: rows over the trailing normalized_shape dims.
+
+
+def _normalized_dims(x: Tensor, normalized_shape: Sequence[int]) -> list[int]:
+    return list(range(x.dim() - len(normalized_shape), x.dim()))
+
+
+def _row_stat_shape(x: Tensor, normalized_shape: Sequence[int]) -> list[int]:
+    return [*x.shape[: x.dim() - len(normalized_shape)], *([1] * len(normalized_shape))]
+
+
+def _param_grad_fake(x: Tensor, param: Tensor | None, shape: Sequence[int], asked: bool) -> Tensor:
+    dtype = x.dtype if param is None else param.dtype
+    return x.new_empty(tuple(shape) if asked else (0,), dtype=dtype)
+
+
+def _input_grad_fake(x: Tensor, asked: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if asked else x.new_empty((0,))
+
+
+@torch.library.register_fake("bn_ext::layer_norm_forward")
+def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
+    _check_same_device(input, weight=weight, bias=bias)
+    stat = _stat_dtype(input.dtype)
+    shape = _row_stat_shape(input, normalized_shape)
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        input.new_empty(shape, dtype=stat),
+        input.new_empty(shape, dtype=stat),
+    )
+
+
+@torch.library.register_fake("bn_ext::layer_norm_backward")
+def _layer_norm_backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, bias, eps, output_mask):
+    return (
+        _input_grad_fake(input, output_mask[0]),
+        _param_grad_fake(input, weight, normalized_shape, output_mask[1]),
+        _param_grad_fake(input, bias, normalized_shape, output_mask[2]),
+    )
+
+
+@torch.library.register_fake("bn_ext::rms_norm_forward")
+def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
+    _check_same_device(input, weight=weight)
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        input.new_empty(_row_stat_shape(input, normalized_shape), dtype=_stat_dtype(input.dtype)),
+    )
+
+
+@torch.library.register_fake("bn_ext::rms_norm_backward")
+def _rms_norm_backward_fake(grad_out, input, normalized_shape, rstd, weight, eps, output_mask):
+    return _input_grad_fake(input, output_mask[0]), _param_grad_fake(input, weight, normalized_shape, output_mask[1])
+
+
+def _layer_norm_grads_reference(grad_out, input, normalized_shape, weight, eps):
+    """LayerNorm's first derivatives as a composite of torch ops (statistics
+    recomputed from `input`), for double backward."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x, dy = input.to(compute), grad_out.to(compute)
+    dims = _normalized_dims(x, normalized_shape)
+    leading = list(range(x.dim() - len(normalized_shape)))
+    mean = x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    x_hat = (x - mean) * rstd
+    g = dy if weight is None else dy * weight.to(compute)
+    grad_input = rstd * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    return grad_input.to(input.dtype), (dy * x_hat).sum(leading), dy.sum(leading)
+
+
+def _rms_norm_grads_reference(grad_out, input, normalized_shape, weight, eps):
+    """RMSNorm's first derivatives as a composite of torch ops, for double backward."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x, dy = input.to(compute), grad_out.to(compute)
+    dims = _normalized_dims(x, normalized_shape)
+    leading = list(range(x.dim() - len(normalized_shape)))
+    rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + _rms_norm_eps(eps, input.dtype))
+    x_hat = x * rstd
+    g = dy if weight is None else dy * weight.to(compute)
+    grad_input = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    return grad_input.to(input.dtype), (dy * x_hat).sum(leading)
+
+
+def _rms_norm_eps(eps: float | None, dtype: torch.dtype) -> float:
+    if eps is not None:
+        return eps
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _layer_norm_forward_setup(ctx, inputs, output):
+    input, normalized_shape, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+
+
+def _layer_norm_forward_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    if grad_out is None or not any(mask):
+        return (None,) * 5
+    grad_input, grad_weight, grad_bias = _ops.layer_norm_backward(
+        grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, ctx.eps, mask
+    )
+    return (grad_input if mask[0] else None, None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, None)
+
+
+def _layer_norm_backward_setup(ctx, inputs, output):
+    grad_out, input, normalized_shape, mean, rstd, weight, bias, eps, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight)
+    ctx.normalized_shape, ctx.eps, ctx.output_mask = normalized_shape, eps, list(output_mask)
+
+
+def _layer_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
+    grad_out, input, weight = ctx.saved_tensors
+    d_grad_out, d_input, d_weight = _double_backward(
+        _layer_norm_grads_reference, grad_out, input, weight,
+        lambda w: (ctx.normalized_shape, w, ctx.eps), (gg_input, gg_weight, gg_bias), ctx.output_mask,
+    )
+    return d_grad_out, d_input, None, None, None, d_weight, None, None, None
+
+
+def _rms_norm_forward_setup(ctx, inputs, output):
+    input, normalized_shape, weight, eps = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+
+
+def _rms_norm_forward_backward(ctx, grad_out, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
+    if grad_out is None or not any(mask):
+        return (None,) * 4
+    grad_input, grad_weight = _ops.rms_norm_backward(
+        grad_out, input, ctx.normalized_shape, rstd, weight, ctx.eps, mask
+    )
+    return grad_input if mask[0] else None, None, grad_weight if mask[1] else None, None
+
+
+def _rms_norm_backward_setup(ctx, inputs, output):
+    grad_out, input, normalized_shape, rstd, weight, eps, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight)
+    ctx.normalized_shape, ctx.eps, ctx.output_mask = normalized_shape, eps, list(output_mask)
+
+
+def _rms_norm_backward_backward(ctx, gg_input, gg_weight):
+    grad_out, input, weight = ctx.saved_tensors
+    d_grad_out, d_input, d_weight = _double_backward(
+        _rms_norm_grads_reference, grad_out, input, weight,
+        lambda w: (ctx.normalized_shape, w, ctx.eps), (gg_input, gg_weight), ctx.output_mask,
+    )
+    return d_grad_out, d_input, None, None, d_weight, None, None
+
+
+for _name, _backward, _setup in [
+    ("layer_norm_forward", _layer_norm_forward_backward, _layer_norm_forward_setup),
+    ("layer_norm_backward", _layer_norm_backward_backward, _layer_norm_backward_setup),
+    ("rms_norm_forward", _rms_norm_forward_backward, _rms_norm_forward_setup),
+    ("rms_norm_backward", _rms_norm_backward_backward, _rms_norm_backward_setup),
+]:
+    torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> list[int]:
+    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer Normalization over the trailing `normalized_shape` dims.
+
+    Same signature and behaviour as torch.nn.functional.layer_norm.
+    """
+    return _ops.layer_norm_forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Root Mean Square Layer Normalization over the trailing `normalized_shape` dims.
+
+    Same signature and behaviour as torch.nn.functional.rms_norm; eps None
+    means the machine epsilon of the computation type (float32 for half inputs).
+    """
+    return _ops.rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_ext.functional import _batch_norm
+from bn_ext.functional import _batch_norm, layer_norm, rms_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert", "revert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "RMSNorm", "convert", "revert"]
 
 
 class _BatchNormForward:
@@ -51,12 +51,28 @@ class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bn_ext kernels: (N, C, D, H, W) input."""
 
 
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on bn_ext kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on bn_ext kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
 # torch.nn class -> bn_ext twin. Exact types only: subclasses of torch.nn's
 # norms (SyncBatchNorm, user classes) may change behaviour and are left alone.
 _TWINS: dict[type, type] = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
     torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.LayerNorm: LayerNorm,
+    torch.nn.RMSNorm: RMSNorm,
 }
 
 

@@ -22,19 +22,23 @@ inline void check_floating_input(const at::Tensor& input, const char* op) {
       ": input must be float32, float64, float16 or bfloat16, got ", t);
 }
 
-// A parameter-like tensor (weight, bias, running statistics): on the input's
-// device, with the input's dtype or float32 beside a half-precision input, and
-// `numel` elements.
-inline void check_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
-                        int64_t numel, const char* what) {
-  if (!param.has_value() || !param->defined()) return;
-  const auto& p = *param;
+// A parameter-like tensor (weight, bias, running statistics) must be on the
+// input's device, with the input's dtype or float32 beside a half-precision input.
+inline void check_param_device_dtype(const at::Tensor& p, const char* name, const at::Tensor& input) {
   TORCH_CHECK(p.device() == input.device(), name, " must be on the same device as input (", input.device(),
               "), got ", p.device());
   const auto in = input.scalar_type();
   TORCH_CHECK(p.scalar_type() == in || (p.scalar_type() == at::kFloat && stat_dtype(in) == at::kFloat),
               name, " must have the input's dtype (", in, ")",
               stat_dtype(in) == at::kFloat && in != at::kFloat ? " or float32" : "", ", got ", p.scalar_type());
+}
+
+// ... and, for a per-channel parameter, hold `numel` elements.
+inline void check_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
+                        int64_t numel, const char* what) {
+  if (!param.has_value() || !param->defined()) return;
+  const auto& p = *param;
+  check_param_device_dtype(p, name, input);
   TORCH_CHECK(p.numel() == numel, name, " should contain ", numel, " elements (", what, ") not ", p.numel());
 }
 

@@ -18,4 +18,21 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // LayerNorm and RMSNorm over the trailing normalized_shape dims. Statistics
+  // have the input's leading dims and a 1 per normalized dim. eps in the
+  // backward ops serves their own autograd formula (double backward).
+  m.def(
+      "layer_norm_forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor mean, Tensor rstd, "
+      "Tensor? weight, Tensor? bias, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // eps None: the machine epsilon of the op-math type, as torch.
+  m.def(
+      "rms_norm_forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, float? eps)"
+      " -> (Tensor out, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, Tensor? weight, "
+      "float? eps, bool[2] output_mask) -> (Tensor, Tensor)");
 }

@@ -26,8 +26,6 @@ constexpr int64_t kMaxReductionTasks = 256;
 constexpr int64_t kMinStripe = 16384;
 // Channels one channels-last task handles; its accumulators stay in L1.
 constexpr int64_t kChannelBlock = 256;
-// Elements per task of an elementwise pass.
-constexpr int64_t kElementwiseGrain = 32768;
 
 // A per-channel tensor (optional) read as doubles.
 std::vector<double> channel_values(const std::optional<Tensor>& t, int64_t C, double fill) {
@@ -49,10 +47,6 @@ Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
     for (size_t c = 0; c < values.size(); ++c) p[c] = static_cast<scalar_t>(values[c]);
   });
   return t;
-}
-
-int64_t grain_for(int64_t elements_per_task) {
-  return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(elements_per_task, 1));
 }
 
 // ---------------------------------------------------------------------------

@@ -22,6 +22,14 @@ using OpVec = at::vec::Vectorized<opmath_t<T>>;
 // shape only, never from the thread count, so results are thread-count invariant.
 constexpr int64_t kCacheChunk = 4096;
 
+// Elements below which a parallel task is not worth its scheduling cost.
+constexpr int64_t kElementwiseGrain = 32768;
+
+// at::parallel_for grain (in items) for items of `elements_per_item` elements.
+inline int64_t grain_for(int64_t elements_per_item) {
+  return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(elements_per_item, 1));
+}
+
 // Load OpVec<T>::size() elements of T as op-math.
 template <typename T>
 inline OpVec<T> load_op(const T* p) {

@@ -1,0 +1,61 @@
+// Argument checks and shapes shared by LayerNorm and RMSNorm on every backend:
+// the input is viewed as `rows` rows of `cols` = prod(normalized_shape) values.
+#pragma once
+
+#include "norm_common.h"
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/StringUtil.h>
+
+namespace bn_ext {
+
+struct RowGeometry {
+  int64_t rows, cols;
+};
+
+// Shape of the per-row statistics: the input's leading dims, then a 1 for
+// every normalized dim (as torch's native_layer_norm returns them).
+inline std::vector<int64_t> row_stat_shape(const at::Tensor& input, at::IntArrayRef normalized_shape) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  for (size_t i = shape.size() - normalized_shape.size(); i < shape.size(); ++i) shape[i] = 1;
+  return shape;
+}
+
+inline RowGeometry check_row_norm_args(const char* op, const at::Tensor& input, at::IntArrayRef normalized_shape,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias) {
+  check_floating_input(input, op);
+  TORCH_CHECK(!normalized_shape.empty(), op,
+              ": expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
+              "but got normalized_shape = ", normalized_shape);
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(input.dim() >= k && input.sizes().slice(input.dim() - k).equals(normalized_shape), op,
+              ": given normalized_shape=", normalized_shape, ", expected input with shape [*, ",
+              c10::Join(", ", normalized_shape), "], but got input of size", input.sizes());
+  for (const auto& [param, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!has(*param)) continue;
+    check_param_device_dtype(**param, name, input);
+    TORCH_CHECK((*param)->sizes().equals(normalized_shape), op, ": expected ", name,
+                " to be of same shape as normalized_shape, but got ", name, " of shape ", (*param)->sizes(),
+                " and normalized_shape = ", normalized_shape);
+  }
+  TORCH_CHECK(!has(weight) || !has(bias) || weight->scalar_type() == bias->scalar_type(), op,
+              ": weight and bias must have the same dtype, got ", weight->scalar_type(), " and ",
+              bias->scalar_type());
+  int64_t cols = 1;
+  for (int64_t s : normalized_shape) cols *= s;
+  int64_t rows = 1;
+  for (int64_t d = 0; d < input.dim() - k; ++d) rows *= input.size(d);
+  return {rows, cols};
+}
+
+inline void check_row_norm_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& input) {
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out must have the input's size ", input.sizes(),
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out must be on the input's device ",
+              input.device(), ", got ", grad_out.device());
+}
+
+}  // namespace bn_ext
