@@ -279,7 +279,7 @@ def _layer_norm_backward_fake(grad_out, input, normalized_shape, mean, rstd, wei
 def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
     _check_same_device(input, weight=weight)
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=suggest_memory_format(input)),
         input.new_empty(_row_stat_shape(input, normalized_shape), dtype=_stat_dtype(input.dtype)),
     )
 

@@ -90,3 +90,77 @@ def test_export_runs_and_matches(training):
     assert "bn_ext.batch_norm_forward.default" in names
     reference = conv_bn_net().train(training)
     torch.testing.assert_close(program.module()(x), reference(x))
+
+
+def row_norm_samples():
+    x = torch.randn(4, 3, 8)
+    w, b = torch.rand(3, 8) + 0.5, torch.randn(3, 8)
+    return [
+        (x, [8], w[0], b[0]),
+        (x.requires_grad_(), [3, 8], w.requires_grad_(), b.requires_grad_()),
+        (torch.randn(5, 12)[:, ::2], [6], None, None),
+        (torch.randn(2, 5, 16, dtype=torch.bfloat16), [16], torch.rand(16), None),
+        (torch.randn(3, 7, dtype=torch.float64), [7], torch.rand(7, dtype=torch.float64), None),
+    ]
+
+
+@pytest.mark.parametrize("sample", row_norm_samples(), ids=range(5))
+def test_opcheck_layer_norm(sample):
+    x, shape, w, b = sample
+    opcheck(ops.layer_norm_forward.default, (x, shape, w, b, 1e-5))
+    _, mean, rstd = ops.layer_norm_forward(x, shape, w, b, 1e-5)
+    dy = torch.randn_like(x, memory_format=torch.contiguous_format)
+    for mask in ([True, True, True], [False, w is not None, b is not None]):
+        opcheck(ops.layer_norm_backward.default, (dy, x.detach(), shape, mean.detach(), rstd.detach(),
+                                                  None if w is None else w.detach(),
+                                                  None if b is None else b.detach(), 1e-5, mask))
+
+
+@pytest.mark.parametrize("sample", row_norm_samples(), ids=range(5))
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_opcheck_rms_norm(sample, eps):
+    x, shape, w, _ = sample
+    opcheck(ops.rms_norm_forward.default, (x, shape, w, eps))
+    _, rstd = ops.rms_norm_forward(x, shape, w, eps)
+    dy = torch.randn_like(x, memory_format=torch.contiguous_format)
+    opcheck(ops.rms_norm_backward.default,
+            (dy, x.detach(), shape, rstd.detach(), None if w is None else w.detach(), eps, [True, w is not None]))
+
+
+def test_opcheck_channels_last_rms_norm():
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    opcheck(ops.rms_norm_forward.default, (x, [5], None, None))
+
+
+class TinyTransformerBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.ln = bn_ext.nn.LayerNorm(16)
+        self.rms = bn_ext.nn.RMSNorm(16)
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+        return self.rms(h)
+
+
+def test_compile_fullgraph_row_norms_match_eager():
+    model = TinyTransformerBlock()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    (g_c,) = torch.autograd.grad(compiled(x).sum(), x)
+    (g_e,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+
+
+def test_export_row_norms():
+    model = TinyTransformerBlock()
+    x = torch.randn(3, 5, 16)
+    program = torch.export.export(model, (x,))
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"bn_ext.layer_norm_forward.default", "bn_ext.rms_norm_forward.default"} <= names
+    torch.testing.assert_close(program.module()(x), model(x))

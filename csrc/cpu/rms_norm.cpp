@@ -123,7 +123,9 @@ std::tuple<Tensor, Tensor> rms_norm_forward_cpu(const Tensor& input, at::IntArra
                                                            rstd.mutable_data_ptr<opmath_t<T>>(), g,
                                                            rms_norm_eps(eps, x.scalar_type()));
                            });
-  return {out, rstd};
+  // torch's RMSNorm keeps a channels-last input's memory format.
+  const auto fmt = input.suggest_memory_format();
+  return {fmt == at::MemoryFormat::Contiguous ? out : out.contiguous(fmt), rstd};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
