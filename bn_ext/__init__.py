@@ -1,7 +1,28 @@
 """bn_ext: BatchNorm, LayerNorm and RMSNorm kernels for PyTorch."""
 
 from bn_ext import nn
+from bn_ext.fold import (
+    FoldReport,
+    fold_model,
+    fuse_bn_conv,
+    fuse_bn_linear,
+    fuse_conv_bn,
+    fuse_layer_norm_linear,
+    fuse_linear_bn,
+)
 from bn_ext.functional import batch_norm, layer_norm, rms_norm
 
-__all__ = ["batch_norm", "layer_norm", "nn", "rms_norm"]
+__all__ = [
+    "FoldReport",
+    "batch_norm",
+    "fold_model",
+    "fuse_bn_conv",
+    "fuse_bn_linear",
+    "fuse_conv_bn",
+    "fuse_layer_norm_linear",
+    "fuse_linear_bn",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+]
 __version__ = "0.1.0"

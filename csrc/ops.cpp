@@ -35,4 +35,14 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "rms_norm_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, Tensor? weight, "
       "float? eps, bool[2] output_mask) -> (Tensor, Tensor)");
+
+  // Eval-mode BatchNorm folding (csrc/fold.cpp): the folded layer's (weight, bias).
+  // Layer then BatchNorm; `transposed` for ConvTranspose weights.
+  m.def(
+      "fuse_conv_bn_weights(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
+      "Tensor? bn_weight, Tensor? bn_bias, bool transposed, int groups) -> (Tensor, Tensor)");
+  // BatchNorm then Conv / Linear (over the layer's input channels).
+  m.def(
+      "fuse_bn_conv_weights(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps, "
+      "Tensor? bn_weight, Tensor? bn_bias, int groups) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,795 @@
+"""Eval-mode BatchNorm folding into the neighbouring Conv, ConvTranspose or
+Linear, pairwise and across whole models, with a verification report.
+
+The arithmetic (float64, rounded once) lives in C++ (csrc/fold.cpp) and is
+shared with the C++ API. Pairs are found by data flow in a torch.fx graph;
+models that cannot be traced are analysed by running them once on the example
+inputs and following tensor identity.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import _pytree
+
+import bn_ext.functional  # noqa: F401  (registers the operators)
+
+__all__ = [
+    "FoldReport",
+    "FrozenBatchNorm",
+    "fold_graph_module",
+    "fold_model",
+    "fuse_bn_conv",
+    "fuse_bn_linear",
+    "fuse_conv_bn",
+    "fuse_layer_norm_linear",
+    "fuse_linear_bn",
+]
+
+_ops = torch.ops.bn_ext
+_aten = torch.ops.aten
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# ---------------------------------------------------------------------------
+# Pairwise folding
+
+
+def _require_eval(*modules: nn.Module) -> None:
+    for m in modules:
+        if m.training:
+            raise RuntimeError(f"folding needs modules in eval mode: {type(m).__name__} is training (call .eval())")
+
+
+def _require_running_stats(bn: _BatchNorm) -> None:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"cannot fold {type(bn).__name__} with track_running_stats=False: "
+            "its eval output uses the batch's statistics, not constants"
+        )
+
+
+def _bn_args(bn: _BatchNorm) -> tuple:
+    return bn.running_mean, bn.running_var, bn.eps, _detach(bn.weight), _detach(bn.bias)
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
+    fused = copy.deepcopy(layer)
+    fused.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
+    fused.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
+    return fused
+
+
+def _has_zero_padding(conv: nn.Module) -> bool:
+    return conv.padding_mode == "zeros" and any(p != 0 for p in conv._reversed_padding_repeated_twice)
+
+
+def fuse_conv_bn(conv: nn.Module, bn: _BatchNorm) -> nn.Module:
+    """Conv{1,2,3}d or ConvTranspose{1,2,3}d followed by BatchNorm -> one new layer.
+
+    Any groups (depthwise included), dilation, stride and padding mode, with or
+    without conv bias; BatchNorm with or without affine. The inputs are not changed.
+    """
+    if not isinstance(conv, _CONVS + _CONV_TRANSPOSES):
+        raise TypeError(f"fuse_conv_bn: conv must be a Conv or ConvTranspose module, got {type(conv).__name__}")
+    _require_eval(conv, bn)
+    _require_running_stats(bn)
+    weight, bias = _ops.fuse_conv_bn_weights(
+        conv.weight.detach(), _detach(conv.bias), *_bn_args(bn), isinstance(conv, _CONV_TRANSPOSES), conv.groups
+    )
+    return _with_weights(conv, weight, bias)
+
+
+def fuse_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
+    """Linear followed by BatchNorm1d over its output features -> one new Linear."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"fuse_linear_bn: linear must be nn.Linear, got {type(linear).__name__}")
+    _require_eval(linear, bn)
+    _require_running_stats(bn)
+    weight, bias = _ops.fuse_conv_bn_weights(linear.weight.detach(), _detach(linear.bias), *_bn_args(bn), False, 1)
+    return _with_weights(linear, weight, bias)
+
+
+def fuse_bn_conv(bn: _BatchNorm, conv: nn.Module) -> nn.Module:
+    """BatchNorm followed by a Conv{1,2,3}d -> one new Conv.
+
+    Exact only when no zero padding is added to the BatchNorm's output (padding
+    0, or a padding_mode other than 'zeros'); otherwise refused.
+    """
+    if not isinstance(conv, _CONVS):
+        raise TypeError(
+            f"fuse_bn_conv: conv must be Conv1d/2d/3d, got {type(conv).__name__} (a BatchNorm before a "
+            "ConvTranspose does not fold exactly: border outputs see fewer taps)"
+        )
+    _require_eval(conv, bn)
+    _require_running_stats(bn)
+    if _has_zero_padding(conv):
+        raise ValueError(
+            f"fuse_bn_conv: the conv zero-pads its input (padding={conv.padding}): the padded zeros would "
+            "become BatchNorm's shift after folding, so the result would differ at the borders"
+        )
+    weight, bias = _ops.fuse_bn_conv_weights(conv.weight.detach(), _detach(conv.bias), *_bn_args(bn), conv.groups)
+    return _with_weights(conv, weight, bias)
+
+
+def fuse_bn_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
+    """BatchNorm1d over (N, C) features followed by Linear(C, out) -> one new Linear."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"fuse_bn_linear: linear must be nn.Linear, got {type(linear).__name__}")
+    _require_eval(linear, bn)
+    _require_running_stats(bn)
+    weight, bias = _ops.fuse_bn_conv_weights(linear.weight.detach(), _detach(linear.bias), *_bn_args(bn), 1)
+    return _with_weights(linear, weight, bias)
+
+
+def fuse_layer_norm_linear(
+    ln: nn.LayerNorm, linears: nn.Linear | Sequence[nn.Linear]
+) -> tuple[nn.LayerNorm, list[nn.Linear]]:
+    """Move a LayerNorm's weight and bias into the Linear layers it feeds.
+
+    Returns a LayerNorm of the same class without affine parameters and new
+    Linears with W' = W * gamma and b' = b + W @ beta. Exact when the LayerNorm's
+    output feeds only these Linears.
+    """
+    linears = [linears] if isinstance(linears, nn.Linear) else list(linears)
+    if len(ln.normalized_shape) != 1:
+        raise ValueError(f"fuse_layer_norm_linear: needs a 1-D normalized_shape, got {tuple(ln.normalized_shape)}")
+    for linear in linears:
+        if not isinstance(linear, nn.Linear) or linear.in_features != ln.normalized_shape[0]:
+            raise ValueError(
+                f"fuse_layer_norm_linear: every layer must be nn.Linear with in_features={ln.normalized_shape[0]}, "
+                f"got {linear}"
+            )
+    plain = type(ln)(ln.normalized_shape, eps=ln.eps, elementwise_affine=False,
+                     device=next(linears[0].parameters()).device)
+    plain.train(ln.training)
+    if not ln.elementwise_affine:
+        return plain, [copy.deepcopy(linear) for linear in linears]
+    gamma = ln.weight.detach().double()
+    beta = ln.bias.detach().double() if ln.bias is not None else torch.zeros_like(gamma)
+    fused = []
+    for linear in linears:
+        w = linear.weight.detach().double()
+        b = linear.bias.detach().double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        new_w = torch.empty_like(linear.weight).copy_(w * gamma)
+        new_b = (b + w @ beta).to(linear.weight.dtype)
+        fused.append(_with_weights(linear, new_w, new_b))
+    return plain, fused
+
+
+class FrozenBatchNorm(nn.Module):
+    """An eval BatchNorm as a per-channel affine map, y = x * scale + shift (dim 1)."""
+
+    def __init__(self, bn: _BatchNorm):
+        super().__init__()
+        mean, var, eps, weight, bias = _bn_args(bn)
+        scale = (weight.double() if weight is not None else 1.0) / (var.double() + eps).sqrt()
+        shift = (bias.double() if bias is not None else 0.0) - mean.double() * scale
+        dtype = (bn.weight if bn.weight is not None else bn.running_mean).dtype
+        self.register_buffer("scale", scale.to(dtype))
+        self.register_buffer("shift", shift.to(dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        return x * self.scale.view(shape) + self.shift.view(shape)
+
+
+# ---------------------------------------------------------------------------
+# Graph analysis: BatchNorm-like and layer-like nodes of a torch.fx graph,
+# whether they call modules or functions on attributes (as torch.export does).
+
+_BN_FUNCTION_ARGS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+    _aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+                               "eps"),
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_LAYER_FUNCTION_ARGS = {
+    **{f: ("conv", _CONV_ARGS) for f in (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default,
+                                         _aten.conv2d.default, _aten.conv3d.default)},
+    **{f: ("conv_transpose", _CONV_T_ARGS) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                                                     _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
+                                                     _aten.conv_transpose3d.input)},
+    **{f: ("linear", ("input", "weight", "bias")) for f in (F.linear, _aten.linear.default)},
+}
+
+
+def _arg(node: torch.fx.Node, names: Sequence[str], name: str, default: Any = None) -> Any:
+    i = names.index(name)
+    if i < len(node.args):
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _set_arg(node: torch.fx.Node, names: Sequence[str], name: str, value: Any) -> None:
+    i = names.index(name)
+    if i < len(node.args):
+        args = list(node.args)
+        args[i] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _fetch(root: nn.Module, value: Any) -> Any:
+    """The tensor a get_attr node names, or the constant itself."""
+    if isinstance(value, torch.fx.Node):
+        if value.op != "get_attr":
+            raise LookupError(value.name)
+        obj = root
+        for part in value.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return value
+
+
+@dataclasses.dataclass
+class _Norm:
+    """A BatchNorm-like node: its constants, and how to describe it."""
+
+    node: torch.fx.Node
+    name: str
+    module: _BatchNorm | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+    training: bool
+
+    def affine_args(self) -> tuple:
+        return self.running_mean, self.running_var, self.eps, _detach(self.weight), _detach(self.bias)
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A Conv / ConvTranspose / Linear node and where its weight and bias live."""
+
+    node: torch.fx.Node
+    name: str
+    kind: str  # "conv", "conv_transpose" or "linear"
+    module: nn.Module | None
+    names: Sequence[str] = ()
+
+    def weight(self, root: nn.Module) -> Tensor:
+        return self.module.weight if self.module is not None else _fetch(root, _arg(self.node, self.names, "weight"))
+
+    def bias(self, root: nn.Module) -> Tensor | None:
+        if self.module is not None:
+            return self.module.bias
+        return _fetch(root, _arg(self.node, self.names, "bias"))
+
+    def groups(self) -> int:
+        if self.module is not None:
+            return getattr(self.module, "groups", 1)
+        return _arg(self.node, self.names, "groups", 1) if self.kind != "linear" else 1
+
+    def zero_padded(self) -> bool:
+        if self.module is not None:
+            return isinstance(self.module, _CONVS) and _has_zero_padding(self.module)
+        padding = _arg(self.node, self.names, "padding", 0) if self.kind != "linear" else 0
+        if isinstance(padding, str):
+            return padding == "same"
+        return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
+
+
+def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if isinstance(m, _BatchNorm):
+            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training)
+        return None
+    if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS:
+        return None
+    names = _BN_FUNCTION_ARGS[node.target]
+    try:
+        values = {n: _fetch(root, _arg(node, names, n)) for n in ("running_mean", "running_var", "weight", "bias")}
+    except LookupError:
+        return None  # statistics computed in the graph, not constants
+    return _Norm(node, node.name, None, values["running_mean"], values["running_var"], values["weight"],
+                 values["bias"], _arg(node, names, "eps", 1e-5), bool(_arg(node, names, "training", False)))
+
+
+def _as_layer(root: nn.Module, node: torch.fx.Node) -> _Layer | None:
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if isinstance(m, _CONVS):
+            return _Layer(node, node.target, "conv", m)
+        if isinstance(m, _CONV_TRANSPOSES):
+            return _Layer(node, node.target, "conv_transpose", m)
+        if isinstance(m, nn.Linear):
+            return _Layer(node, node.target, "linear", m)
+        return None
+    if node.op == "call_function" and node.target in _LAYER_FUNCTION_ARGS:
+        kind, names = _LAYER_FUNCTION_ARGS[node.target]
+        weight = _arg(node, names, "weight")
+        bias = _arg(node, names, "bias")
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and (
+            bias is None or (isinstance(bias, torch.fx.Node) and bias.op == "get_attr")
+        ):
+            return _Layer(node, node.name, kind, None, names)
+    return None
+
+
+def _describe(root: nn.Module, node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return f"'{node.target}' ({type(root.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"'{node.name}' ({getattr(node.target, '__name__', str(node.target))})"
+    return f"'{node.name}' ({node.op})"
+
+
+# ---------------------------------------------------------------------------
+# Whole-model folding
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """What fold_model did, and how the folded model compares on the example inputs."""
+
+    method: str
+    batch_norms_before: int
+    batch_norms_after: int
+    folded: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (norm, layer, "after"/"before")
+    left: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (norm, reason)
+    frozen: list[str] = dataclasses.field(default_factory=list)
+    layer_norms_folded: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)
+    max_abs_error: float = float("nan")
+    max_rel_error: float = float("nan")
+    atol: float = float("nan")
+    rtol: float = float("nan")
+    passed: bool = False
+
+    def __str__(self) -> str:
+        lines = [
+            f"BatchNorm folding report (pairs found by {self.method})",
+            f"  BatchNorms: {self.batch_norms_before} before, {self.batch_norms_after} left "
+            f"({len(self.folded)} folded; of those left, {len(self.frozen)} frozen to a per-channel affine)",
+        ]
+        if self.folded:
+            lines.append("  folded:")
+            lines += [f"    {norm:<40} {'into' if where == 'after' else 'ahead of'} {layer}"
+                      for norm, layer, where in self.folded]
+        if self.layer_norms_folded:
+            lines.append("  LayerNorm affine folded into Linear:")
+            lines += [f"    {ln:<40} into {', '.join(layers)}" for ln, layers in self.layer_norms_folded]
+        if self.left:
+            lines.append("  not folded:")
+            lines += [f"    {norm:<40} {reason}{' [frozen to affine]' if norm in self.frozen else ''}"
+                      for norm, reason in self.left]
+        verdict = "PASS" if self.passed else "FAIL"
+        lines.append(
+            f"  verification on the example inputs: max abs error {self.max_abs_error:.3g}, "
+            f"max error relative to output scale {self.max_rel_error:.3g} "
+            f"(atol {self.atol:.3g}, rtol {self.rtol:.3g}): {verdict}"
+        )
+        return "\n".join(lines)
+
+
+# Default tolerances by output dtype: a few roundings of the folded weights.
+_TOLERANCE = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+class _FoldTracer(torch.fx.Tracer):
+    """torch.fx tracer that keeps bn_ext's norm modules whole, like torch.nn's."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("bn_ext") or super().is_leaf_module(m, qualname)
+
+
+def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
+    modules = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    functional = 0 if graph is None else sum(
+        n.op == "call_function" and n.target in _BN_FUNCTION_ARGS for n in graph.nodes
+    )
+    return modules + functional
+
+
+def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _set_attr_tensor(root: nn.Module, layer: _Layer, name: str, value: Tensor) -> None:
+    """Point a functional layer's weight/bias argument at a new attribute."""
+    root.register_buffer(f"_bn_ext_folded_{layer.node.name}_{name}", value)
+    graph = layer.node.graph
+    with graph.inserting_before(layer.node):
+        attr = graph.get_attr(f"_bn_ext_folded_{layer.node.name}_{name}")
+    _set_arg(layer.node, layer.names, name, attr)
+
+
+def _set_layer_weights(root: nn.Module, layer: _Layer, weight: Tensor, bias: Tensor) -> None:
+    if layer.module is not None:
+        requires_grad = layer.module.weight.requires_grad
+        layer.module.weight = nn.Parameter(weight, requires_grad=requires_grad)
+        layer.module.bias = nn.Parameter(bias, requires_grad=requires_grad)
+    else:
+        _set_attr_tensor(root, layer, "weight", weight)
+        _set_attr_tensor(root, layer, "bias", bias)
+
+
+class _GraphFolder:
+    """Finds and applies the folds of one fx graph over `root`'s modules."""
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, shapes: dict[str, torch.Size]):
+        self.root, self.graph, self.shapes = root, graph, shapes
+        self.module_calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        self.report_folded: list[tuple[str, str, str]] = []
+        self.report_left: list[tuple[str, str]] = []
+        self.unfolded_norms: list[_Norm] = []
+        self.frozen: list[str] = []
+        # True once a fold rewrote the graph itself (a functional BatchNorm or
+        # layer), so the result must be a GraphModule of that graph.
+        self.graph_rewritten = False
+
+    def calls(self, node: torch.fx.Node) -> int:
+        return self.module_calls[node.target] if node.op == "call_module" else 1
+
+    def run(self) -> None:
+        absorbed: set[tuple[str, str]] = set()  # (layer node, side) already holding a BatchNorm
+        for node in list(self.graph.nodes):
+            norm = _as_norm(self.root, node)
+            if norm is None:
+                continue
+            reason = self.try_fold(norm, absorbed)
+            if reason is not None:
+                self.report_left.append((norm.name, reason))
+                self.unfolded_norms.append(norm)
+
+    def try_fold(self, norm: _Norm, absorbed: set) -> str | None:
+        if norm.running_mean is None or norm.running_var is None:
+            return "does not track running statistics (uses batch statistics in eval)"
+        if norm.training:
+            return "called in training mode (batch statistics)"
+        if self.calls(norm.node) > 1:
+            return f"module called {self.calls(norm.node)} times (shared): no single call site to fold into"
+        source = norm.node.args[0]
+        layer = _as_layer(self.root, source) if isinstance(source, torch.fx.Node) else None
+        reasons = []
+        if layer is not None:
+            why = self.why_not_after(norm, layer, absorbed)
+            if why is None:
+                self.fold_after(norm, layer)
+                absorbed.add((layer.node.name, "after"))
+                return None
+            reasons.append(why)
+        users = list(norm.node.users)
+        next_layer = _as_layer(self.root, users[0]) if len(users) == 1 else None
+        if next_layer is not None:
+            why = self.why_not_before(norm, next_layer, absorbed)
+            if why is None:
+                self.fold_before(norm, next_layer)
+                absorbed.add((next_layer.node.name, "before"))
+                return None
+            reasons.append(why)
+        if not reasons:
+            consumers = ", ".join(_describe(self.root, u) for u in users) or "nothing"
+            reasons.append(
+                f"input from {_describe(self.root, source) if isinstance(source, torch.fx.Node) else 'a constant'}, "
+                f"output to {consumers}: no adjacent Conv/Linear to fold into"
+            )
+        return "; ".join(reasons)
+
+    def channels(self, node: torch.fx.Node) -> torch.Size | None:
+        return self.shapes.get(node.name)
+
+    def why_not_after(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
+        name = _describe(self.root, layer.node)
+        if self.calls(layer.node) > 1:
+            return f"producer {name} is called {self.calls(layer.node)} times (shared)"
+        if len(layer.node.users) > 1:
+            return f"output of {name} is also used by {len(layer.node.users) - 1} other node(s)"
+        if (layer.node.name, "after") in absorbed:
+            return f"{name} already absorbed a BatchNorm"
+        shape = self.channels(layer.node)
+        if layer.kind == "linear" and shape is not None and len(shape) != 2:
+            return f"{name} output is {len(shape)}-D: BatchNorm1d normalises dim 1, not the Linear's features"
+        return None
+
+    def why_not_before(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
+        name = _describe(self.root, layer.node)
+        if layer.kind == "conv_transpose":
+            return f"precedes ConvTranspose {name}: border outputs see fewer taps, so the shift does not fold"
+        if self.calls(layer.node) > 1:
+            return f"consumer {name} is called {self.calls(layer.node)} times (shared)"
+        if layer.node.args[0] is not norm.node:
+            return f"feeds {name} other than as its input"
+        if layer.zero_padded():
+            return f"precedes zero-padded {name}: folding would change the border outputs"
+        if (layer.node.name, "before") in absorbed:
+            return f"{name} already absorbed a preceding BatchNorm"
+        shape = self.channels(norm.node)
+        if layer.kind == "linear" and shape is not None and len(shape) != 2:
+            return f"output is {len(shape)}-D: the following Linear mixes the last dim, not the channels"
+        return None
+
+    def fold_after(self, norm: _Norm, layer: _Layer) -> None:
+        weight, bias = _ops.fuse_conv_bn_weights(
+            layer.weight(self.root).detach(), _detach(layer.bias(self.root)), *norm.affine_args(),
+            layer.kind == "conv_transpose", layer.groups(),
+        )
+        _set_layer_weights(self.root, layer, weight, bias)
+        self.remove(norm, layer.node)
+        self.graph_rewritten |= layer.module is None
+        self.report_folded.append((norm.name, layer.name, "after"))
+
+    def fold_before(self, norm: _Norm, layer: _Layer) -> None:
+        weight, bias = _ops.fuse_bn_conv_weights(
+            layer.weight(self.root).detach(), _detach(layer.bias(self.root)), *norm.affine_args(), layer.groups()
+        )
+        _set_layer_weights(self.root, layer, weight, bias)
+        self.remove(norm, norm.node.args[0])
+        self.graph_rewritten |= layer.module is None
+        self.report_folded.append((norm.name, layer.name, "before"))
+
+    def remove(self, norm: _Norm, replacement: torch.fx.Node) -> None:
+        norm.node.replace_all_uses_with(replacement)
+        self.graph.erase_node(norm.node)
+        if norm.module is not None:
+            _replace_submodule(self.root, norm.name, nn.Identity())
+        else:
+            self.graph_rewritten = True
+
+    def fold_layer_norms(self) -> list[tuple[str, list[str]]]:
+        folded = []
+        for node in list(self.graph.nodes):
+            if node.op != "call_module" or self.module_calls[node.target] != 1:
+                continue
+            ln = self.root.get_submodule(node.target)
+            if not isinstance(ln, nn.LayerNorm) or not ln.elementwise_affine or len(ln.normalized_shape) != 1:
+                continue
+            layers = [_as_layer(self.root, u) for u in node.users]
+            if not layers or any(
+                layer is None or layer.module is None or layer.kind != "linear"
+                or self.module_calls[layer.node.target] != 1 or layer.node.args[0] is not node
+                for layer in layers
+            ):
+                continue
+            plain, fused = fuse_layer_norm_linear(ln, [layer.module for layer in layers])
+            _replace_submodule(self.root, node.target, plain)
+            for layer, new in zip(layers, fused):
+                _replace_submodule(self.root, layer.node.target, new)
+            folded.append((node.target, [layer.node.target for layer in layers]))
+        return folded
+
+
+def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size]:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(gm).propagate(*example_inputs)
+    return {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes
+            if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
+
+
+def fold_graph_module(
+    gm: torch.fx.GraphModule, example_inputs: tuple, *, freeze_unfolded: bool = False, layer_norm: bool = False
+) -> tuple[_GraphFolder, list[tuple[str, list[str]]]]:
+    """Fold the BatchNorms of a GraphModule in place (e.g. torch.export's module())."""
+    with torch.no_grad():
+        folder = _GraphFolder(gm, gm.graph, _shapes(gm, example_inputs))
+        folder.run()
+        layer_norms = folder.fold_layer_norms() if layer_norm else []
+        if freeze_unfolded:
+            _freeze(gm, folder)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return folder, layer_norms
+
+
+def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
+    """Replace unfolded BatchNorm modules that have running statistics by their exact affine map."""
+    for norm in folder.unfolded_norms:
+        if norm.module is not None and norm.running_mean is not None:
+            _replace_submodule(root, norm.name, FrozenBatchNorm(norm.module))
+            folder.frozen.append(norm.name)
+
+
+def _outputs(model: nn.Module, example_inputs: tuple) -> list[Tensor]:
+    with torch.no_grad():
+        return [t for t in _pytree.tree_leaves(model(*example_inputs)) if isinstance(t, Tensor)]
+
+
+def _verify(report: FoldReport, expected: list[Tensor], actual: list[Tensor], atol, rtol) -> None:
+    dtype = expected[0].dtype if expected else torch.float32
+    default_atol, default_rtol = _TOLERANCE.get(dtype, _TOLERANCE[torch.float32])
+    report.atol = default_atol if atol is None else atol
+    report.rtol = default_rtol if rtol is None else rtol
+    max_abs, scale = 0.0, 0.0
+    for e, a in zip(expected, actual):
+        if e.is_floating_point() and e.numel():
+            max_abs = max(max_abs, (a.double() - e.double()).abs().max().item())
+            scale = max(scale, e.double().abs().max().item())
+    report.max_abs_error = max_abs
+    report.max_rel_error = max_abs / scale if scale > 0 else max_abs
+    report.passed = len(expected) == len(actual) and max_abs <= report.atol + report.rtol * scale
+
+
+def fold_model(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Any],
+    *,
+    inplace: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    freeze_unfolded: bool = True,
+    layer_norm: bool = False,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every foldable eval-mode BatchNorm of `model` into its Conv/Linear.
+
+    Returns (folded model in eval mode, FoldReport). Pairs are found by data
+    flow: a BatchNorm folds into the layer that produces its input (or, exactly
+    only, the Conv/Linear that alone consumes its output) when neither is
+    called more than once and nothing else reads the tensor between them.
+    BatchNorms that cannot fold become a frozen per-channel affine
+    (freeze_unfolded) and are listed with the reason. `layer_norm=True` also
+    moves LayerNorm affine parameters into the Linears they alone feed.
+    The caller's model is not changed unless inplace=True.
+    """
+    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    target = model if inplace else copy.deepcopy(model)
+    target.eval()
+    expected = _outputs(target, example_inputs)
+    try:
+        graph = _FoldTracer().trace(target)
+        method = "torch.fx symbolic tracing"
+    except Exception as error:  # noqa: BLE001  (any tracing failure means: fall back)
+        graph, method = None, f"execution on the example inputs (fx tracing failed: {type(error).__name__})"
+    before = _count_batch_norms(target, graph)
+    with torch.no_grad():
+        if graph is not None:
+            folder = _GraphFolder(target, graph, _shapes(torch.fx.GraphModule(target, graph), example_inputs))
+            folder.run()
+            layer_norms = folder.fold_layer_norms() if layer_norm else []
+        else:
+            folder = _RuntimeFolder(target, example_inputs)
+            folder.run()
+            layer_norms = []
+        if freeze_unfolded:
+            _freeze(target, folder)
+    # Module-level folds are applied to `target` itself; only folds of
+    # functional calls need the rewritten graph as the returned model.
+    result: nn.Module = target
+    if graph is not None and folder.graph_rewritten:
+        graph.lint()
+        result = torch.fx.GraphModule(target, graph)
+    report = FoldReport(
+        method=method,
+        batch_norms_before=before,
+        # Frozen affines count as BatchNorms left: they still cost a pass.
+        batch_norms_after=before - len(folder.report_folded),
+        folded=folder.report_folded,
+        left=folder.report_left,
+        frozen=folder.frozen,
+        layer_norms_folded=layer_norms,
+    )
+    _verify(report, expected, _outputs(result, example_inputs), atol, rtol)
+    return result.eval(), report
+
+
+# ---------------------------------------------------------------------------
+# Fallback for models fx cannot trace: run once on the example inputs,
+# recording which module call and which torch function reads each tensor.
+
+
+class _RuntimeFolder:
+    """Folds Conv/Linear -> BatchNorm pairs proven by one execution's data flow."""
+
+    def __init__(self, root: nn.Module, example_inputs: tuple):
+        self.root, self.example_inputs = root, example_inputs
+        self.report_folded: list[tuple[str, str, str]] = []
+        self.report_left: list[tuple[str, str]] = []
+        self.unfolded_norms: list[_Norm] = []
+        self.frozen: list[str] = []
+        self.graph_rewritten = False
+
+    def record(self) -> tuple[list, list[int], list[Tensor]]:
+        names = {m: n for n, m in self.root.named_modules()}
+        watched = {m for m in names if isinstance(m, _BatchNorm | nn.Linear) or isinstance(m, _CONVS + _CONV_TRANSPOSES)}
+        events: list[tuple[str, list[int], list[int]]] = []  # (who, input ids, output ids)
+        keep: list[Tensor] = []  # keeps recorded tensors alive so ids stay unique
+        depth = [0]
+
+        def ids(value) -> list[int]:
+            leaves = [t for t in _pytree.tree_leaves(value) if isinstance(t, Tensor)]
+            keep.extend(leaves)
+            return [id(t) for t in leaves]
+
+        class Recorder(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if depth[0] == 0:
+                    events.append((f"fn:{getattr(func, '__name__', func)}", ids((args, kwargs)), ids(out)))
+                return out
+
+        def pre(module, args):
+            depth[0] += 1
+
+        def post(module, args, out):
+            depth[0] -= 1
+            events.append((names[module], ids(args), ids(out)))
+
+        handles = [h for m in watched for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+        try:
+            with torch.no_grad(), Recorder():
+                outputs = self.root(*self.example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return events, ids(outputs), keep
+
+    def run(self) -> None:
+        events, output_ids, _keep = self.record()
+        self.module_calls = Counter(who for who, _, _ in events if not who.startswith("fn:"))
+        readers: dict[int, list[str]] = {}
+        producer: dict[int, str] = {}
+        for who, inputs, outputs in events:
+            for i in inputs:
+                readers.setdefault(i, []).append(who)
+            for o in outputs:
+                producer.setdefault(o, who)
+        for out in output_ids:
+            readers.setdefault(out, []).append("model output")
+        modules = dict(self.root.named_modules())
+        for name, bn in list(modules.items()):
+            if not isinstance(bn, _BatchNorm):
+                continue
+            norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False)
+            calls = [inputs for who, inputs, _ in events if who == name]
+            layer_name = producer.get(calls[0][0]) if len(calls) == 1 and calls[0] else None
+            reason = self.why_not(bn, calls, layer_name, readers, modules)
+            if reason is not None:
+                self.report_left.append((name, reason))
+                self.unfolded_norms.append(norm)
+                continue
+            layer = modules[layer_name]
+            weight, bias = _ops.fuse_conv_bn_weights(
+                layer.weight.detach(), _detach(layer.bias), *norm.affine_args(),
+                isinstance(layer, _CONV_TRANSPOSES), getattr(layer, "groups", 1),
+            )
+            _set_layer_weights(self.root, _Layer(None, layer_name, "", layer), weight, bias)
+            _replace_submodule(self.root, name, nn.Identity())
+            self.report_folded.append((name, layer_name, "after"))
+
+    def why_not(self, bn, calls, layer_name, readers, modules) -> str | None:
+        if bn.running_mean is None:
+            return "does not track running statistics (uses batch statistics in eval)"
+        if not calls:
+            return "not called on the example inputs"
+        if len(calls) > 1:
+            return f"module called {len(calls)} times (shared): no single call site to fold into"
+        if layer_name is None or not isinstance(modules.get(layer_name), _CONVS + _CONV_TRANSPOSES + (nn.Linear,)):
+            return f"input comes from {layer_name or 'the model input'}: no Conv/Linear directly before it"
+        if self.module_calls[layer_name] > 1:
+            return f"producer '{layer_name}' is called {self.module_calls[layer_name]} times (shared)"
+        others = [r for r in readers.get(calls[0][0], []) if r != _name_of(modules, bn)]
+        if others:
+            return f"output of '{layer_name}' is also read by {', '.join(others)}"
+        return None
+
+
+def _name_of(modules: dict[str, nn.Module], module: nn.Module) -> str:
+    return next(n for n, m in modules.items() if m is module)
