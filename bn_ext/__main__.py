@@ -1,4 +1,4 @@
-"""Command line: python -m bn_ext {demo} ..."""
+"""Command line: python -m bn_ext {demo,fold} ..."""
 
 from __future__ import annotations
 
@@ -6,17 +6,56 @@ import argparse
 import sys
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 1,3,224,224, got {text!r}") from error
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bn_ext", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bn_ext", description="bn_ext command line")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a small conv net with bn_ext and check it against torch.nn")
-    demo.add_argument("--steps", type=int, default=5)
+
+    demo = commands.add_parser("demo", help="train with bn_ext BatchNorm, then fold ResNet-18 for deployment")
+    demo.add_argument("--steps", type=int, default=5, help="training steps of the side-by-side check")
+    demo.add_argument("--image-size", type=int, default=224)
+    demo.add_argument("--repeats", type=int, default=20, help="timed runs per latency median")
+
+    fold = commands.add_parser("fold", help="fold the BatchNorms of a torch.export program (.pt2)")
+    fold.add_argument("input", help="program saved with torch.export.save")
+    fold.add_argument("-o", "--output", required=True, help="where to save the folded program")
+    fold.add_argument("--check", action="store_true", help="print the full folding report")
+    fold.add_argument("--example-shape", type=_shape, help="input shape for verification, e.g. 1,3,224,224 "
+                      "(default: the program's own example inputs)")
+    fold.add_argument("--atol", type=float)
+    fold.add_argument("--rtol", type=float)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from bn_ext.demo import run_demo
 
-        return run_demo(steps=args.steps)
+        return run_demo(steps=args.steps, image_size=args.image_size, repeats=args.repeats)
+    if args.command == "fold":
+        return _fold(args)
     return 2
+
+
+def _fold(args: argparse.Namespace) -> int:
+    import torch
+
+    from bn_ext.fold import fold_exported_program
+
+    program = torch.export.load(args.input)
+    inputs = None if args.example_shape is None else (torch.randn(args.example_shape),)
+    folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True)
+    torch.export.save(folded, args.output)
+    if args.check:
+        print(report)
+    else:
+        print(f"folded {len(report.folded)} of {report.batch_norms_before} BatchNorms; "
+              f"max error {report.max_abs_error:.3g}: {'PASS' if report.passed else 'FAIL'}; wrote {args.output}")
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

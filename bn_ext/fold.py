@@ -26,7 +26,7 @@ import bn_ext.functional  # noqa: F401  (registers the operators)
 __all__ = [
     "FoldReport",
     "FrozenBatchNorm",
-    "fold_graph_module",
+    "fold_exported_program",
     "fold_model",
     "fuse_bn_conv",
     "fuse_bn_linear",
@@ -290,6 +290,16 @@ class _Layer:
         return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
 
+def _node_label(node: torch.fx.Node) -> str:
+    """The module path a functional node came from (torch.export records it), else its name."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return path
+    return node.name
+
+
 def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
     if node.op == "call_module":
         m = root.get_submodule(node.target)
@@ -303,7 +313,7 @@ def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
         values = {n: _fetch(root, _arg(node, names, n)) for n in ("running_mean", "running_var", "weight", "bias")}
     except LookupError:
         return None  # statistics computed in the graph, not constants
-    return _Norm(node, node.name, None, values["running_mean"], values["running_var"], values["weight"],
+    return _Norm(node, _node_label(node), None, values["running_mean"], values["running_var"], values["weight"],
                  values["bias"], _arg(node, names, "eps", 1e-5), bool(_arg(node, names, "training", False)))
 
 
@@ -324,7 +334,7 @@ def _as_layer(root: nn.Module, node: torch.fx.Node) -> _Layer | None:
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and (
             bias is None or (isinstance(bias, torch.fx.Node) and bias.op == "get_attr")
         ):
-            return _Layer(node, node.name, kind, None, names)
+            return _Layer(node, _node_label(node), kind, None, names)
     return None
 
 
@@ -448,9 +458,14 @@ class _GraphFolder:
     def calls(self, node: torch.fx.Node) -> int:
         return self.module_calls[node.target] if node.op == "call_module" else 1
 
-    def run(self) -> None:
+    def run(self, progress: bool = False) -> None:
         absorbed: set[tuple[str, str]] = set()  # (layer node, side) already holding a BatchNorm
-        for node in list(self.graph.nodes):
+        nodes = list(self.graph.nodes)
+        if progress:
+            from tqdm import tqdm
+
+            nodes = tqdm(nodes, desc="folding", unit="node", leave=False)
+        for node in nodes:
             norm = _as_norm(self.root, node)
             if norm is None:
                 continue
@@ -584,22 +599,6 @@ def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.
             if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
 
 
-def fold_graph_module(
-    gm: torch.fx.GraphModule, example_inputs: tuple, *, freeze_unfolded: bool = False, layer_norm: bool = False
-) -> tuple[_GraphFolder, list[tuple[str, list[str]]]]:
-    """Fold the BatchNorms of a GraphModule in place (e.g. torch.export's module())."""
-    with torch.no_grad():
-        folder = _GraphFolder(gm, gm.graph, _shapes(gm, example_inputs))
-        folder.run()
-        layer_norms = folder.fold_layer_norms() if layer_norm else []
-        if freeze_unfolded:
-            _freeze(gm, folder)
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return folder, layer_norms
-
-
 def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
     """Replace unfolded BatchNorm modules that have running statistics by their exact affine map."""
     for norm in folder.unfolded_norms:
@@ -688,6 +687,40 @@ def fold_model(
     )
     _verify(report, expected, _outputs(result, example_inputs), atol, rtol)
     return result.eval(), report
+
+
+def fold_exported_program(
+    program: torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    progress: bool = False,
+) -> tuple[torch.export.ExportedProgram, FoldReport]:
+    """Fold the eval BatchNorms of a torch.export program (aten.batch_norm on
+    constants after aten.conv*/linear) and export the result again."""
+    if example_inputs is None:
+        if program.example_inputs is None:
+            raise ValueError("fold_exported_program: the program has no example inputs; pass example_inputs")
+        example_inputs = program.example_inputs[0]
+    example_inputs = tuple(example_inputs)
+    gm = program.module()
+    expected = _outputs(gm, example_inputs)
+    before = _count_batch_norms(gm, gm.graph)
+    with torch.no_grad():
+        folder = _GraphFolder(gm, gm.graph, _shapes(gm, example_inputs))
+        folder.run(progress=progress)
+    gm.graph.lint()
+    gm.recompile()
+    report = FoldReport(
+        method="the torch.export graph",
+        batch_norms_before=before,
+        batch_norms_after=before - len(folder.report_folded),
+        folded=folder.report_folded,
+        left=folder.report_left,
+    )
+    _verify(report, expected, _outputs(gm, example_inputs), atol, rtol)
+    return torch.export.export(gm, example_inputs), report
 
 
 # ---------------------------------------------------------------------------

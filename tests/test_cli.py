@@ -1,17 +1,55 @@
-"""The command line: `python -m bn_ext demo` runs and agrees with torch.nn."""
+"""The command line: `python -m bn_ext demo` and `python -m bn_ext fold`."""
 
 import subprocess
 import sys
 
+import pytest
+import torch
+import torchvision
+
 from bn_ext.__main__ import main
 
 
-def test_demo_trains_and_matches_torch(capsys):
-    assert main(["demo", "--steps", "2"]) == 0
+def test_demo_runs_and_checks_itself(capsys):
+    assert main(["demo", "--steps", "2", "--image-size", "32", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert "-> OK" in out and "loss bn_ext" in out
+    assert "-> OK" in out and "BatchNorms: 20 before, 0 left" in out
+    assert "ONNX Runtime vs folded model" in out and "result: OK" in out
 
 
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "bn_ext", "--help"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "demo" in result.stdout
+    assert result.returncode == 0 and "demo" in result.stdout and "fold" in result.stdout
+
+
+@pytest.fixture
+def exported_resnet(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    return path, model, x
+
+
+@pytest.mark.parametrize("example_shape", [None, "1,3,32,32"])
+def test_fold_command_on_an_exported_program(exported_resnet, tmp_path, capsys, example_shape):
+    path, model, x = exported_resnet
+    out_path = tmp_path / "folded.pt2"
+    args = ["fold", str(path), "-o", str(out_path), "--check"]
+    if example_shape:
+        args += ["--example-shape", example_shape]
+    assert main(args) == 0
+    report = capsys.readouterr().out
+    assert "20 before, 0 left" in report and "layer1.0.bn1" in report and "PASS" in report
+    folded = torch.export.load(out_path)
+    names = {str(n.target) for n in folded.graph.nodes if n.op == "call_function"}
+    assert not any("batch_norm" in n for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_command_rejects_a_bad_shape(exported_resnet, tmp_path):
+    path, _, _ = exported_resnet
+    with pytest.raises(SystemExit):
+        main(["fold", str(path), "-o", str(tmp_path / "x.pt2"), "--example-shape", "1,three"])

@@ -1,0 +1,474 @@
+"""BatchNorm folding: pairwise fusers against the unfolded pair in float64,
+whole models, the cases other folders get wrong, and the report."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bn_ext
+from conftest import DTYPES, TOLERANCE
+
+
+def calibrated_bn(bn_cls, channels, affine=True, dtype=torch.float32, seed=0):
+    """An eval BatchNorm whose statistics and affine parameters are not the defaults."""
+    g = torch.Generator().manual_seed(seed)
+    bn = bn_cls(channels, affine=affine)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) * 2 + 0.2)
+        if affine:
+            bn.weight.copy_(torch.randn(channels, generator=g))
+            bn.bias.copy_(torch.randn(channels, generator=g))
+    return bn.to(dtype).eval()
+
+
+CONV_CASES = {
+    # name: (module factory, batch norm class, input shape)
+    "conv1d": (lambda g, b: nn.Conv1d(4, 6, 3, groups=g, bias=b, padding=1), nn.BatchNorm1d, (2, 4, 9)),
+    "conv2d": (lambda g, b: nn.Conv2d(4, 6, 3, groups=g, bias=b, stride=2, dilation=2, padding=2,
+                                      padding_mode="reflect"), nn.BatchNorm2d, (2, 4, 11, 9)),
+    "conv3d": (lambda g, b: nn.Conv3d(4, 6, 2, groups=g, bias=b), nn.BatchNorm3d, (2, 4, 5, 4, 3)),
+    "conv_transpose1d": (lambda g, b: nn.ConvTranspose1d(4, 6, 3, groups=g, bias=b, stride=2), nn.BatchNorm1d,
+                         (2, 4, 7)),
+    "conv_transpose2d": (lambda g, b: nn.ConvTranspose2d(4, 6, 3, groups=g, bias=b, stride=2, output_padding=1),
+                         nn.BatchNorm2d, (2, 4, 5, 6)),
+    "conv_transpose3d": (lambda g, b: nn.ConvTranspose3d(4, 6, 2, groups=g, bias=b), nn.BatchNorm3d,
+                         (2, 4, 3, 3, 2)),
+}
+
+
+def depthwise(name, bias):
+    """Depthwise variant of a case: groups == in == out channels."""
+    cls = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "conv_transpose1d": nn.ConvTranspose1d,
+           "conv_transpose2d": nn.ConvTranspose2d, "conv_transpose3d": nn.ConvTranspose3d}[name]
+    return cls(4, 4, 3, groups=4, bias=bias)
+
+
+def reference_pair(layer, bn, x):
+    """The unfolded pair evaluated in float64."""
+    return bn.double()(layer.double()(x.double()))
+
+
+def pair_tolerance(dtype):
+    atol, rtol = TOLERANCE[dtype]
+    return max(atol, 1e-6) * 10, max(rtol, 1e-6) * 10
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+@pytest.mark.parametrize("groups", [1, 2, "depthwise"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fuse_conv_bn_matches_pair(name, groups, bias, affine, dtype):
+    factory, bn_cls, shape = CONV_CASES[name]
+    torch.manual_seed(0)
+    conv = depthwise(name, bias) if groups == "depthwise" else factory(groups, bias)
+    out_channels = conv.out_channels
+    conv = conv.to(dtype).eval()
+    bn = calibrated_bn(bn_cls, out_channels, affine, dtype)
+    conv_before = copy.deepcopy(conv.state_dict())
+    fused = bn_ext.fuse_conv_bn(conv, bn)
+    assert fused.weight.dtype == dtype and fused.bias.dtype == dtype and type(fused) is type(conv)
+    for k, v in conv_before.items():
+        assert torch.equal(conv.state_dict()[k], v)  # the input module is unchanged
+    x = torch.randn(shape).to(dtype)
+    expected = reference_pair(copy.deepcopy(conv), copy.deepcopy(bn), x)
+    # The folded layer evaluated exactly (float64) shows the folding error alone:
+    # one rounding of weight and bias.
+    exact = copy.deepcopy(fused).double()(x.double())
+    atol, rtol = pair_tolerance(dtype)
+    torch.testing.assert_close(exact, expected, atol=atol * expected.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_weight_keeps_memory_format_and_device(channels_last):
+    conv = nn.Conv2d(8, 8, 3).eval()
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    fused = bn_ext.fuse_conv_bn(conv, calibrated_bn(nn.BatchNorm2d, 8))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert fused.weight.is_contiguous(memory_format=fmt)
+    assert fused.weight.device == conv.weight.device
+
+
+def test_conv_transpose_in_equals_out_with_groups_uses_the_output_axis():
+    # in_channels == out_channels: folding along the wrong axis gives the right
+    # shapes and a silently wrong result.
+    torch.manual_seed(0)
+    deconv = nn.ConvTranspose2d(6, 6, 3, groups=3, stride=2).eval()
+    bn = calibrated_bn(nn.BatchNorm2d, 6)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    fused = bn_ext.fuse_conv_bn(deconv, bn).double()
+    torch.testing.assert_close(fused(x), reference_pair(deconv, bn, x))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fuse_linear_bn(affine, dtype):
+    linear = nn.Linear(5, 7).to(dtype).eval()
+    bn = calibrated_bn(nn.BatchNorm1d, 7, affine, dtype)
+    fused = bn_ext.fuse_linear_bn(linear, bn)
+    x = torch.randn(4, 5).to(dtype)
+    expected = reference_pair(linear, bn, x)
+    atol, rtol = pair_tolerance(dtype)
+    torch.testing.assert_close(copy.deepcopy(fused).double()(x.double()), expected,
+                               atol=atol * expected.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.parametrize("case", ["valid", "reflect", "groups"])
+def test_fuse_bn_conv_exact_cases(case):
+    conv = {
+        "valid": nn.Conv2d(4, 6, 3),
+        "reflect": nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        "groups": nn.Conv2d(4, 6, 3, groups=2, bias=False),
+    }[case].double().eval()
+    bn = calibrated_bn(nn.BatchNorm2d, 4).double()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    fused = bn_ext.fuse_bn_conv(bn, conv)
+    torch.testing.assert_close(fused(x), conv(bn(x)))
+
+
+def test_fuse_bn_linear():
+    bn = calibrated_bn(nn.BatchNorm1d, 5).double()
+    linear = nn.Linear(5, 3).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(bn_ext.fuse_bn_linear(bn, linear)(x), linear(bn(x)))
+
+
+def test_refusals():
+    bn = calibrated_bn(nn.BatchNorm2d, 4)
+    with pytest.raises(ValueError, match="zero-pads its input"):
+        bn_ext.fuse_bn_conv(bn, nn.Conv2d(4, 4, 3, padding=1).eval())
+    with pytest.raises(TypeError, match="ConvTranspose does not fold exactly"):
+        bn_ext.fuse_bn_conv(bn, nn.ConvTranspose2d(4, 4, 3).eval())
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bn_ext.fuse_conv_bn(nn.Conv2d(3, 4, 1).eval(), nn.BatchNorm2d(4, track_running_stats=False).eval())
+    with pytest.raises(RuntimeError, match="eval mode"):
+        bn_ext.fuse_conv_bn(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4).eval())
+    with pytest.raises(RuntimeError, match="eval mode"):
+        bn_ext.fuse_linear_bn(nn.Linear(3, 4).eval(), nn.BatchNorm1d(4))
+    with pytest.raises(RuntimeError, match="BatchNorm has 5 channels but the layer has 4 output channels"):
+        bn_ext.fuse_conv_bn(nn.Conv2d(3, 4, 1).eval(), nn.BatchNorm2d(5).eval())
+
+
+def test_fuse_layer_norm_linear():
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    q, k = nn.Linear(8, 4), nn.Linear(8, 6, bias=False)
+    plain, (q2, k2) = bn_ext.fuse_layer_norm_linear(ln, [q, k])
+    assert not plain.elementwise_affine and type(plain) is nn.LayerNorm
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(q2(plain(x)), q(ln(x)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k2(plain(x)), k(ln(x)), rtol=1e-5, atol=1e-5)
+
+
+# --- whole models -----------------------------------------------------------
+
+
+def calibrate(model, shape, steps=3, seed=0):
+    """Training-mode passes over random data so BN statistics are not the defaults."""
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(shape) * 2 + 0.5)
+    return model.eval()
+
+
+def state_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def assert_unchanged(model, snapshot):
+    state, modes = snapshot
+    assert list(model.state_dict()) == list(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert [m.training for m in model.modules()] == modes
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "shufflenet_v2_x0_5"]
+)
+def test_torchvision_models_fold_completely(name):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = calibrate(getattr(torchvision.models, name)(), (4, 3, 64, 64))
+    model.train()  # the caller's mode must survive too
+    snapshot = state_snapshot(model)
+    x = torch.randn(2, 3, 64, 64)
+    folded, report = bn_ext.fold_model(model, x)
+    assert_unchanged(model, snapshot)
+    assert report.batch_norms_before > 0 and report.batch_norms_after == 0, str(report)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert report.passed, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_densenet_bn_relu_conv_left_correct_and_explained():
+    import torchvision
+
+    model = calibrate(torchvision.models.densenet121(), (2, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    folded, report = bn_ext.fold_model(model, x)
+    assert report.passed and report.batch_norms_after > 0
+    reasons = dict(report.left)
+    assert "ReLU" in reasons["features.denseblock1.denselayer1.norm1"]
+    assert "no adjacent Conv/Linear" in reasons["features.denseblock1.denselayer1.norm1"]
+    assert "features.denseblock1.denselayer1.norm1" in report.frozen
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each output through its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn_b(self.conv(self.bn_a(self.conv(x))))
+
+
+class ConvOutputUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv_a(x)) + self.bn(self.conv_b(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.up2 = nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.up2(torch.relu(self.bn1(self.up1(x)))))
+
+
+class LinearBNNoAffine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5, affine=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class BNBeforeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn_valid, self.conv_valid = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)
+        self.bn_padded, self.conv_padded = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv_valid(self.bn_valid(x))
+        return self.conv_padded(self.bn_padded(torch.relu(y)))
+
+
+class DataDependent(nn.Module):
+    """Control flow on tensor values: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x))
+        if y.sum() > -1e9:
+            y = self.bn2(self.conv2(y))
+        z = self.shared(y)
+        return self.bn3(self.shared(z)) + z
+
+
+class FunctionalBN(nn.Module):
+    """F.batch_norm on module buffers, as hand-written models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.beta = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+
+
+class Untracked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def fold_and_check(model, x, **kwargs):
+    model = calibrate(model, x.shape)
+    snapshot = state_snapshot(model)
+    folded, report = bn_ext.fold_model(model, x, **kwargs)
+    assert_unchanged(model, snapshot)
+    assert report.passed, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    return folded, report
+
+
+def test_shared_conv_is_never_folded():
+    _, report = fold_and_check(SharedConv(), torch.randn(2, 3, 6, 6))
+    assert report.folded == []
+    assert all("called 2 times" in reason for _, reason in report.left)
+
+
+def test_conv_output_used_twice_is_not_folded():
+    _, report = fold_and_check(ConvOutputUsedTwice(), torch.randn(2, 3, 6, 6))
+    assert report.folded == [] and "also used by" in dict(report.left)["bn"]
+
+
+def test_shared_bn_is_not_folded():
+    _, report = fold_and_check(SharedBN(), torch.randn(2, 3, 6, 6))
+    assert report.folded == [] and "called 2 times" in dict(report.left)["bn"]
+
+
+def test_conv_transpose_decoder_folds():
+    folded, report = fold_and_check(Decoder(), torch.randn(2, 8, 4, 4))
+    assert {(n, layer) for n, layer, _ in report.folded} == {("bn1", "up1"), ("bn2", "up2")}
+    assert isinstance(folded.bn1, nn.Identity)
+
+
+def test_linear_bn_without_affine_folds():
+    _, report = fold_and_check(LinearBNNoAffine(), torch.randn(8, 6))
+    assert report.folded == [("bn", "fc", "after")]
+
+
+def test_bn_before_conv_folds_only_without_zero_padding():
+    _, report = fold_and_check(BNBeforeConv(), torch.randn(2, 3, 8, 8))
+    assert report.folded == [("bn_valid", "conv_valid", "before")]
+    assert "zero-padded" in dict(report.left)["bn_padded"]
+
+
+def test_data_dependent_control_flow_falls_back_safely():
+    folded, report = fold_and_check(DataDependent(), torch.randn(2, 3, 6, 6))
+    assert report.method.startswith("execution")
+    assert {(n, layer) for n, layer, _ in report.folded} == {("bn1", "conv1"), ("bn2", "conv2")}
+    assert "called 2 times" in dict(report.left)["bn3"]
+
+
+def test_functional_batch_norm_on_buffers_is_folded():
+    model = FunctionalBN()
+    folded, report = fold_and_check(model, torch.randn(2, 3, 6, 6))
+    assert len(report.folded) == 1 and report.folded[0][1] == "conv"
+    assert isinstance(folded, torch.fx.GraphModule)
+    assert not any(n.target is F.batch_norm for n in folded.graph.nodes)
+
+
+def test_untracked_bn_is_left_with_reason():
+    _, report = fold_and_check(Untracked(), torch.randn(4, 3, 6, 6))
+    assert report.folded == [] and "does not track running statistics" in dict(report.left)["bn"]
+    assert report.frozen == []
+
+
+def test_unfolded_bn_can_be_kept_as_is():
+    folded, report = fold_and_check(ConvOutputUsedTwice(), torch.randn(2, 3, 6, 6), freeze_unfolded=False)
+    assert report.frozen == [] and isinstance(folded.bn, nn.BatchNorm2d)
+
+
+def test_inplace_changes_and_returns_the_model():
+    model = calibrate(Decoder(), (2, 8, 4, 4))
+    folded, report = bn_ext.fold_model(model, torch.randn(2, 8, 4, 4), inplace=True)
+    assert folded is model and isinstance(model.bn1, nn.Identity) and report.passed
+
+
+def test_layer_norm_into_linear():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(8)
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.ln_out, self.proj = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.ln(x)
+            y = self.q(h) * self.k(h)
+            z = self.ln_out(y)
+            return self.proj(z) + z  # ln_out also feeds the residual: not foldable
+
+    torch.manual_seed(0)
+    model = Block()
+    with torch.no_grad():
+        for ln in (model.ln, model.ln_out):
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.normal_()
+    folded, report = fold_and_check(model, torch.randn(3, 5, 8), layer_norm=True)
+    assert report.layer_norms_folded == [("ln", ["q", "k"])]
+    assert not folded.ln.elementwise_affine and folded.ln_out.elementwise_affine
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_low_precision_models_lose_one_rounding_at_most(dtype):
+    import torchvision
+
+    model = calibrate(torchvision.models.resnet18(num_classes=10), (4, 3, 32, 32)).to(dtype)
+    x = torch.randn(2, 3, 32, 32).to(dtype)
+    folded, report = bn_ext.fold_model(model, x)
+    assert report.batch_norms_after == 0 and report.passed, str(report)
+    assert all(p.dtype == dtype for p in folded.parameters())
+
+
+def test_report_reads_well():
+    _, report = fold_and_check(BNBeforeConv(), torch.randn(2, 3, 8, 8))
+    text = str(report)
+    assert "BatchNorm folding report" in text and "bn_valid" in text and "ahead of conv_valid" in text
+    assert "zero-padded" in text and "PASS" in text
+
+
+def test_folded_model_exports_to_torch_export_and_onnx(tmp_path):
+    import onnxruntime
+    import torchvision
+
+    model = calibrate(torchvision.models.mobilenet_v3_small(num_classes=10), (4, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    folded, _ = bn_ext.fold_model(model, x)
+    with torch.no_grad():
+        expected = folded(x)
+    program = torch.export.export(folded, (x,))
+    assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)
+    torch.testing.assert_close(program.module()(x), expected)
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(folded, (x,), path, dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-5)
