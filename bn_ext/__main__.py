@@ -1,4 +1,4 @@
-"""Command line: python -m bn_ext {demo,fold} ..."""
+"""Command line: python -m bn_ext {demo,fold,bench} ..."""
 
 from __future__ import annotations
 
@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     fold.add_argument("--atol", type=float)
     fold.add_argument("--rtol", type=float)
 
+    bench = commands.add_parser("bench", help="time bn_ext against torch's native kernels")
+    bench.add_argument("--quick", action="store_true", help="a short subset with fewer repetitions")
+    bench.add_argument("--filter", help="only cases whose group or name contains this text")
+    bench.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    bench.add_argument("--output", default="bench_results", help="folder for bench.json and bench.png")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from bn_ext.demo import run_demo
@@ -38,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(steps=args.steps, image_size=args.image_size, repeats=args.repeats)
     if args.command == "fold":
         return _fold(args)
+    if args.command == "bench":
+        from pathlib import Path
+
+        from bn_ext.bench import run
+
+        run(quick=args.quick, pattern=args.filter, threads=args.threads, output=Path(args.output),
+            device=args.device)
+        return 0
     return 2
 
 

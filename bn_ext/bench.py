@@ -1,0 +1,317 @@
+"""`python -m bn_ext bench`: bn_ext against torch's native kernels, side by side.
+
+Each case times both implementations interleaved in one process (warm-up,
+then alternating repetitions) and reports medians, the ratio torch / bn_ext,
+and the effective bandwidth of bn_ext counting the minimal traffic (each input
+read once, each output written once) against a copy bandwidth measured in the
+same run. Results go to a table, a JSON file and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bn_ext
+
+_ops = torch.ops.bn_ext
+_aten = torch.ops.aten
+
+# ResNet-50's BatchNorm shapes at batch 32 (C, H·W side), and at batch 256 for
+# the 14x14 and 7x7 stages.
+RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
+RESNET50_BN_N256 = [(256, 14), (1024, 14), (512, 7), (2048, 7)]
+ROW_LENGTHS = [(64, 65536), (768, 16384), (1024, 16384), (4096, 4096), (16384, 4096)]
+
+
+@dataclasses.dataclass
+class Case:
+    group: str
+    name: str
+    make: Callable[[], tuple[Callable[[], object], Callable[[], object], int]]  # -> (torch, bn_ext, bytes)
+
+
+@dataclasses.dataclass
+class Result:
+    group: str
+    name: str
+    torch_ms: float
+    bn_ext_ms: float
+    bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.torch_ms / self.bn_ext_ms
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / (self.bn_ext_ms * 1e-3) / 1e9
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
+    cases = []
+    fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
+    dname = str(dtype).removeprefix("torch.")
+    for n, c, s in shapes:
+        def inputs(n=n, c=c, s=s):
+            torch.manual_seed(0)
+            x = torch.randn(n, c, s, s, dtype=dtype).to(memory_format=fmt)
+            w, b = torch.rand(c) + 0.5, torch.randn(c)
+            rm, rv = torch.randn(c), torch.rand(c) + 0.5
+            return x, w, b, rm, rv
+
+        tag = f"N{n} C{c} {s}x{s} {fmt_name} {dname}"
+
+        def train(inputs=inputs):
+            x, w, b, _, _ = inputs()
+            return (lambda: F.batch_norm(x, None, None, w, b, True),
+                    lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+
+        def eval_(inputs=inputs):
+            x, w, b, rm, rv = inputs()
+            return (lambda: F.batch_norm(x, rm, rv, w, b, False),
+                    lambda: bn_ext.batch_norm(x, rm, rv, w, b, False), 2 * _nbytes(x))
+
+        def backward(inputs=inputs):
+            x, w, b, rm, rv = inputs()
+            dy = torch.randn_like(x)
+            _, mean_t, invstd_t = _aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+            _, mean_o, invstd_o = _ops.batch_norm_forward(x, w, b, None, None, True, 1e-5)
+            mask = [True, True, True]
+            return (lambda: _aten.native_batch_norm_backward(dy, x, w, rm, rv, mean_t, invstd_t, True, 1e-5, mask),
+                    lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask), 3 * _nbytes(x))
+
+        cases += [Case("BatchNorm2d train forward", tag, train), Case("BatchNorm2d backward", tag, backward),
+                  Case("BatchNorm2d eval forward", tag, eval_)]
+    return cases
+
+
+def _row_cases(op: str, dtype, quick) -> list[Case]:
+    cases = []
+    dname = str(dtype).removeprefix("torch.")
+    lengths = ROW_LENGTHS[1:3] if quick else ROW_LENGTHS
+    for d, rows in lengths:
+        def inputs(d=d, rows=rows):
+            torch.manual_seed(0)
+            return torch.randn(rows, d, dtype=dtype), torch.rand(d, dtype=dtype) + 0.5, torch.randn(d, dtype=dtype)
+
+        tag = f"{rows}x{d} {dname}"
+        if op == "LayerNorm":
+            def forward(inputs=inputs, d=d):
+                x, w, b = inputs()
+                return (lambda: F.layer_norm(x, (d,), w, b), lambda: bn_ext.layer_norm(x, (d,), w, b),
+                        2 * _nbytes(x))
+
+            def backward(inputs=inputs, d=d):
+                x, w, b = inputs()
+                dy = torch.randn_like(x)
+                _, mt, rt = _aten.native_layer_norm(x, [d], w, b, 1e-5)
+                _, mo, ro = _ops.layer_norm_forward(x, [d], w, b, 1e-5)
+                mask = [True, True, True]
+                return (lambda: _aten.native_layer_norm_backward(dy, x, [d], mt, rt, w, b, mask),
+                        lambda: _ops.layer_norm_backward(dy, x, [d], mo, ro, w, b, 1e-5, mask), 3 * _nbytes(x))
+        else:
+            def forward(inputs=inputs, d=d):
+                x, w, _ = inputs()
+                return (lambda: F.rms_norm(x, (d,), w), lambda: bn_ext.rms_norm(x, (d,), w), 2 * _nbytes(x))
+
+            def backward(inputs=inputs, d=d):
+                # torch has no CPU RMSNorm backward kernel: time both through autograd.
+                x, w, _ = inputs()
+                x.requires_grad_()
+                w.requires_grad_()
+                dy = torch.randn_like(x)
+                y_torch, y_ours = F.rms_norm(x, (d,), w), bn_ext.rms_norm(x, (d,), w)
+                return (lambda: torch.autograd.grad(y_torch, (x, w), dy, retain_graph=True),
+                        lambda: torch.autograd.grad(y_ours, (x, w), dy, retain_graph=True), 3 * _nbytes(x))
+
+        cases += [Case(f"{op} forward", tag, forward), Case(f"{op} backward", tag, backward)]
+    return cases
+
+
+def _module_cases() -> list[Case]:
+    """Tiny inputs through the modules: per-call overhead."""
+
+    def module_pair(torch_cls, ours_cls, args, shape):
+        def make():
+            torch.manual_seed(0)
+            ref, ours = torch_cls(*args), ours_cls(*args)
+            x = torch.randn(shape)
+            return (lambda: ref(x), lambda: ours(x), 2 * _nbytes(x))
+        return make
+
+    return [
+        Case("small inputs (modules)", "BatchNorm1d train 8x16",
+             module_pair(torch.nn.BatchNorm1d, bn_ext.nn.BatchNorm1d, (16,), (8, 16))),
+        Case("small inputs (modules)", "BatchNorm2d train 2x8x4x4",
+             module_pair(torch.nn.BatchNorm2d, bn_ext.nn.BatchNorm2d, (8,), (2, 8, 4, 4))),
+        Case("small inputs (modules)", "LayerNorm 8x16",
+             module_pair(torch.nn.LayerNorm, bn_ext.nn.LayerNorm, (16,), (8, 16))),
+        Case("small inputs (modules)", "RMSNorm 8x16",
+             module_pair(torch.nn.RMSNorm, bn_ext.nn.RMSNorm, (16,), (8, 16))),
+    ]
+
+
+def _bn1d_cases(quick) -> list[Case]:
+    cases = []
+    for shape in [(4096, 512), (256, 64, 1024)][: 1 if quick else 2]:
+        def train(shape=shape):
+            torch.manual_seed(0)
+            x = torch.randn(shape)
+            w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
+            return (lambda: F.batch_norm(x, None, None, w, b, True),
+                    lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+        cases.append(Case("BatchNorm1d train forward", "x".join(map(str, shape)), train))
+    return cases
+
+
+def _large_cases() -> list[Case]:
+    """Inputs larger than the last-level cache (over 200 MB)."""
+    def bn():
+        x = torch.randn(256, 1024, 14, 14)
+        w, b = torch.rand(1024) + 0.5, torch.randn(1024)
+        return (lambda: F.batch_norm(x, None, None, w, b, True),
+                lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+
+    def ln():
+        x = torch.randn(16384, 4096)
+        w, b = torch.rand(4096) + 0.5, torch.randn(4096)
+        return lambda: F.layer_norm(x, (4096,), w, b), lambda: bn_ext.layer_norm(x, (4096,), w, b), 2 * _nbytes(x)
+
+    def rms():
+        x = torch.randn(16384, 4096)
+        w = torch.rand(4096) + 0.5
+        return lambda: F.rms_norm(x, (4096,), w), lambda: bn_ext.rms_norm(x, (4096,), w), 2 * _nbytes(x)
+
+    return [Case("larger than L3", "BatchNorm2d train 256x1024x14x14 float32", bn),
+            Case("larger than L3", "LayerNorm 16384x4096 float32", ln),
+            Case("larger than L3", "RMSNorm 16384x4096 float32", rms)]
+
+
+def suite(quick: bool) -> list[Case]:
+    shapes = [(32, c, s) for c, s in RESNET50_BN] + [(256, c, s) for c, s in RESNET50_BN_N256]
+    if quick:
+        shapes = [(32, 256, 56), (32, 1024, 14)]
+    cases: list[Case] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for fmt in ("contiguous", "channels_last"):
+            cases += _bn_cases(shapes, fmt, dtype)
+    cases += _bn1d_cases(quick)
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += _row_cases("LayerNorm", dtype, quick) + _row_cases("RMSNorm", dtype, quick)
+    cases += _module_cases()
+    if not quick:
+        cases += _large_cases()
+    return cases
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+    """GB/s of a large tensor copy, read + write counted."""
+    src = torch.randn(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * _nbytes(src) / statistics.median(times) / 1e9
+
+
+def time_pair(torch_fn, ours_fn, repeats: int, min_seconds: float) -> tuple[float, float]:
+    """Interleaved timing after warm-up; medians in milliseconds."""
+    for _ in range(2):
+        torch_fn()
+        ours_fn()
+    t_torch, t_ours = [], []
+    start = time.perf_counter()
+    while len(t_ours) < repeats or (time.perf_counter() - start < min_seconds and len(t_ours) < 10 * repeats):
+        for fn, sink in ((torch_fn, t_torch), (ours_fn, t_ours)):
+            t0 = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - t0)
+    return statistics.median(t_torch) * 1e3, statistics.median(t_ours) * 1e3
+
+
+def run(quick: bool = False, pattern: str | None = None, threads: int | None = None,
+        output: Path = Path("bench_results"), device: str = "cpu") -> list[Result]:
+    if device != "cpu":
+        raise SystemExit(f"bench --device {device}: this build of bn_ext has CPU kernels only")
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    cases = [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
+    bandwidth = copy_bandwidth()
+    results = []
+    repeats, min_seconds = (5, 0.05) if quick else (15, 0.3)
+    for case in tqdm(cases, desc="bench", unit="case"):
+        torch_fn, ours_fn, nbytes = case.make()
+        t, o = time_pair(torch_fn, ours_fn, repeats, min_seconds)
+        results.append(Result(case.group, case.name, t, o, nbytes))
+        del torch_fn, ours_fn
+    report(results, bandwidth, threads or torch.get_num_threads(), output)
+    return results
+
+
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def report(results: list[Result], bandwidth: float, threads: int, output: Path) -> None:
+    machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
+    print(f"\nbn_ext {bn_ext.__version__} vs torch native, {machine}; copy bandwidth {bandwidth:.1f} GB/s\n")
+    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6}")
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.group, []).append(r)
+        print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
+              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}%")
+    print(f"\n{'group':<28} {'geomean ratio':>13} {'min ratio':>9}")
+    for group, rs in groups.items():
+        print(f"{group:<28} {geomean([r.ratio for r in rs]):>13.2f} {min(r.ratio for r in rs):>9.2f}")
+    output.mkdir(parents=True, exist_ok=True)
+    data = {
+        "machine": machine,
+        "copy_bandwidth_gbps": bandwidth,
+        "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "gbps": r.gbps} for r in results],
+        "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
+    }
+    (output / "bench.json").write_text(json.dumps(data, indent=2))
+    _plot(groups, output / "bench.png", machine)
+    print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
+
+
+def _plot(groups: dict[str, list[Result]], path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(names) + 1.5))
+    for i, g in enumerate(names):
+        ratios = [r.ratio for r in groups[g]]
+        ax.scatter(ratios, [i] * len(ratios), alpha=0.6, s=18)
+        ax.scatter([geomean(ratios)], [i], marker="|", s=400, color="black")
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over torch (torch time / bn_ext time); bar = geometric mean")
+    ax.set_title(f"bn_ext vs torch native ({machine})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
