@@ -22,8 +22,10 @@ venv: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# The Python suite, then the C++ package and its consumer tests (ctest).
 test: build
 	$(PY) -m pytest -q -ra
+	PY=$(PY) bash tests/cpp/run.sh
 
 demo: build
 	$(PY) -m bn_ext demo

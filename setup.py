@@ -41,7 +41,7 @@ def find_cuda_home():
         return None
     candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
     try:
-        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-E", os.devnull], capture_output=True, text=True, timeout=60)
         candidates += [os.path.realpath(m) for m in re.findall(r"TOP=(\S+)", dry.stdout + dry.stderr)]
     except (OSError, subprocess.SubprocessError):
         pass

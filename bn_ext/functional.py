@@ -168,14 +168,6 @@ torch.library.register_autograd(
 )
 
 
-def _verify_batch_size(size: Sequence[int]) -> None:
-    values = size[0]
-    for s in size[2:]:
-        values *= s
-    if values == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-
-
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -207,12 +199,6 @@ def _batch_norm(
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
-    if training and input.dim() >= 2:
-        _verify_batch_size(input.size())
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     out, save_mean, save_invstd = _ops.batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, eps
     )

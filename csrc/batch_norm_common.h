@@ -48,4 +48,16 @@ inline void check_batch_norm_args(const at::Tensor& input, const std::optional<a
               "batch_norm: running_mean and running_var must be defined in evaluation mode (training=False)");
 }
 
+// torch.nn.functional.batch_norm's own checks, done here so the C++ API raises them too.
+inline void check_batch_norm_forward_args(const at::Tensor& input, bool training, double eps) {
+  if (training) {
+    int64_t values = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
+    TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
+                      input.sizes());
+    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  }
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+}
+
 }  // namespace bn_ext

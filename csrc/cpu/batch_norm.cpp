@@ -328,6 +328,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, c
                                                           const std::optional<Tensor>& running_var, bool training,
                                                           double eps) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
+  check_batch_norm_forward_args(input, training, eps);
   const Tensor x = input.contiguous(batch_norm_memory_format(input));
   const BatchNormGeometry g = batch_norm_geometry(x);
   Tensor out = at::empty_like(x);

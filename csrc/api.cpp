@@ -1,0 +1,119 @@
+// The C++ API (include/bn_ext/bn_ext.h): typed calls through the dispatcher.
+#include "bn_ext/bn_ext.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace bn_ext {
+namespace {
+
+// The typed handle of operator bn_ext::<name>, looked up once.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Optional = const std::optional<Tensor>&;
+
+}  // namespace
+
+std::vector<const char*> operator_names() {
+  return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",
+          "bn_ext::layer_norm_forward", "bn_ext::layer_norm_backward",     "bn_ext::rms_norm_forward",
+          "bn_ext::rms_norm_backward",  "bn_ext::fuse_conv_bn_weights",    "bn_ext::fuse_bn_conv_weights"};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, Optional weight, Optional bias,
+                                                      Optional running_mean, Optional running_var, bool training,
+                                                      double eps) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, Optional, Optional, Optional, Optional, bool, double)>(
+          "bn_ext::batch_norm_forward");
+  return handle.call(input, weight, bias, running_mean, running_var, training, eps);
+}
+
+Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
+                  bool training, double momentum, double eps) {
+  auto [out, save_mean, save_invstd] = batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
+  if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
+    static const auto update =
+        op<void(Optional, Optional, const Tensor&, const Tensor&, std::optional<double>, Optional, double, int64_t)>(
+            "bn_ext::batch_norm_update_stats");
+    update.call(running_mean, running_var, save_mean, save_invstd, momentum, std::nullopt, eps,
+                input.numel() / input.size(1));
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input, Optional weight,
+                                                       const Tensor& save_mean, const Tensor& save_invstd,
+                                                       bool training, double eps, std::array<bool, 3> output_mask) {
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, Optional, const Tensor&, const Tensor&, bool, double, std::array<bool, 3>)>(
+      "bn_ext::batch_norm_backward");
+  return handle.call(grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
+                                                      Optional weight, Optional bias, double eps) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, Optional, double)>(
+          "bn_ext::layer_norm_forward");
+  return handle.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps);
+}
+
+Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight, Optional bias,
+                  double eps) {
+  return std::get<0>(layer_norm_forward(input, normalized_shape, weight, bias, eps));
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                                       at::IntArrayRef normalized_shape, const Tensor& mean,
+                                                       const Tensor& rstd, Optional weight, Optional bias, double eps,
+                                                       std::array<bool, 3> output_mask) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&,
+                                            const Tensor&, Optional, Optional, double, std::array<bool, 3>)>(
+          "bn_ext::layer_norm_backward");
+  return handle.call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), mean, rstd, weight, bias, eps,
+                     output_mask);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight,
+                                            std::optional<double> eps) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, std::optional<double>)>(
+          "bn_ext::rms_norm_forward");
+  return handle.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, eps);
+}
+
+Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight, std::optional<double> eps) {
+  return std::get<0>(rms_norm_forward(input, normalized_shape, weight, eps));
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                             at::IntArrayRef normalized_shape, const Tensor& rstd, Optional weight,
+                                             std::optional<double> eps, std::array<bool, 2> output_mask) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, Optional,
+                                    std::optional<double>, std::array<bool, 2>)>("bn_ext::rms_norm_backward");
+  return handle.call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), rstd, weight, eps, output_mask);
+}
+
+std::tuple<Tensor, Tensor> fuse_conv_bn_weights(const Tensor& conv_weight, Optional conv_bias,
+                                                const Tensor& running_mean, const Tensor& running_var, double eps,
+                                                Optional bn_weight, Optional bn_bias, bool transposed,
+                                                int64_t groups) {
+  static const auto handle = op<std::tuple<Tensor, Tensor>(const Tensor&, Optional, const Tensor&, const Tensor&,
+                                                           double, Optional, Optional, bool, int64_t)>(
+      "bn_ext::fuse_conv_bn_weights");
+  return handle.call(conv_weight, conv_bias, running_mean, running_var, eps, bn_weight, bn_bias, transposed, groups);
+}
+
+std::tuple<Tensor, Tensor> fuse_linear_bn_weights(const Tensor& linear_weight, Optional linear_bias,
+                                                  const Tensor& running_mean, const Tensor& running_var, double eps,
+                                                  Optional bn_weight, Optional bn_bias) {
+  return fuse_conv_bn_weights(linear_weight, linear_bias, running_mean, running_var, eps, bn_weight, bn_bias, false,
+                              1);
+}
+
+}  // namespace bn_ext

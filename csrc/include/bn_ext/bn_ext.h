@@ -1,0 +1,94 @@
+// bn_ext C++ API: the operators of the Python package, callable without Python.
+//
+// Link the CMake target bn_ext::bn_ext (find_package(bn_ext)). Every function
+// goes through PyTorch's dispatcher, so it runs on whichever backend bn_ext was
+// built for. Errors are c10::Error (c10::ValueError, c10::IndexError, ...) with
+// the messages the Python API raises. These ops carry no C++ autograd: call the
+// *_backward functions for gradients.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace bn_ext {
+
+using at::Tensor;
+
+// --- BatchNorm over dim 1 of an (N, C, *) input ------------------------------
+
+// torch.nn.functional.batch_norm: in training, normalises with the batch
+// statistics and updates running_mean / running_var in place (when given).
+Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& running_mean,
+                  const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight = std::nullopt,
+                  const std::optional<Tensor>& bias = std::nullopt, bool training = false, double momentum = 0.1,
+                  double eps = 1e-5);
+
+// (out, save_mean, save_invstd): the statistics used (batch or running).
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias,
+                                                      const std::optional<Tensor>& running_mean,
+                                                      const std::optional<Tensor>& running_var, bool training,
+                                                      double eps);
+
+// (grad_input, grad_weight, grad_bias); gradients not in output_mask are empty.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                                       const std::optional<Tensor>& weight, const Tensor& save_mean,
+                                                       const Tensor& save_invstd, bool training, double eps,
+                                                       std::array<bool, 3> output_mask = {true, true, true});
+
+// --- LayerNorm and RMSNorm over the trailing normalized_shape dims ------------
+
+Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape,
+                  const std::optional<Tensor>& weight = std::nullopt, const std::optional<Tensor>& bias = std::nullopt,
+                  double eps = 1e-5);
+
+// (out, mean, rstd)
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
+                                                      const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias, double eps);
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                                       at::IntArrayRef normalized_shape, const Tensor& mean,
+                                                       const Tensor& rstd, const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias, double eps,
+                                                       std::array<bool, 3> output_mask = {true, true, true});
+
+// eps nullopt: the machine epsilon of the computation type, as torch.
+Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape,
+                const std::optional<Tensor>& weight = std::nullopt, std::optional<double> eps = std::nullopt);
+
+// (out, rstd)
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
+                                            const std::optional<Tensor>& weight, std::optional<double> eps);
+
+std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad_out, const Tensor& input,
+                                             at::IntArrayRef normalized_shape, const Tensor& rstd,
+                                             const std::optional<Tensor>& weight, std::optional<double> eps,
+                                             std::array<bool, 2> output_mask = {true, true});
+
+// --- Folding eval BatchNorm into the preceding layer ---------------------------
+
+// Conv / ConvTranspose (transposed = true) followed by BatchNorm: the folded
+// (weight, bias), computed in float64 and rounded once into the layer's dtype,
+// device and memory format.
+std::tuple<Tensor, Tensor> fuse_conv_bn_weights(const Tensor& conv_weight, const std::optional<Tensor>& conv_bias,
+                                                const Tensor& running_mean, const Tensor& running_var, double eps,
+                                                const std::optional<Tensor>& bn_weight,
+                                                const std::optional<Tensor>& bn_bias, bool transposed = false,
+                                                int64_t groups = 1);
+
+// Linear followed by BatchNorm1d.
+std::tuple<Tensor, Tensor> fuse_linear_bn_weights(const Tensor& linear_weight,
+                                                  const std::optional<Tensor>& linear_bias,
+                                                  const Tensor& running_mean, const Tensor& running_var, double eps,
+                                                  const std::optional<Tensor>& bn_weight,
+                                                  const std::optional<Tensor>& bn_bias);
+
+// Names of every bn_ext operator ("bn_ext::batch_norm_forward", ...).
+std::vector<const char*> operator_names();
+
+}  // namespace bn_ext

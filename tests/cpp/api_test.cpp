@@ -1,0 +1,203 @@
+// The C++ API against libtorch's native functions (float64 references).
+#include <bn_ext/bn_ext.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <string>
+
+namespace {
+
+int failures = 0;
+
+void expect_close(const torch::Tensor& actual, const torch::Tensor& expected, double tol, const char* what) {
+  const double err = (actual.to(torch::kDouble) - expected.to(torch::kDouble)).abs().max().item<double>();
+  const double scale = std::max(1.0, expected.to(torch::kDouble).abs().max().item<double>());
+  const bool ok = actual.sizes() == expected.sizes() && err <= tol * scale;
+  std::printf("%s %s: max error %.3g (tolerance %.3g)\n", ok ? "ok  " : "FAIL", what, err, tol * scale);
+  failures += !ok;
+}
+
+void expect(bool condition, const char* what) {
+  std::printf("%s %s\n", condition ? "ok  " : "FAIL", what);
+  failures += !condition;
+}
+
+torch::Tensor randn(at::IntArrayRef shape) { return torch::randn(shape, torch::kFloat); }
+
+void batch_norm_train() {
+  auto x = randn({8, 5, 6, 7}) * 3 + 1;
+  auto w = torch::rand({5}) + 0.5, b = torch::randn({5});
+  auto rm = torch::zeros({5}), rv = torch::ones({5});
+  auto rm_ref = rm.to(torch::kDouble), rv_ref = rv.to(torch::kDouble);
+  auto out = bn_ext::batch_norm(x, rm, rv, w, b, /*training=*/true, 0.1, 1e-5);
+  auto expected = at::batch_norm(x.to(torch::kDouble), w.to(torch::kDouble), b.to(torch::kDouble), rm_ref, rv_ref,
+                                 true, 0.1, 1e-5, false);
+  expect_close(out, expected, 1e-5, "batch_norm training output");
+  expect_close(rm, rm_ref, 1e-6, "running_mean update");
+  expect_close(rv, rv_ref, 1e-6, "running_var update (unbiased)");
+  auto cl = x.contiguous(at::MemoryFormat::ChannelsLast);
+  auto out_cl = bn_ext::batch_norm(cl, std::nullopt, std::nullopt, w, b, true);
+  expect(out_cl.is_contiguous(at::MemoryFormat::ChannelsLast), "channels_last output keeps its format");
+  expect_close(out_cl, at::batch_norm(cl, w, b, {}, {}, true, 0.1, 1e-5, false), 1e-5, "channels_last output");
+}
+
+void batch_norm_eval() {
+  auto x = randn({4, 3, 10});
+  auto w = torch::rand({3}) + 0.5, b = torch::randn({3});
+  auto rm = torch::randn({3}), rv = torch::rand({3}) + 0.5;
+  expect_close(bn_ext::batch_norm(x, rm, rv, w, b, false), at::batch_norm(x, w, b, rm, rv, false, 0.1, 1e-5, false),
+               1e-5, "batch_norm eval output");
+  auto xh = x.to(torch::kBFloat16);
+  expect_close(bn_ext::batch_norm(xh, rm, rv, w, b, false),
+               at::batch_norm(x, w, b, rm, rv, false, 0.1, 1e-5, false), 3e-2, "bfloat16 input, float32 params");
+}
+
+void batch_norm_backward() {
+  auto x = randn({6, 4, 5, 5}).to(torch::kDouble).requires_grad_();
+  auto w = (torch::rand({4}, torch::kDouble) + 0.5).requires_grad_();
+  auto b = torch::randn({4}, torch::kDouble).requires_grad_();
+  auto dy = torch::randn({6, 4, 5, 5}, torch::kDouble);
+  auto y = at::batch_norm(x, w, b, {}, {}, true, 0.1, 1e-5, false);
+  auto grads = torch::autograd::grad({y}, {x, w, b}, {dy});
+  auto [out, mean, invstd] = bn_ext::batch_norm_forward(x.detach(), w.detach(), b.detach(), {}, {}, true, 1e-5);
+  auto [gx, gw, gb] = bn_ext::batch_norm_backward(dy, x.detach(), w.detach(), mean, invstd, true, 1e-5);
+  expect_close(gx, grads[0], 1e-10, "batch_norm grad_input");
+  expect_close(gw, grads[1], 1e-10, "batch_norm grad_weight");
+  expect_close(gb, grads[2], 1e-10, "batch_norm grad_bias");
+}
+
+void layer_norm() {
+  auto x = randn({4, 7, 768});
+  auto w = torch::rand({768}) + 0.5, b = torch::randn({768});
+  expect_close(bn_ext::layer_norm(x, {768}, w, b, 1e-5), at::layer_norm(x, {768}, w, b, 1e-5), 1e-5,
+               "layer_norm output");
+  expect_close(bn_ext::layer_norm(x, {7, 768}), at::layer_norm(x, {7, 768}), 1e-5, "layer_norm over two dims");
+}
+
+void rms_norm() {
+  auto x = randn({4, 7, 64});
+  auto w = torch::rand({64}) + 0.5;
+  expect_close(bn_ext::rms_norm(x, {64}, w), at::rms_norm(x, {64}, w, std::nullopt), 1e-5, "rms_norm output");
+  expect_close(bn_ext::rms_norm(x, {64}, w, 1e-3), at::rms_norm(x, {64}, w, 1e-3), 1e-5, "rms_norm eps=1e-3");
+}
+
+void row_backward() {
+  auto x = torch::randn({5, 33}, torch::kDouble).requires_grad_();
+  auto w = (torch::rand({33}, torch::kDouble) + 0.5).requires_grad_();
+  auto b = torch::randn({33}, torch::kDouble).requires_grad_();
+  auto dy = torch::randn({5, 33}, torch::kDouble);
+  auto ref = torch::autograd::grad({at::layer_norm(x, {33}, w, b)}, {x, w, b}, {dy});
+  auto [y, mean, rstd] = bn_ext::layer_norm_forward(x.detach(), {33}, w.detach(), b.detach(), 1e-5);
+  auto [gx, gw, gb] = bn_ext::layer_norm_backward(dy, x.detach(), {33}, mean, rstd, w.detach(), b.detach(), 1e-5);
+  expect_close(gx, ref[0], 1e-10, "layer_norm grad_input");
+  expect_close(gw, ref[1], 1e-10, "layer_norm grad_weight");
+  expect_close(gb, ref[2], 1e-10, "layer_norm grad_bias");
+  auto rref = torch::autograd::grad({at::rms_norm(x, {33}, w, std::nullopt)}, {x, w}, {dy});
+  auto [ry, rstd2] = bn_ext::rms_norm_forward(x.detach(), {33}, w.detach(), std::nullopt);
+  auto [rgx, rgw] = bn_ext::rms_norm_backward(dy, x.detach(), {33}, rstd2, w.detach(), std::nullopt);
+  expect_close(rgx, rref[0], 1e-10, "rms_norm grad_input");
+  expect_close(rgw, rref[1], 1e-10, "rms_norm grad_weight");
+}
+
+torch::nn::BatchNorm2d calibrated_bn(int64_t channels) {
+  torch::nn::BatchNorm2d bn(channels);
+  torch::NoGradGuard no_grad;
+  bn->running_mean.copy_(torch::randn({channels}));
+  bn->running_var.copy_(torch::rand({channels}) + 0.3);
+  bn->weight.copy_(torch::randn({channels}));
+  bn->bias.copy_(torch::randn({channels}));
+  bn->eval();
+  return bn;
+}
+
+void fold_conv() {
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(4, 6, 3).groups(2).padding(1));
+  conv->eval();
+  auto bn = calibrated_bn(6);
+  auto [w, b] = bn_ext::fuse_conv_bn_weights(conv->weight, conv->bias, bn->running_mean, bn->running_var, 1e-5,
+                                             bn->weight, bn->bias, false, 2);
+  torch::NoGradGuard no_grad;
+  auto x = randn({2, 4, 9, 9});
+  auto expected = bn->forward(conv->forward(x));
+  auto folded = torch::conv2d(x, w, b, 1, 1, 1, 2);
+  expect_close(folded, expected, 1e-5, "conv + bn folded");
+}
+
+void fold_conv_transpose() {
+  torch::nn::ConvTranspose2d deconv(torch::nn::ConvTranspose2dOptions(6, 6, 3).groups(3).stride(2));
+  deconv->eval();
+  auto bn = calibrated_bn(6);
+  auto [w, b] = bn_ext::fuse_conv_bn_weights(deconv->weight, deconv->bias, bn->running_mean, bn->running_var, 1e-5,
+                                             bn->weight, bn->bias, true, 3);
+  torch::NoGradGuard no_grad;
+  auto x = randn({2, 6, 5, 5});
+  auto expected = bn->forward(deconv->forward(x));
+  auto folded = torch::conv_transpose2d(x, w, b, 2, 0, 0, 3);
+  expect_close(folded, expected, 1e-5, "conv_transpose (in == out, groups 3) + bn folded");
+}
+
+void fold_linear() {
+  torch::nn::Linear linear(5, 7);
+  torch::nn::BatchNorm1d bn(7);
+  {
+    torch::NoGradGuard no_grad;
+    bn->running_mean.copy_(torch::randn({7}));
+    bn->running_var.copy_(torch::rand({7}) + 0.3);
+  }
+  bn->eval();
+  auto [w, b] = bn_ext::fuse_linear_bn_weights(linear->weight, linear->bias, bn->running_mean, bn->running_var,
+                                               1e-5, bn->weight, bn->bias);
+  torch::NoGradGuard no_grad;
+  auto x = randn({3, 5});
+  expect_close(torch::linear(x, w, b), bn->forward(linear->forward(x)), 1e-5, "linear + bn folded");
+}
+
+template <typename Exception>
+void expect_error(const std::function<void()>& f, const std::string& fragment, const char* what) {
+  try {
+    f();
+  } catch (const Exception& e) {
+    const bool ok = std::string(e.what()).find(fragment) != std::string::npos;
+    std::printf("%s %s\n", ok ? "ok  " : "FAIL", what);
+    failures += !ok;
+    return;
+  }
+  std::printf("FAIL %s: no error\n", what);
+  ++failures;
+}
+
+void errors() {
+  expect_error<c10::ValueError>([] { bn_ext::batch_norm(randn({1, 4}), std::nullopt, std::nullopt, {}, {}, true); },
+                                "Expected more than 1 value per channel", "one value per channel: ValueError");
+  expect_error<c10::Error>(
+      [] { bn_ext::batch_norm(randn({2, 4}), torch::zeros({3}), torch::ones({3}), {}, {}, true); },
+      "running_mean should contain 4 elements", "channel mismatch names both sizes");
+  expect_error<c10::NotImplementedError>(
+      [] { bn_ext::layer_norm(torch::ones({2, 3}, torch::kLong), {3}); }, "input must be float32",
+      "integer input: NotImplementedError");
+  expect_error<c10::Error>([] { bn_ext::rms_norm(randn({2, 3}), {4}); }, "expected input with shape [*, 4]",
+                           "normalized_shape mismatch");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  torch::manual_seed(0);
+  const std::map<std::string, std::function<void()>> cases = {
+      {"batch_norm_train", batch_norm_train}, {"batch_norm_eval", batch_norm_eval},
+      {"batch_norm_backward", batch_norm_backward}, {"layer_norm", layer_norm},
+      {"rms_norm", rms_norm}, {"row_backward", row_backward},
+      {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
+      {"fold_linear", fold_linear}, {"errors", errors}};
+  for (int i = 1; i < argc; ++i) {
+    auto it = cases.find(argv[i]);
+    if (it == cases.end()) {
+      std::printf("unknown case %s\n", argv[i]);
+      return 2;
+    }
+    it->second();
+  }
+  return failures == 0 ? 0 : 1;
+}
