@@ -75,6 +75,12 @@ def _batch_norm_update_stats_fake(
     return None
 
 
+@torch.library.register_fake("bn_ext::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    channels = input.shape[1]
+    return input.new_empty((channels,), dtype=torch.float64), input.new_empty((channels,), dtype=torch.float64)
+
+
 @torch.library.register_fake("bn_ext::batch_norm_backward")
 def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask):
     channels = input.shape[1]

@@ -98,3 +98,9 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
 def revert(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `convert`: switch bn_ext norm layers back to torch.nn, in place."""
     return _swap_classes(model, {twin: base for base, twin in _TWINS.items()})
+
+
+# SyncBatchNorm lives with the distributed code; it is a module of this namespace too.
+from bn_ext.distributed import SyncBatchNorm  # noqa: E402
+
+__all__ += ["SyncBatchNorm"]

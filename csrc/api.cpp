@@ -18,6 +18,7 @@ using Optional = const std::optional<Tensor>&;
 
 std::vector<const char*> operator_names() {
   return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",
+          "bn_ext::batch_norm_stats",
           "bn_ext::layer_norm_forward", "bn_ext::layer_norm_backward",     "bn_ext::rms_norm_forward",
           "bn_ext::rms_norm_backward",  "bn_ext::fuse_conv_bn_weights",    "bn_ext::fuse_bn_conv_weights"};
 }

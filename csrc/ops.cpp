@@ -14,6 +14,9 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "batch_norm_update_stats(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor save_mean, "
       "Tensor save_invstd, float? momentum, Tensor? num_batches_tracked, float eps, int count) -> ()");
+  // Per-channel mean and M2 = sum((x - mean)^2) in float64, for merging
+  // statistics across processes (SyncBatchNorm).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor m2)");
   // Gradients not asked for by output_mask come back as empty tensors.
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "

@@ -439,6 +439,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   return {grad_input, grad_weight.defined() ? grad_weight : empty(), grad_bias.defined() ? grad_bias : empty()};
 }
 
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_batch_norm_args(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
+  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  std::vector<double> mean(g.C, 0.0), m2(g.C, 0.0);
+  if (x.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_stats_cpu", [&] {
+      const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
+      for (int64_t c = 0; c < g.C; ++c) {
+        mean[c] = moments[c].mean;
+        m2[c] = moments[c].m2;
+      }
+    });
+  }
+  return {channel_tensor(mean, at::kDouble), channel_tensor(m2, at::kDouble)};
+}
+
 void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
                                  const Tensor& save_mean, const Tensor& save_invstd, std::optional<double> momentum,
                                  const std::optional<Tensor>& num_batches_tracked, double eps, int64_t count) {
@@ -474,6 +491,7 @@ TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("batch_norm_update_stats", &batch_norm_update_stats_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
 }
 
 }  // namespace bn_ext::cpu
