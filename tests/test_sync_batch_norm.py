@@ -228,3 +228,19 @@ def test_state_dict_loads_both_ways_with_torch():
 def test_bad_rank_is_value_error():
     with pytest.raises(ValueError, match="expected at least 2D input"):
         bn_ext.nn.SyncBatchNorm(3)(torch.randn(3))
+
+
+def test_torchrun_example_trains(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(root / "examples" / "train_sync_batchnorm.py")],
+        capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 9: loss" in result.stdout
