@@ -4,8 +4,10 @@ Environment switches:
   BN_EXT_WITH_CUDA=1|0        force the CUDA kernels in or out (default: in when
                               a CUDA toolkit is found and torch is a CUDA build;
                               a GPU is never required to build).
-  BN_EXT_CPU_CAPABILITY=...   SIMD level of the CPU kernels on x86-64: AVX2
-                              (default), AVX512 or DEFAULT (no SIMD flags).
+  BN_EXT_CPU_CAPABILITY=...   SIMD level of the CPU kernels on x86-64: AVX512,
+                              AVX2 or DEFAULT (no SIMD flags). Default: the
+                              best the building machine supports; set AVX2 for
+                              a build that runs on any x86-64 CPU of the last decade.
   CUDA_HOME                   the CUDA toolkit root, when it cannot be found
                               from nvcc on PATH.
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0").
@@ -68,8 +70,22 @@ def want_cuda(cuda_home):
     return available if forced is None else forced == "1"
 
 
+def best_cpu_capability():
+    """The widest SIMD level this machine runs: its kernels are built for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return "AVX2"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "AVX512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return "AVX2"
+    return "DEFAULT"
+
+
 def cpu_simd_flags():
-    level = os.environ.get("BN_EXT_CPU_CAPABILITY", "AVX2").upper()
+    level = os.environ.get("BN_EXT_CPU_CAPABILITY", "").upper() or best_cpu_capability()
     if platform.machine() not in ("x86_64", "AMD64") or level == "DEFAULT":
         return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
     flags = {
