@@ -95,39 +95,6 @@ def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, t
     return grad_input, grad_weight, grad_bias
 
 
-def _batch_norm_forward_setup(ctx, inputs, output):
-    input, weight, bias, _running_mean, _running_var, training, eps = inputs
-    _, save_mean, save_invstd = output
-    ctx.save_for_backward(input, weight, save_mean, save_invstd)
-    ctx.training = training
-    ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _batch_norm_forward_backward(ctx, grad_out, _grad_mean, _grad_invstd):
-    input, weight, save_mean, save_invstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-    if grad_out is None or not any(mask):
-        return (None,) * 7
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_out, input, weight, save_mean, save_invstd, ctx.training, ctx.eps, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias.to(ctx.bias_dtype) if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "bn_ext::batch_norm_forward", _batch_norm_forward_backward, setup_context=_batch_norm_forward_setup
-)
-
-
 def _batch_norm_grads_reference(grad_out, input, weight, save_mean, save_invstd, training, eps):
     """BatchNorm's first derivatives as a composite of torch ops.
 
@@ -315,25 +282,6 @@ def _rms_norm_eps(eps: float | None, dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
-def _layer_norm_forward_setup(ctx, inputs, output):
-    input, normalized_shape, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-    ctx.normalized_shape, ctx.eps = normalized_shape, eps
-
-
-def _layer_norm_forward_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-    if grad_out is None or not any(mask):
-        return (None,) * 5
-    grad_input, grad_weight, grad_bias = _ops.layer_norm_backward(
-        grad_out, input, ctx.normalized_shape, mean, rstd, weight, bias, ctx.eps, mask
-    )
-    return (grad_input if mask[0] else None, None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, None)
-
-
 def _layer_norm_backward_setup(ctx, inputs, output):
     grad_out, input, normalized_shape, mean, rstd, weight, bias, eps, output_mask = inputs
     ctx.save_for_backward(grad_out, input, weight)
@@ -347,23 +295,6 @@ def _layer_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
         lambda w: (ctx.normalized_shape, w, ctx.eps), (gg_input, gg_weight, gg_bias), ctx.output_mask,
     )
     return d_grad_out, d_input, None, None, None, d_weight, None, None, None
-
-
-def _rms_norm_forward_setup(ctx, inputs, output):
-    input, normalized_shape, weight, eps = inputs
-    ctx.save_for_backward(input, weight, output[1])
-    ctx.normalized_shape, ctx.eps = normalized_shape, eps
-
-
-def _rms_norm_forward_backward(ctx, grad_out, _grad_rstd):
-    input, weight, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2]]
-    if grad_out is None or not any(mask):
-        return (None,) * 4
-    grad_input, grad_weight = _ops.rms_norm_backward(
-        grad_out, input, ctx.normalized_shape, rstd, weight, ctx.eps, mask
-    )
-    return grad_input if mask[0] else None, None, grad_weight if mask[1] else None, None
 
 
 def _rms_norm_backward_setup(ctx, inputs, output):
@@ -381,10 +312,10 @@ def _rms_norm_backward_backward(ctx, gg_input, gg_weight):
     return d_grad_out, d_input, None, None, d_weight, None, None
 
 
+# The forward operators' autograd is in C++ (csrc/autograd.cpp); these are
+# the backward operators' own formulas, for double backward.
 for _name, _backward, _setup in [
-    ("layer_norm_forward", _layer_norm_forward_backward, _layer_norm_forward_setup),
     ("layer_norm_backward", _layer_norm_backward_backward, _layer_norm_backward_setup),
-    ("rms_norm_forward", _rms_norm_forward_backward, _rms_norm_forward_setup),
     ("rms_norm_backward", _rms_norm_backward_backward, _rms_norm_backward_setup),
 ]:
     torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
