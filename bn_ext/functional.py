@@ -17,6 +17,11 @@ import bn_ext._C  # noqa: F401  (registers the operators)
 __all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
 _ops = torch.ops.bn_ext
+# Overloads resolved once: the per-call lookup is measurable on small inputs.
+_batch_norm_forward = _ops.batch_norm_forward.default
+_batch_norm_update_stats = _ops.batch_norm_update_stats.default
+_layer_norm_forward = _ops.layer_norm_forward.default
+_rms_norm_forward = _ops.rms_norm_forward.default
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,12 +177,10 @@ def _batch_norm(
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
-    out, save_mean, save_invstd = _ops.batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, eps
-    )
+    out, save_mean, save_invstd = _batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and input.numel() > 0:
         with torch.no_grad():
-            _ops.batch_norm_update_stats(
+            _batch_norm_update_stats(
                 running_mean,
                 running_var,
                 save_mean,
@@ -321,8 +324,8 @@ for _name, _backward, _setup in [
     torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
 
 
-def _as_shape(normalized_shape: int | Sequence[int]) -> list[int]:
-    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+def _as_shape(normalized_shape: int | Sequence[int]) -> Sequence[int]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
 
 
 def layer_norm(
@@ -336,7 +339,7 @@ def layer_norm(
 
     Same signature and behaviour as torch.nn.functional.layer_norm.
     """
-    return _ops.layer_norm_forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
+    return _layer_norm_forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
 
 
 def rms_norm(
@@ -350,4 +353,4 @@ def rms_norm(
     Same signature and behaviour as torch.nn.functional.rms_norm; eps None
     means the machine epsilon of the computation type (float32 for half inputs).
     """
-    return _ops.rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]
+    return _rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]
