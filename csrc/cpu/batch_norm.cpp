@@ -23,9 +23,11 @@ using at::Tensor;
 // Work split: at most this many tasks per reduction, and elements per stripe
 // below which splitting a channel's reduction is not worth it.
 constexpr int64_t kMaxReductionTasks = 256;
-constexpr int64_t kMinStripe = 16384;
-// Channels one channels-last task handles; its accumulators stay in L1.
+constexpr int64_t kMinStripe = 65536;
+// Channels one channels-last reduction task handles.
 constexpr int64_t kChannelBlock = 256;
+// Rows per tile of the channels-last elementwise pass (a tile stays in L2).
+constexpr int64_t kRowTile = 32;
 
 // A per-channel tensor (optional) read as doubles.
 std::vector<double> channel_values(const std::optional<Tensor>& t, int64_t C, double fill) {
@@ -87,7 +89,8 @@ void for_each_channels_last_chunk(const BatchNormGeometry& g, int64_t stripes, c
   const int64_t M = g.reduce_size();
   const int64_t blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
   const int64_t block_width = std::min(g.C, kChannelBlock);
-  const int64_t chunk_rows = std::max<int64_t>(1, kCacheChunk / std::max<int64_t>(block_width, 1));
+  // Rows per chunk: the chunk (a few hundred KB) stays in L2 for the second pass.
+  const int64_t chunk_rows = std::max<int64_t>(1, 8 * kCacheChunk / std::max<int64_t>(block_width, 1));
   at::parallel_for(0, stripes * blocks, grain_for(M / stripes * block_width), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t stripe = task / blocks, block = task % blocks;
@@ -104,14 +107,16 @@ int64_t stripe_count(const BatchNormGeometry& g) {
   return part_count(g.reduce_size(), min_rows, kMaxReductionTasks / std::max<int64_t>(tasks_per_stripe, 1));
 }
 
-// Applies `op(c0, c1, lane_fn)` style vector loops across a channel range of
-// one channels-last row: out[c] = f(c, vector of columns).
-template <typename T, typename VecFn, typename ScalarFn>
-inline void across_channels(int64_t c0, int64_t c1, const VecFn& vec_fn, const ScalarFn& scalar_fn) {
+// Visits the columns [c0, c1) of a channels-last block in strips of four
+// vectors, then single vectors, then single channels, so that a strip's
+// accumulators and coefficients stay in registers while it walks down the rows.
+template <typename T, typename StripFn, typename ScalarFn>
+inline void for_each_column_strip(int64_t c0, int64_t c1, const StripFn& strip, const ScalarFn& scalar) {
   constexpr int64_t W = OpVec<T>::size();
   int64_t c = c0;
-  for (; c + W <= c1; c += W) vec_fn(c);
-  for (; c < c1; ++c) scalar_fn(c);
+  for (; c + 4 * W <= c1; c += 4 * W) strip(c, std::integral_constant<int, 4>{});
+  for (; c + W <= c1; c += W) strip(c, std::integral_constant<int, 1>{});
+  for (; c < c1; ++c) scalar(c);
 }
 
 // Per-channel moments of x (count, mean, M2).
@@ -123,62 +128,62 @@ std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
   std::vector<Moments> partial(g.C * stripes);
   if (!g.channels_last) {
     for_each_channels_first_chunk(g, stripes, [&](int64_t c, int64_t stripe, const auto& runs) {
-      // Two passes over the chunk (it is in cache by the second): the sum
-      // shifted by its first value, then the squares about the chunk's mean.
-      Op shift = 0, sum = 0;
-      int64_t n = 0;
-      runs([&](int64_t off, int64_t len) {
-        if (n == 0) shift = static_cast<Op>(x[off]);
-        sum += shifted_sum(x + off, len, shift);
-        n += len;
-      });
-      const Op offset = sum / static_cast<Op>(n);
-      Op m2 = 0;
-      runs([&](int64_t off, int64_t len) { m2 += centered_square_sum(x + off, len, shift, offset); });
-      chan_merge(partial[c * stripes + stripe], {n, static_cast<double>(shift) + offset, static_cast<double>(m2)});
+      chan_merge(partial[c * stripes + stripe], chunk_moments<T>([&](const auto& visit) {
+                   runs([&](int64_t off, int64_t len) { visit(x + off, len); });
+                 }));
     });
   } else {
     for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
-      Op shift[kChannelBlock], acc[kChannelBlock];
-      const T* first = x + r0 * g.C;
-      for (int64_t c = c0; c < c1; ++c) {
-        shift[c - c0] = static_cast<Op>(first[c]);
-        acc[c - c0] = 0;
-      }
-      // sum[c] += x[r, c] - shift[c]
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* row = x + r * g.C;
-        across_channels<T>(
-            c0, c1,
-            [&](int64_t c) {
-              (Vec::loadu(acc + c - c0) + (load_op(row + c) - Vec::loadu(shift + c - c0))).store(acc + c - c0);
-            },
-            [&](int64_t c) { acc[c - c0] += static_cast<Op>(row[c]) - shift[c - c0]; });
-      }
-      const Op inv_n = Op(1) / static_cast<Op>(r1 - r0);
-      Op offset[kChannelBlock];
-      for (int64_t c = c0; c < c1; ++c) {
-        offset[c - c0] = acc[c - c0] * inv_n;
-        acc[c - c0] = 0;
-      }
-      // m2[c] += ((x[r, c] - shift[c]) - offset[c])^2
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* row = x + r * g.C;
-        across_channels<T>(
-            c0, c1,
-            [&](int64_t c) {
-              const Vec d = (load_op(row + c) - Vec::loadu(shift + c - c0)) - Vec::loadu(offset + c - c0);
-              at::vec::fmadd(d, d, Vec::loadu(acc + c - c0)).store(acc + c - c0);
-            },
-            [&](int64_t c) {
-              const Op d = (static_cast<Op>(row[c]) - shift[c - c0]) - offset[c - c0];
-              acc[c - c0] += d * d;
-            });
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        chan_merge(partial[stripe * g.C + c],
-                   {r1 - r0, static_cast<double>(shift[c - c0]) + offset[c - c0], static_cast<double>(acc[c - c0])});
-      }
+      const int64_t n = r1 - r0;
+      const Op inv_n = Op(1) / static_cast<Op>(n);
+      auto merge = [&](int64_t c, Op shift, Op offset, Op m2) {
+        chan_merge(partial[stripe * g.C + c], {n, static_cast<double>(shift) + offset, static_cast<double>(m2)});
+      };
+      for_each_column_strip<T>(
+          c0, c1,
+          [&](int64_t c, auto vectors) {
+            constexpr int NV = decltype(vectors)::value;
+            constexpr int64_t W = Vec::size();
+            // Two passes down the strip (in cache by the second): the sum
+            // shifted by the chunk's first row, then the squares about the mean.
+            Vec shift[NV], acc[NV], offset[NV];
+            for (int i = 0; i < NV; ++i) {
+              shift[i] = load_op(x + r0 * g.C + c + i * W);
+              acc[i] = Vec(0);
+            }
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int i = 0; i < NV; ++i) acc[i] += load_op(x + r * g.C + c + i * W) - shift[i];
+            }
+            for (int i = 0; i < NV; ++i) {
+              offset[i] = acc[i] * Vec(inv_n);
+              acc[i] = Vec(0);
+            }
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int i = 0; i < NV; ++i) {
+                const Vec d = (load_op(x + r * g.C + c + i * W) - shift[i]) - offset[i];
+                acc[i] = at::vec::fmadd(d, d, acc[i]);
+              }
+            }
+            alignas(64) Op lanes[3][NV * W];
+            for (int i = 0; i < NV; ++i) {
+              shift[i].store(lanes[0] + i * W);
+              offset[i].store(lanes[1] + i * W);
+              acc[i].store(lanes[2] + i * W);
+            }
+            for (int64_t l = 0; l < NV * W; ++l) merge(c + l, lanes[0][l], lanes[1][l], lanes[2][l]);
+          },
+          [&](int64_t c) {
+            const Op shift = static_cast<Op>(x[r0 * g.C + c]);
+            Op sum = 0;
+            for (int64_t r = r0; r < r1; ++r) sum += static_cast<Op>(x[r * g.C + c]) - shift;
+            const Op offset = sum * inv_n;
+            Op m2 = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+              const Op d = (static_cast<Op>(x[r * g.C + c]) - shift) - offset;
+              m2 += d * d;
+            }
+            merge(c, shift, offset, m2);
+          });
     });
   }
   std::vector<Moments> total(g.C);
@@ -230,28 +235,42 @@ std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const std::vect
     });
   } else {
     for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
-      Op acc_dy[kChannelBlock] = {}, acc_dyx[kChannelBlock] = {};
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* rdy = dy + r * g.C;
-        const T* rx = x + r * g.C;
-        across_channels<T>(
-            c0, c1,
-            [&](int64_t c) {
-              const Vec vdy = load_op(rdy + c);
-              (Vec::loadu(acc_dy + c - c0) + vdy).store(acc_dy + c - c0);
-              at::vec::fmadd(vdy, load_op(rx + c) - Vec::loadu(center.data() + c), Vec::loadu(acc_dyx + c - c0))
-                  .store(acc_dyx + c - c0);
-            },
-            [&](int64_t c) {
-              const Op d = static_cast<Op>(rdy[c]);
-              acc_dy[c - c0] += d;
-              acc_dyx[c - c0] += d * (static_cast<Op>(rx[c]) - center[c]);
-            });
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        partial[stripe * g.C + c].dy += static_cast<double>(acc_dy[c - c0]);
-        partial[stripe * g.C + c].dy_xc += static_cast<double>(acc_dyx[c - c0]);
-      }
+      auto add = [&](int64_t c, Op sum_dy, Op sum_dyx) {
+        partial[stripe * g.C + c].dy += static_cast<double>(sum_dy);
+        partial[stripe * g.C + c].dy_xc += static_cast<double>(sum_dyx);
+      };
+      for_each_column_strip<T>(
+          c0, c1,
+          [&](int64_t c, auto vectors) {
+            constexpr int NV = decltype(vectors)::value;
+            Vec acc_dy[NV], acc_dyx[NV], vcenter[NV];
+            for (int i = 0; i < NV; ++i) {
+              acc_dy[i] = acc_dyx[i] = Vec(0);
+              vcenter[i] = Vec::loadu(center.data() + c + i * W);
+            }
+            for (int64_t r = r0; r < r1; ++r) {
+              for (int i = 0; i < NV; ++i) {
+                const Vec vdy = load_op(dy + r * g.C + c + i * W);
+                acc_dy[i] += vdy;
+                acc_dyx[i] = at::vec::fmadd(vdy, load_op(x + r * g.C + c + i * W) - vcenter[i], acc_dyx[i]);
+              }
+            }
+            alignas(64) Op lanes[2][NV * W];
+            for (int i = 0; i < NV; ++i) {
+              acc_dy[i].store(lanes[0] + i * W);
+              acc_dyx[i].store(lanes[1] + i * W);
+            }
+            for (int64_t l = 0; l < NV * W; ++l) add(c + l, lanes[0][l], lanes[1][l]);
+          },
+          [&](int64_t c) {
+            Op sum_dy = 0, sum_dyx = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+              const Op d = static_cast<Op>(dy[r * g.C + c]);
+              sum_dy += d;
+              sum_dyx += d * (static_cast<Op>(x[r * g.C + c]) - center[c]);
+            }
+            add(c, sum_dy, sum_dyx);
+          });
     });
   }
   std::vector<GradSums> total(g.C);
@@ -304,16 +323,30 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
       }
     });
   } else {
-    at::parallel_for(0, g.reduce_size(), grain_for(g.C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t base = r * g.C;
-        across_channels<T>(
+    // Tiles of rows x column strips: a strip's coefficients load once per tile.
+    const int64_t M = g.reduce_size();
+    const int64_t tiles = (M + kRowTile - 1) / kRowTile;
+    at::parallel_for(0, tiles, grain_for(kRowTile * g.C), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = t * kRowTile, r1 = std::min(M, r0 + kRowTile);
+        for_each_column_strip<T>(
             0, g.C,
-            [&](int64_t c) {
-              vector(base + c, Vec::loadu(k.alpha.data() + c), Vec::loadu(k.beta.data() + c),
-                     Vec::loadu(k.gamma.data() + c), Vec::loadu(k.center.data() + c));
+            [&](int64_t c, auto vectors) {
+              constexpr int NV = decltype(vectors)::value;
+              Vec alpha[NV], beta[NV], gamma[NV], center[NV];
+              for (int i = 0; i < NV; ++i) {
+                alpha[i] = Vec::loadu(k.alpha.data() + c + i * W);
+                beta[i] = Vec::loadu(k.beta.data() + c + i * W);
+                gamma[i] = Vec::loadu(k.gamma.data() + c + i * W);
+                center[i] = Vec::loadu(k.center.data() + c + i * W);
+              }
+              for (int64_t r = r0; r < r1; ++r) {
+                for (int i = 0; i < NV; ++i) vector(r * g.C + c + i * W, alpha[i], beta[i], gamma[i], center[i]);
+              }
             },
-            [&](int64_t c) { scalar(base + c, c); });
+            [&](int64_t c) {
+              for (int64_t r = r0; r < r1; ++r) scalar(r * g.C + c, c);
+            });
       }
     });
   }

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace bn_ext::cpu {
 
@@ -42,11 +43,23 @@ inline OpVec<T> load_op(const T* p) {
   }
 }
 
-// Store OpVec<T>::size() op-math elements as T (rounding once).
+// Store OpVec<T>::size() op-math elements as T (rounding once). Half types
+// convert one float vector straight to a half-width store: the generic
+// partial store of a Vectorized<BFloat16> goes through a buffer and memcpy.
 template <typename T>
 inline void store_op(T* p, const OpVec<T>& v) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m512(v))
+                                                            : at::vec::cvtfp32_fp16(__m512(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                            : at::vec::cvtfp32_fp16(__m256(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+#else
     at::vec::convert_from_float<T>(v, v).store(p, OpVec<T>::size());
+#endif
   } else {
     v.store(p);
   }
@@ -84,61 +97,72 @@ inline void chan_merge(Moments& a, const Moments& b) {
   a.count += b.count;
 }
 
-// sum(x - shift) over a contiguous run. Subtracting a value of the data
-// (the chunk's first element) keeps the sum small for inputs with a large mean.
+// Accumulates x - shift over a contiguous run into a vector accumulator and a
+// scalar one for the tail; callers reduce once per chunk, not once per run.
+// Subtracting a value of the data (the chunk's first element) keeps the sum
+// small for inputs with a large mean.
 template <typename T>
-inline opmath_t<T> shifted_sum(const T* p, int64_t n, opmath_t<T> shift) {
+inline void accumulate_shifted(const T* p, int64_t n, opmath_t<T> shift, OpVec<T>& acc, opmath_t<T>& tail) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift);
-  Vec acc0(0), acc1(0);
+  Vec acc1(0);
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    acc0 += load_op(p + i) - vshift;
+    acc += load_op(p + i) - vshift;
     acc1 += load_op(p + i + W) - vshift;
   }
-  for (; i + W <= n; i += W) acc0 += load_op(p + i) - vshift;
-  opmath_t<T> s = reduce_add(acc0 + acc1);
-  for (; i < n; ++i) s += static_cast<opmath_t<T>>(p[i]) - shift;
-  return s;
+  for (; i + W <= n; i += W) acc += load_op(p + i) - vshift;
+  acc += acc1;
+  for (; i < n; ++i) tail += static_cast<opmath_t<T>>(p[i]) - shift;
 }
 
-// sum(((x - shift) - offset)^2) over a contiguous run: the second pass of a
-// two-pass variance, with mean = shift + offset kept in two parts.
+// Accumulates ((x - shift) - offset)^2 over a contiguous run: the second pass
+// of a two-pass variance, with mean = shift + offset kept in two parts.
 template <typename T>
-inline opmath_t<T> centered_square_sum(const T* p, int64_t n, opmath_t<T> shift, opmath_t<T> offset) {
+inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift, opmath_t<T> offset,
+                                        OpVec<T>& acc, opmath_t<T>& tail) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), voffset(offset);
-  Vec acc0(0), acc1(0);
+  Vec acc1(0);
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const Vec d0 = (load_op(p + i) - vshift) - voffset;
     const Vec d1 = (load_op(p + i + W) - vshift) - voffset;
-    acc0 = at::vec::fmadd(d0, d0, acc0);
+    acc = at::vec::fmadd(d0, d0, acc);
     acc1 = at::vec::fmadd(d1, d1, acc1);
   }
   for (; i + W <= n; i += W) {
     const Vec d = (load_op(p + i) - vshift) - voffset;
-    acc0 = at::vec::fmadd(d, d, acc0);
+    acc = at::vec::fmadd(d, d, acc);
   }
-  opmath_t<T> s = reduce_add(acc0 + acc1);
+  acc += acc1;
   for (; i < n; ++i) {
     const opmath_t<T> d = (static_cast<opmath_t<T>>(p[i]) - shift) - offset;
-    s += d * d;
+    tail += d * d;
   }
-  return s;
 }
 
-// Moments of one contiguous run that fits in cache: two passes over it.
-template <typename T>
-inline Moments run_moments(const T* p, int64_t n) {
-  if (n == 0) return {};
+// Two passes over the runs of one cache-sized chunk: `runs(visit)` calls
+// visit(pointer, length) for each run. Returns the chunk's moments.
+template <typename T, typename Runs>
+inline Moments chunk_moments(const Runs& runs) {
   using Op = opmath_t<T>;
-  const Op shift = static_cast<Op>(p[0]);
-  const Op offset = shifted_sum(p, n, shift) / static_cast<Op>(n);
-  return {n, static_cast<double>(shift) + static_cast<double>(offset),
-          static_cast<double>(centered_square_sum(p, n, shift, offset))};
+  OpVec<T> acc(0);
+  Op tail = 0, shift = 0;
+  int64_t n = 0;
+  runs([&](const T* p, int64_t len) {
+    if (n == 0) shift = static_cast<Op>(p[0]);
+    accumulate_shifted(p, len, shift, acc, tail);
+    n += len;
+  });
+  if (n == 0) return {};
+  const Op offset = (reduce_add(acc) + tail) / static_cast<Op>(n);
+  acc = OpVec<T>(0);
+  tail = 0;
+  runs([&](const T* p, int64_t len) { accumulate_centered_squares(p, len, shift, offset, acc, tail); });
+  return {n, static_cast<double>(shift) + static_cast<double>(offset), static_cast<double>(reduce_add(acc) + tail)};
 }
 
 // Moments of a long contiguous run: cache-sized chunks merged in order.
@@ -146,7 +170,8 @@ template <typename T>
 inline Moments long_run_moments(const T* p, int64_t n) {
   Moments total;
   for (int64_t i = 0; i < n; i += kCacheChunk) {
-    chan_merge(total, run_moments(p + i, std::min(kCacheChunk, n - i)));
+    const int64_t len = std::min(kCacheChunk, n - i);
+    chan_merge(total, chunk_moments<T>([&](const auto& visit) { visit(p + i, len); }));
   }
   return total;
 }
