@@ -3,8 +3,9 @@
 // Link the CMake target bn_ext::bn_ext (find_package(bn_ext)). Every function
 // goes through PyTorch's dispatcher, so it runs on whichever backend bn_ext was
 // built for. Errors are c10::Error (c10::ValueError, c10::IndexError, ...) with
-// the messages the Python API raises. These ops carry no C++ autograd: call the
-// *_backward functions for gradients.
+// the messages the Python API raises. The forward ops are differentiable with
+// libtorch's autograd (first order); the *_backward functions give gradients
+// directly. Double backward needs the Python package's formulas.
 #pragma once
 
 #include <ATen/core/Tensor.h>
