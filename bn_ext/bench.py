@@ -271,8 +271,16 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def report(results: list[Result], bandwidth: float, threads: int, output: Path) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
+    machine = f"{_cpu_name()}, {threads} threads, torch {torch.__version__}"
     print(f"\nbn_ext {bn_ext.__version__} vs torch native, {machine}; copy bandwidth {bandwidth:.1f} GB/s\n")
     print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6}")
     groups: dict[str, list[Result]] = {}
