@@ -252,18 +252,22 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
         raise SystemExit(f"bench --device {device}: this build of bn_ext has CPU kernels only")
     from tqdm import tqdm
 
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    cases = [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
-    bandwidth = copy_bandwidth()
-    results = []
-    repeats, min_seconds = (5, 0.05) if quick else (15, 0.3)
-    for case in tqdm(cases, desc="bench", unit="case"):
-        torch_fn, ours_fn, nbytes = case.make()
-        t, o = time_pair(torch_fn, ours_fn, repeats, min_seconds)
-        results.append(Result(case.group, case.name, t, o, nbytes))
-        del torch_fn, ours_fn
-    report(results, bandwidth, threads or torch.get_num_threads(), output)
+    try:
+        cases = [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
+        bandwidth = copy_bandwidth()
+        results = []
+        repeats, min_seconds = (5, 0.05) if quick else (15, 0.3)
+        for case in tqdm(cases, desc="bench", unit="case"):
+            torch_fn, ours_fn, nbytes = case.make()
+            t, o = time_pair(torch_fn, ours_fn, repeats, min_seconds)
+            results.append(Result(case.group, case.name, t, o, nbytes))
+            del torch_fn, ours_fn
+        report(results, bandwidth, torch.get_num_threads(), output)
+    finally:
+        torch.set_num_threads(threads_before)
     return results
 
 

@@ -53,3 +53,15 @@ def test_fold_command_rejects_a_bad_shape(exported_resnet, tmp_path):
     path, _, _ = exported_resnet
     with pytest.raises(SystemExit):
         main(["fold", str(path), "-o", str(tmp_path / "x.pt2"), "--example-shape", "1,three"])
+
+
+def test_bench_writes_table_json_and_plot(tmp_path, capsys):
+    import json
+
+    assert main(["bench", "--quick", "--filter", "small inputs", "--output", str(tmp_path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "geomean ratio" in out and "LayerNorm 8x16" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["results"]) == 4 and all(r["torch_ms"] > 0 and r["bn_ext_ms"] > 0 for r in data["results"])
+    assert data["copy_bandwidth_gbps"] > 0
+    assert (tmp_path / "bench.png").stat().st_size > 1000
