@@ -101,6 +101,24 @@ void row_backward() {
   expect_close(rgw, rref[1], 1e-10, "rms_norm grad_weight");
 }
 
+// The forward ops are differentiable with libtorch's autograd.
+void autograd() {
+  auto x = torch::randn({6, 4, 5}, torch::kDouble).requires_grad_();
+  auto w = (torch::rand({4}, torch::kDouble) + 0.5).requires_grad_();
+  auto b = torch::randn({4}, torch::kDouble).requires_grad_();
+  auto dy = torch::randn({6, 4, 5}, torch::kDouble);
+  auto ours = torch::autograd::grad({bn_ext::batch_norm(x, std::nullopt, std::nullopt, w, b, true)}, {x, w, b}, {dy});
+  auto ref = torch::autograd::grad({at::batch_norm(x, w, b, {}, {}, true, 0.1, 1e-5, false)}, {x, w, b}, {dy});
+  for (int i = 0; i < 3; ++i) expect_close(ours[i], ref[i], 1e-10, "batch_norm autograd gradient");
+  auto lw = (torch::rand({5}, torch::kDouble) + 0.5).requires_grad_();
+  auto lo = torch::autograd::grad({bn_ext::layer_norm(x, {5}, lw)}, {x, lw}, {dy});
+  auto lr = torch::autograd::grad({at::layer_norm(x, {5}, lw)}, {x, lw}, {dy});
+  for (int i = 0; i < 2; ++i) expect_close(lo[i], lr[i], 1e-10, "layer_norm autograd gradient");
+  auto ro = torch::autograd::grad({bn_ext::rms_norm(x, {5}, lw)}, {x, lw}, {dy});
+  auto rr = torch::autograd::grad({at::rms_norm(x, {5}, lw, std::nullopt)}, {x, lw}, {dy});
+  for (int i = 0; i < 2; ++i) expect_close(ro[i], rr[i], 1e-10, "rms_norm autograd gradient");
+}
+
 torch::nn::BatchNorm2d calibrated_bn(int64_t channels) {
   torch::nn::BatchNorm2d bn(channels);
   torch::NoGradGuard no_grad;
@@ -190,7 +208,7 @@ int main(int argc, char** argv) {
       {"batch_norm_backward", batch_norm_backward}, {"layer_norm", layer_norm},
       {"rms_norm", rms_norm}, {"row_backward", row_backward},
       {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
-      {"fold_linear", fold_linear}, {"errors", errors}};
+      {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd}};
   for (int i = 1; i < argc; ++i) {
     auto it = cases.find(argv[i]);
     if (it == cases.end()) {
