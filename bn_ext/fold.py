@@ -264,7 +264,7 @@ class _Layer:
 
     node: torch.fx.Node
     name: str
-    kind: str  # "conv", "conv_transpose" or "linear"
+    kind: str  # "conv", "conv_transpose" or "linear" ("module" where only the module matters)
     module: nn.Module | None
     names: Sequence[str] = ()
 
@@ -444,8 +444,12 @@ def _set_layer_weights(root: nn.Module, layer: _Layer, weight: Tensor, bias: Ten
 class _GraphFolder:
     """Finds and applies the folds of one fx graph over `root`'s modules."""
 
-    def __init__(self, root: nn.Module, graph: torch.fx.Graph, shapes: dict[str, torch.Size]):
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, shapes: dict[str, torch.Size],
+                 rewrite_graph: bool = True):
         self.root, self.graph, self.shapes = root, graph, shapes
+        # Whether folds of functional calls may rewrite the graph (not when
+        # folding a model in place: its own forward would still run the call).
+        self.rewrite_graph = rewrite_graph
         self.module_calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         self.report_folded: list[tuple[str, str, str]] = []
         self.report_left: list[tuple[str, str]] = []
@@ -481,6 +485,8 @@ class _GraphFolder:
             return "called in training mode (batch statistics)"
         if self.calls(norm.node) > 1:
             return f"module called {self.calls(norm.node)} times (shared): no single call site to fold into"
+        if norm.module is None and not self.rewrite_graph:
+            return "functional batch_norm call: folded only with inplace=False (the result is a GraphModule)"
         source = norm.node.args[0]
         layer = _as_layer(self.root, source) if isinstance(source, torch.fx.Node) else None
         reasons = []
@@ -513,6 +519,8 @@ class _GraphFolder:
 
     def why_not_after(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
         name = _describe(self.root, layer.node)
+        if layer.module is None and not self.rewrite_graph:
+            return f"producer {name} is a functional call: folded only with inplace=False"
         if self.calls(layer.node) > 1:
             return f"producer {name} is called {self.calls(layer.node)} times (shared)"
         if len(layer.node.users) > 1:
@@ -526,6 +534,8 @@ class _GraphFolder:
 
     def why_not_before(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
         name = _describe(self.root, layer.node)
+        if layer.module is None and not self.rewrite_graph:
+            return f"consumer {name} is a functional call: folded only with inplace=False"
         if layer.kind == "conv_transpose":
             return f"precedes ConvTranspose {name}: border outputs see fewer taps, so the shift does not fold"
         if self.calls(layer.node) > 1:
@@ -660,7 +670,8 @@ def fold_model(
     before = _count_batch_norms(target, graph)
     with torch.no_grad():
         if graph is not None:
-            folder = _GraphFolder(target, graph, _shapes(torch.fx.GraphModule(target, graph), example_inputs))
+            folder = _GraphFolder(target, graph, _shapes(torch.fx.GraphModule(target, graph), example_inputs),
+                                  rewrite_graph=not inplace)
             folder.run()
             layer_norms = folder.fold_layer_norms() if layer_norm else []
         else:
@@ -803,7 +814,7 @@ class _RuntimeFolder:
                 layer.weight.detach(), _detach(layer.bias), *norm.affine_args(),
                 isinstance(layer, _CONV_TRANSPOSES), getattr(layer, "groups", 1),
             )
-            _set_layer_weights(self.root, _Layer(None, layer_name, "", layer), weight, bias)
+            _set_layer_weights(self.root, _Layer(None, layer_name, "module", layer), weight, bias)
             _replace_submodule(self.root, name, nn.Identity())
             self.report_folded.append((name, layer_name, "after"))
 

@@ -395,6 +395,18 @@ def test_functional_batch_norm_on_buffers_is_folded():
     assert not any(n.target is F.batch_norm for n in folded.graph.nodes)
 
 
+def test_functional_batch_norm_is_left_when_folding_in_place():
+    model = calibrate(FunctionalBN(), (2, 3, 6, 6))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    folded, report = bn_ext.fold_model(model, x, inplace=True)
+    assert folded is model and report.folded == [] and report.passed
+    assert "inplace=False" in report.left[0][1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
 def test_untracked_bn_is_left_with_reason():
     _, report = fold_and_check(Untracked(), torch.randn(4, 3, 6, 6))
     assert report.folded == [] and "does not track running statistics" in dict(report.left)["bn"]
