@@ -65,14 +65,11 @@ inline void store_op(T* p, const OpVec<T>& v) {
   }
 }
 
+// Sum of the lanes, by a fixed shuffle tree: depends on the data only.
 template <typename Acc>
 inline Acc reduce_add(const at::vec::Vectorized<Acc>& v) {
-  // Fixed lane order, so the result does not depend on anything but the data.
-  alignas(64) Acc lanes[at::vec::Vectorized<Acc>::size()];
-  v.store(lanes);
-  Acc s = 0;
-  for (int64_t i = 0; i < at::vec::Vectorized<Acc>::size(); ++i) s += lanes[i];
-  return s;
+  using Vec = at::vec::Vectorized<Acc>;
+  return at::vec::vec_reduce_all<Acc>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
 // Partial moments of a set of values: count, mean and M2 = sum((x - mean)^2).
