@@ -196,6 +196,22 @@ def _batch_norm(
 
 
 # ---------------------------------------------------------------------------
+# Folding arithmetic (csrc/fold.cpp): the folded layer's weight keeps its
+# layout; its bias has one value per output channel.
+
+
+@torch.library.register_fake("bn_ext::fuse_conv_bn_weights")
+def _fuse_conv_bn_weights_fake(weight, bias, running_mean, running_var, eps, bn_weight, bn_bias, transposed, groups):
+    out_channels = weight.shape[1] * groups if transposed else weight.shape[0]
+    return torch.empty_like(weight), weight.new_empty((out_channels,))
+
+
+@torch.library.register_fake("bn_ext::fuse_bn_conv_weights")
+def _fuse_bn_conv_weights_fake(weight, bias, running_mean, running_var, eps, bn_weight, bn_bias, groups):
+    return torch.empty_like(weight), weight.new_empty((weight.shape[0],))
+
+
+# ---------------------------------------------------------------------------
 # LayerNorm and RMSNorm: rows over the trailing normalized_shape dims.
 
 

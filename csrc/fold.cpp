@@ -110,7 +110,7 @@ std::tuple<Tensor, Tensor> fuse_bn_conv_weights(const Tensor& weight, const std:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(bn_ext, CompositeImplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(bn_ext, CompositeExplicitAutograd, m) {
   m.impl("fuse_conv_bn_weights", &fuse_conv_bn_weights);
   m.impl("fuse_bn_conv_weights", &fuse_bn_conv_weights);
 }

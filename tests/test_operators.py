@@ -164,3 +164,20 @@ def test_export_row_norms():
     names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert {"bn_ext.layer_norm_forward.default", "bn_ext.rms_norm_forward.default"} <= names
     torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.parametrize("x", [torch.randn(6, 3, 4, 5), torch.randn(6, 3, 4, 5).to(memory_format=torch.channels_last),
+                               torch.randn(5, 4, dtype=torch.bfloat16)], ids=["nchw", "channels_last", "bf16-2d"])
+def test_opcheck_batch_norm_stats(x):
+    opcheck(ops.batch_norm_stats.default, (x,))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_opcheck_folding_ops(transposed):
+    weight = torch.randn(4, 3, 3, 3) if not transposed else torch.randn(4, 3, 3, 3)
+    channels = 3 * 2 if transposed else 4
+    groups = 2 if transposed else 1
+    stats = (torch.randn(channels), torch.rand(channels) + 0.5, 1e-5, torch.randn(channels), torch.randn(channels))
+    opcheck(ops.fuse_conv_bn_weights.default, (weight, None, *stats, transposed, groups))
+    bn_in = (torch.randn(3), torch.rand(3) + 0.5, 1e-5, None, torch.randn(3))
+    opcheck(ops.fuse_bn_conv_weights.default, (torch.randn(4, 3, 3, 3), torch.randn(4), *bn_in, 1))

@@ -2,6 +2,7 @@
 match one process over the concatenated batch."""
 
 import copy
+import datetime
 import multiprocessing
 import os
 import socket
@@ -58,8 +59,7 @@ def small_net():
 def _worker(rank, world, port, out_dir):
     try:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-        dist.init_process_group("gloo", rank=rank, world_size=world,
-                                timeout=__import__("datetime").timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
         torch.set_num_threads(1)
         calls = {"all_gather": 0, "all_reduce": 0}
         for op in calls:
