@@ -47,6 +47,9 @@ class Result:
     torch_ms: float
     bn_ext_ms: float
     bytes: int
+    # bn_ext's peak tensor allocation beyond what the call returns (the profiler
+    # sees tensor allocations only, not the kernels' own O(C x stripes) partials).
+    extra_bytes: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -231,6 +234,26 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
     return 2 * _nbytes(src) / statistics.median(times) / 1e9
 
 
+def peak_extra_bytes(fn) -> int | None:
+    """Bytes a call allocates at its peak beyond what is still alive when it
+    returns (its outputs): workspaces, partials, statistics it drops.
+    From torch.profiler's memory timeline; None where that is unavailable."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            result = fn()
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        del result
+    except Exception:  # noqa: BLE001  (a private profiler API: report nothing rather than fail)
+        return None
+    totals = [sum(s) for s in sizes]
+    return max(totals) - totals[-1] if totals else 0
+
+
 def time_pair(torch_fn, ours_fn, repeats: int, min_seconds: float) -> tuple[float, float]:
     """Interleaved timing after warm-up; medians in milliseconds."""
     for _ in range(2):
@@ -263,7 +286,7 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
         for case in tqdm(cases, desc="bench", unit="case"):
             torch_fn, ours_fn, nbytes = case.make()
             t, o = time_pair(torch_fn, ours_fn, repeats, min_seconds)
-            results.append(Result(case.group, case.name, t, o, nbytes))
+            results.append(Result(case.group, case.name, t, o, nbytes, peak_extra_bytes(ours_fn)))
             del torch_fn, ours_fn
         report(results, bandwidth, torch.get_num_threads(), output)
     finally:
@@ -286,12 +309,14 @@ def _cpu_name() -> str:
 def report(results: list[Result], bandwidth: float, threads: int, output: Path) -> None:
     machine = f"{_cpu_name()}, {threads} threads, torch {torch.__version__}"
     print(f"\nbn_ext {bn_ext.__version__} vs torch native, {machine}; copy bandwidth {bandwidth:.1f} GB/s\n")
-    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6}")
+    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6} "
+          f"{'extra KB':>9}")
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
+        extra = "-" if r.extra_bytes is None else f"{r.extra_bytes / 1024:.1f}"
         print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
-              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}%")
+              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}% {extra:>9}")
     print(f"\n{'group':<28} {'geomean ratio':>13} {'min ratio':>9}")
     for group, rs in groups.items():
         print(f"{group:<28} {geomean([r.ratio for r in rs]):>13.2f} {min(r.ratio for r in rs):>9.2f}")

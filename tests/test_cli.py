@@ -63,5 +63,7 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert "geomean ratio" in out and "LayerNorm 8x16" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["results"]) == 4 and all(r["torch_ms"] > 0 and r["bn_ext_ms"] > 0 for r in data["results"])
+    # Forward through a module keeps only O(C) statistics beyond its output.
+    assert all(r["extra_bytes"] is not None and r["extra_bytes"] < 4096 for r in data["results"])
     assert data["copy_bandwidth_gbps"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
