@@ -56,6 +56,18 @@ Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
 // whose boundaries depend on the shape only; a stripe is walked in
 // cache-sized chunks, in order, by one task; stripes are merged in order.
 
+// Calls visit(offset, length) for the contiguous runs holding elements
+// [i, j) of channel c's reduction domain (n, s) of a channels-first input.
+template <typename Visit>
+inline void channel_runs(const BatchNormGeometry& g, int64_t c, int64_t i, int64_t j, const Visit& visit) {
+  for (int64_t k = i; k < j;) {
+    const int64_t n = k / g.S, s = k % g.S;
+    const int64_t len = std::min(g.S - s, j - k);
+    visit((n * g.C + c) * g.S + s, len);
+    k += len;
+  }
+}
+
 // Channels-first: fn(c, stripe, runs) once per chunk, where runs(visit) calls
 // visit(offset, length) for every contiguous run of the chunk.
 template <typename ChunkFn>
@@ -68,15 +80,7 @@ void for_each_channels_first_chunk(const BatchNormGeometry& g, int64_t stripes, 
       const int64_t lo = part_begin(stripe, stripes, R), hi = part_begin(stripe + 1, stripes, R);
       for (int64_t i = lo; i < hi; i += kCacheChunk) {
         const int64_t j = std::min(hi, i + kCacheChunk);
-        auto runs = [&](const auto& visit) {
-          for (int64_t k = i; k < j;) {
-            const int64_t n = k / g.S, s = k % g.S;
-            const int64_t len = std::min(g.S - s, j - k);
-            visit((n * g.C + c) * g.S + s, len);
-            k += len;
-          }
-        };
-        fn(c, stripe, runs);
+        fn(c, stripe, [&](const auto& visit) { channel_runs(g, c, i, j, visit); });
       }
     }
   });
@@ -293,6 +297,29 @@ struct ChannelCoefficients {
   explicit ChannelCoefficients(int64_t C) : alpha(C), beta(C), gamma(C), center(C) {}
 };
 
+// One contiguous run of a single channel: out = [dy * alpha] + [(x - center) * beta] + gamma.
+template <typename T, bool kUseDy, bool kUseX>
+inline void affine_run(T* out, const T* dy, const T* x, int64_t len, opmath_t<T> alpha, opmath_t<T> beta,
+                       opmath_t<T> gamma, opmath_t<T> center) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec valpha(alpha), vbeta(beta), vgamma(gamma), vcenter(center);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    Vec v = vgamma;
+    if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - vcenter, vbeta, v);
+    if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), valpha, v);
+    store_op(out + i, v);
+  }
+  for (; i < len; ++i) {
+    Op v = gamma;
+    if constexpr (kUseX) v += (static_cast<Op>(x[i]) - center) * beta;
+    if constexpr (kUseDy) v += static_cast<Op>(dy[i]) * alpha;
+    out[i] = static_cast<T>(v);
+  }
+}
+
 template <typename T, bool kUseDy, bool kUseX>
 void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k,
                          const BatchNormGeometry& g) {
@@ -317,9 +344,9 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
       for (int64_t i = begin; i < end;) {
         const int64_t c = (i / g.S) % g.C;
         const int64_t run_end = std::min(end, (i / g.S + 1) * g.S);
-        const Vec alpha(k.alpha[c]), beta(k.beta[c]), gamma(k.gamma[c]), center(k.center[c]);
-        for (; i + W <= run_end; i += W) vector(i, alpha, beta, gamma, center);
-        for (; i < run_end; ++i) scalar(i, c);
+        affine_run<T, kUseDy, kUseX>(out + i, kUseDy ? dy + i : nullptr, kUseX ? x + i : nullptr, run_end - i,
+                                     k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+        i = run_end;
       }
     });
   } else {
@@ -352,6 +379,48 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
   }
 }
 
+// Forward coefficients of channel c: y = (x - center) * beta + gamma, where
+// center is the mean rounded to op-math and gamma folds the rounding
+// remainder, so inputs with a large mean keep their precision.
+template <typename T>
+inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, double mean, double invstd, double w,
+                                     double b) {
+  using Op = opmath_t<T>;
+  const double a = w * invstd;
+  k.center[c] = static_cast<Op>(mean);
+  k.beta[c] = static_cast<Op>(a);
+  k.gamma[c] = static_cast<Op>(b - (mean - static_cast<double>(k.center[c])) * a);
+}
+
+// Training forward of a channels-first input whose channels reduce in one
+// stripe each: statistics and normalisation of a channel in one task, so the
+// channel's data is still in cache for the second read (the same chunks and
+// merge order as channel_moments, so the same results).
+template <typename T>
+void fused_channels_first_forward(const T* x, T* y, const BatchNormGeometry& g, const std::vector<double>& w,
+                                  const std::vector<double>& b, double eps, std::vector<double>& mean,
+                                  std::vector<double>& invstd) {
+  const int64_t R = g.reduce_size();
+  ChannelCoefficients<T> k(g.C);
+  at::parallel_for(0, g.C, grain_for(R), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments m;
+      for (int64_t i = 0; i < R; i += kCacheChunk) {
+        chan_merge(m, chunk_moments<T>([&](const auto& visit) {
+                     channel_runs(g, c, i, std::min(R, i + kCacheChunk),
+                                  [&](int64_t off, int64_t len) { visit(x + off, len); });
+                   }));
+      }
+      mean[c] = m.mean;
+      invstd[c] = 1.0 / std::sqrt(m.m2 / static_cast<double>(m.count) + eps);
+      set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
+      channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
+        affine_run<T, false, true>(y + off, nullptr, x + off, len, 0, k.beta[c], k.gamma[c], k.center[c]);
+      });
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Operators.
 
@@ -371,7 +440,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, c
   }
   std::vector<double> mean(g.C), invstd(g.C);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward_cpu", [&] {
-    using Op = opmath_t<scalar_t>;
+    const auto w = channel_values(weight, g.C, 1.0);
+    const auto b = channel_values(bias, g.C, 0.0);
+    if (training && !g.channels_last && stripe_count(g) == 1) {
+      fused_channels_first_forward(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, w, b, eps, mean,
+                                   invstd);
+      return;
+    }
     if (training) {
       const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
       for (int64_t c = 0; c < g.C; ++c) {
@@ -383,17 +458,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, c
       const auto var = channel_values(running_var, g.C, 1.0);
       for (int64_t c = 0; c < g.C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     }
-    const auto w = channel_values(weight, g.C, 1.0);
-    const auto b = channel_values(bias, g.C, 0.0);
-    // y = (x - center) * a + b', center = mean rounded to op-math and b' folding
-    // the rounding remainder, so inputs with a large mean keep their precision.
     ChannelCoefficients<scalar_t> k(g.C);
-    for (int64_t c = 0; c < g.C; ++c) {
-      const double a = w[c] * invstd[c];
-      k.center[c] = static_cast<Op>(mean[c]);
-      k.beta[c] = static_cast<Op>(a);
-      k.gamma[c] = static_cast<Op>(b[c] - (mean[c] - static_cast<double>(k.center[c])) * a);
-    }
+    for (int64_t c = 0; c < g.C; ++c) set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
     channel_affine_pass<scalar_t, false, true>(out.mutable_data_ptr<scalar_t>(), nullptr,
                                                x.const_data_ptr<scalar_t>(), k, g);
   });
