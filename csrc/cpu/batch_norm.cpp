@@ -205,6 +205,34 @@ struct GradSums {
   double dy_xc = 0.0;
 };
 
+// sum(dy) and sum(dy * (x - center)) over the runs of one chunk of a channel:
+// op-math within the chunk, float64 out.
+template <typename T, typename Runs>
+inline GradSums chunk_grad_sums(const T* dy, const T* x, opmath_t<T> center, const Runs& runs) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vcenter(center);
+  Vec acc_dy(0), acc_dyx(0);
+  Op s_dy = 0, s_dyx = 0;
+  runs([&](int64_t off, int64_t len) {
+    const T* pdy = dy + off;
+    const T* px = x + off;
+    int64_t i = 0;
+    for (; i + W <= len; i += W) {
+      const Vec vdy = load_op(pdy + i);
+      acc_dy += vdy;
+      acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
+    }
+    for (; i < len; ++i) {
+      const Op d = static_cast<Op>(pdy[i]);
+      s_dy += d;
+      s_dyx += d * (static_cast<Op>(px[i]) - center);
+    }
+  });
+  return {static_cast<double>(reduce_add(acc_dy) + s_dy), static_cast<double>(reduce_add(acc_dyx) + s_dyx)};
+}
+
 template <typename T>
 std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const std::vector<opmath_t<T>>& center,
                                         const BatchNormGeometry& g) {
@@ -215,27 +243,10 @@ std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const std::vect
   std::vector<GradSums> partial(g.C * stripes);
   if (!g.channels_last) {
     for_each_channels_first_chunk(g, stripes, [&](int64_t c, int64_t stripe, const auto& runs) {
-      const Vec vcenter(center[c]);
-      Vec acc_dy(0), acc_dyx(0);
-      Op s_dy = 0, s_dyx = 0;
-      runs([&](int64_t off, int64_t len) {
-        const T* pdy = dy + off;
-        const T* px = x + off;
-        int64_t i = 0;
-        for (; i + W <= len; i += W) {
-          const Vec vdy = load_op(pdy + i);
-          acc_dy += vdy;
-          acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
-        }
-        for (; i < len; ++i) {
-          const Op d = static_cast<Op>(pdy[i]);
-          s_dy += d;
-          s_dyx += d * (static_cast<Op>(px[i]) - center[c]);
-        }
-      });
+      const GradSums sums = chunk_grad_sums(dy, x, center[c], runs);
       auto& p = partial[c * stripes + stripe];
-      p.dy += static_cast<double>(reduce_add(acc_dy) + s_dy);
-      p.dy_xc += static_cast<double>(reduce_add(acc_dyx) + s_dyx);
+      p.dy += sums.dy;
+      p.dy_xc += sums.dy_xc;
     });
   } else {
     for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
@@ -421,6 +432,53 @@ void fused_channels_first_forward(const T* x, T* y, const BatchNormGeometry& g, 
   });
 }
 
+// Backward coefficients of channel c: dx = dy * alpha + (x - center) * beta + gamma,
+// from sum(dy) and sum(dy * (x - mean)) over the channel's M values.
+//   training: dx = alpha * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy (x - mean))/M)
+//   eval:     dx = alpha * dy
+template <typename T>
+inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, double mean, double invstd, double w,
+                                      double sum_dy, double sum_dy_xmu, double M, bool training) {
+  using Op = opmath_t<T>;
+  const double alpha = w * invstd;
+  k.alpha[c] = static_cast<Op>(alpha);
+  if (training) {
+    const double proj = invstd * invstd * sum_dy_xmu / M;
+    k.beta[c] = static_cast<Op>(-alpha * proj);
+    k.gamma[c] = static_cast<Op>(alpha * (proj * (mean - static_cast<double>(k.center[c])) - sum_dy / M));
+  }
+}
+
+// Training backward of a channels-first input whose channels reduce in one
+// stripe each: a channel's sums and its dx in one task, its dy and x still in
+// cache for the second read (the same chunks and order as channel_grad_sums).
+template <typename T>
+void fused_channels_first_backward(const T* dy, const T* x, T* dx, const BatchNormGeometry& g,
+                                   const std::vector<double>& mean, const std::vector<double>& invstd,
+                                   const std::vector<double>& w, ChannelCoefficients<T>& k,
+                                   std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  const int64_t R = g.reduce_size();
+  at::parallel_for(0, g.C, grain_for(2 * R), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      GradSums total;
+      for (int64_t i = 0; i < R; i += kCacheChunk) {
+        const GradSums s = chunk_grad_sums(dy, x, k.center[c], [&](const auto& visit) {
+          channel_runs(g, c, i, std::min(R, i + kCacheChunk), visit);
+        });
+        total.dy += s.dy;
+        total.dy_xc += s.dy_xc;
+      }
+      sum_dy[c] = total.dy;
+      sum_dy_xmu[c] = total.dy_xc - (mean[c] - static_cast<double>(k.center[c])) * total.dy;
+      set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c],
+                                static_cast<double>(R), true);
+      channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
+        affine_run<T, true, true>(dx + off, dy + off, x + off, len, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+      });
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------
 // Operators.
 
@@ -499,7 +557,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
 
     const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
     std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
-    if (need_sums && x.numel() > 0) {
+    const bool fused = training && output_mask[0] && !g.channels_last && stripe_count(g) == 1 && x.numel() > 0;
+    if (fused) {
+      fused_channels_first_backward(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    grad_input.mutable_data_ptr<scalar_t>(), g, mean, invstd, w, k, sum_dy,
+                                    sum_dy_xmu);
+    } else if (need_sums && x.numel() > 0) {
       const auto sums = channel_grad_sums(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), k.center, g);
       for (int64_t c = 0; c < C; ++c) {
         sum_dy[c] = sums[c].dy;
@@ -507,17 +570,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
         sum_dy_xmu[c] = sums[c].dy_xc - (mean[c] - static_cast<double>(k.center[c])) * sums[c].dy;
       }
     }
-    if (output_mask[0] && x.numel() > 0) {
+    if (output_mask[0] && x.numel() > 0 && !fused) {
       const double M = static_cast<double>(g.reduce_size());
       for (int64_t c = 0; c < C; ++c) {
-        const double alpha = w[c] * invstd[c];
-        k.alpha[c] = static_cast<Op>(alpha);
-        if (training) {
-          // dx = alpha * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy (x - mean))/M)
-          const double proj = invstd[c] * invstd[c] * sum_dy_xmu[c] / M;
-          k.beta[c] = static_cast<Op>(-alpha * proj);
-          k.gamma[c] = static_cast<Op>(alpha * (proj * (mean[c] - static_cast<double>(k.center[c])) - sum_dy[c] / M));
-        }
+        set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
       }
       if (training) {
         channel_affine_pass<scalar_t, true, true>(grad_input.mutable_data_ptr<scalar_t>(),
