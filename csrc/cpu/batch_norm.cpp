@@ -308,55 +308,50 @@ struct ChannelCoefficients {
   explicit ChannelCoefficients(int64_t C) : alpha(C), beta(C), gamma(C), center(C) {}
 };
 
-// One contiguous run of a single channel: out = [dy * alpha] + [(x - center) * beta] + gamma.
+// out[i..i+W) = [dy * alpha] + [(x - center) * beta] + gamma, one vector.
 template <typename T, bool kUseDy, bool kUseX>
-inline void affine_run(T* out, const T* dy, const T* x, int64_t len, opmath_t<T> alpha, opmath_t<T> beta,
-                       opmath_t<T> gamma, opmath_t<T> center) {
-  using Op = opmath_t<T>;
+inline void affine_vector(T* out, const T* dy, const T* x, int64_t i, const OpVec<T>& alpha, const OpVec<T>& beta,
+                          const OpVec<T>& gamma, const OpVec<T>& center) {
+  OpVec<T> v = gamma;
+  if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - center, beta, v);
+  if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), alpha, v);
+  store_op(out + i, v);
+}
+
+// The same for the single element out[i].
+template <typename T, bool kUseDy, bool kUseX>
+inline void affine_scalar(T* out, const T* dy, const T* x, int64_t i, opmath_t<T> alpha, opmath_t<T> beta,
+                          opmath_t<T> gamma, opmath_t<T> center) {
+  opmath_t<T> v = gamma;
+  if constexpr (kUseX) v += (static_cast<opmath_t<T>>(x[i]) - center) * beta;
+  if constexpr (kUseDy) v += static_cast<opmath_t<T>>(dy[i]) * alpha;
+  out[i] = static_cast<T>(v);
+}
+
+// One contiguous run [begin, end) of a single channel.
+template <typename T, bool kUseDy, bool kUseX>
+inline void affine_run(T* out, const T* dy, const T* x, int64_t begin, int64_t end, opmath_t<T> alpha,
+                       opmath_t<T> beta, opmath_t<T> gamma, opmath_t<T> center) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec valpha(alpha), vbeta(beta), vgamma(gamma), vcenter(center);
-  int64_t i = 0;
-  for (; i + W <= len; i += W) {
-    Vec v = vgamma;
-    if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - vcenter, vbeta, v);
-    if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), valpha, v);
-    store_op(out + i, v);
-  }
-  for (; i < len; ++i) {
-    Op v = gamma;
-    if constexpr (kUseX) v += (static_cast<Op>(x[i]) - center) * beta;
-    if constexpr (kUseDy) v += static_cast<Op>(dy[i]) * alpha;
-    out[i] = static_cast<T>(v);
-  }
+  int64_t i = begin;
+  for (; i + W <= end; i += W) affine_vector<T, kUseDy, kUseX>(out, dy, x, i, valpha, vbeta, vgamma, vcenter);
+  for (; i < end; ++i) affine_scalar<T, kUseDy, kUseX>(out, dy, x, i, alpha, beta, gamma, center);
 }
 
 template <typename T, bool kUseDy, bool kUseX>
 void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k,
                          const BatchNormGeometry& g) {
-  using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
-  auto scalar = [&](int64_t i, int64_t c) {
-    Op v = k.gamma[c];
-    if constexpr (kUseX) v += (static_cast<Op>(x[i]) - k.center[c]) * k.beta[c];
-    if constexpr (kUseDy) v += static_cast<Op>(dy[i]) * k.alpha[c];
-    out[i] = static_cast<T>(v);
-  };
-  auto vector = [&](int64_t i, const Vec& alpha, const Vec& beta, const Vec& gamma, const Vec& center) {
-    Vec v = gamma;
-    if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - center, beta, v);
-    if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), alpha, v);
-    store_op(out + i, v);
-  };
   if (!g.channels_last) {
     const int64_t total = g.N * g.C * g.S;
     at::parallel_for(0, total, kElementwiseGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end;) {
         const int64_t c = (i / g.S) % g.C;
         const int64_t run_end = std::min(end, (i / g.S + 1) * g.S);
-        affine_run<T, kUseDy, kUseX>(out + i, kUseDy ? dy + i : nullptr, kUseX ? x + i : nullptr, run_end - i,
-                                     k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+        affine_run<T, kUseDy, kUseX>(out, dy, x, i, run_end, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
         i = run_end;
       }
     });
@@ -379,11 +374,17 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
                 center[i] = Vec::loadu(k.center.data() + c + i * W);
               }
               for (int64_t r = r0; r < r1; ++r) {
-                for (int i = 0; i < NV; ++i) vector(r * g.C + c + i * W, alpha[i], beta[i], gamma[i], center[i]);
+                for (int i = 0; i < NV; ++i) {
+                  affine_vector<T, kUseDy, kUseX>(out, dy, x, r * g.C + c + i * W, alpha[i], beta[i], gamma[i],
+                                                  center[i]);
+                }
               }
             },
             [&](int64_t c) {
-              for (int64_t r = r0; r < r1; ++r) scalar(r * g.C + c, c);
+              for (int64_t r = r0; r < r1; ++r) {
+                affine_scalar<T, kUseDy, kUseX>(out, dy, x, r * g.C + c, k.alpha[c], k.beta[c], k.gamma[c],
+                                                k.center[c]);
+              }
             });
       }
     });
@@ -426,7 +427,7 @@ void fused_channels_first_forward(const T* x, T* y, const BatchNormGeometry& g, 
       invstd[c] = 1.0 / std::sqrt(m.m2 / static_cast<double>(m.count) + eps);
       set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
       channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
-        affine_run<T, false, true>(y + off, nullptr, x + off, len, 0, k.beta[c], k.gamma[c], k.center[c]);
+        affine_run<T, false, true>(y, nullptr, x, off, off + len, 0, k.beta[c], k.gamma[c], k.center[c]);
       });
     }
   });
@@ -473,7 +474,7 @@ void fused_channels_first_backward(const T* dy, const T* x, T* dx, const BatchNo
       set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c],
                                 static_cast<double>(R), true);
       channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
-        affine_run<T, true, true>(dx + off, dy + off, x + off, len, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+        affine_run<T, true, true>(dx, dy, x, off, off + len, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
       });
     }
   });
