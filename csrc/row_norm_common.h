@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/StringUtil.h>
 
+#include <limits>
+
 namespace bn_ext {
 
 struct RowGeometry {
@@ -56,6 +58,12 @@ inline void check_row_norm_grad(const char* op, const at::Tensor& grad_out, cons
               input.scalar_type(), ", got ", grad_out.scalar_type());
   TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out must be on the input's device ",
               input.device(), ", got ", grad_out.device());
+}
+
+// RMSNorm's eps when None: torch's default, the machine epsilon of the op-math type.
+inline double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype) {
+  if (eps.has_value()) return *eps;
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
 }
 
 }  // namespace bn_ext

@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <limits>
 
 namespace bn_ext::cpu {
 namespace {
@@ -99,12 +98,6 @@ std::vector<double> rms_norm_backward_kernel(const T* dy, const T* x, const P* w
       if (dweight) dweight[j] += dyj * xhat;
     }
   });
-}
-
-// torch's default: the machine epsilon of the op-math type.
-double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype) {
-  if (eps.has_value()) return *eps;
-  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
 }
 
 std::tuple<Tensor, Tensor> rms_norm_forward_cpu(const Tensor& input, at::IntArrayRef normalized_shape,

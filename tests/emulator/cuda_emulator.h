@@ -16,6 +16,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -378,7 +379,50 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 
+// Half-precision storage types with CUDA's conversion functions (round to
+// nearest even, as the device's __float2half_rn / __float2bfloat16_rn).
+struct alignas(2) __half {
+  unsigned short bits;
+};
+struct alignas(2) __nv_bfloat16 {
+  unsigned short bits;
+};
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half(float v) {
+  const _Float16 f = static_cast<_Float16>(v);
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const std::uint32_t u = static_cast<std::uint32_t>(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16(float v) {
+  std::uint32_t u;
+  std::memcpy(&u, &v, 4);
+  __nv_bfloat16 b;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    b.bits = static_cast<unsigned short>((u >> 16) | 0x40u);  // quiet NaN
+  } else {
+    b.bits = static_cast<unsigned short>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  return b;
+}
+
+// Exact where the device's are approximate: tests compare with tolerances.
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }
+
+using cudaStream_t = struct bn_emu_stream*;
+
 // The two spellings device code and launchers use for what g++ cannot parse.
 #define BN_EXT_DYNAMIC_SHARED(type, name) type* name = ::bn_emu::dynamic_shared<type>()
 #define BN_EXT_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
-  ::bn_emu::launch(kernel, grid, block, shared_bytes, __VA_ARGS__)
+  ((void)(stream), ::bn_emu::launch(kernel, grid, block, shared_bytes, __VA_ARGS__))

@@ -1,0 +1,296 @@
+// BatchNorm on CUDA: launchers only; device code in kernels/batch_norm.cuh.
+// The same argument checks and output conventions as the CPU op
+// (batch_norm_common.h): statistics in the op-math dtype, outputs in the
+// input's memory format, gradients not asked for as empty tensors.
+#include "batch_norm_common.h"
+#include "cuda/kernels/batch_norm.cuh"
+#include "cuda/launch_utils.h"
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#ifndef BN_EXT_CUDA_EMULATOR
+#include <torch/library.h>
+#endif
+
+namespace bn_ext::cuda {
+
+using at::Tensor;
+
+namespace {
+
+// A vector width every access of the layout allows: channels-first packs stay
+// inside a plane (S % V == 0), channels-last packs inside a row (C % V == 0).
+template <typename T>
+bool can_vectorize(const BatchNormGeometry& g, std::initializer_list<const void*> pointers) {
+  constexpr int V = kPackSize<T>;
+  if ((g.channels_last ? g.C : g.S) % V != 0) return false;
+  return std::all_of(pointers.begin(), pointers.end(), [](const void* p) { return p == nullptr || aligned16(p); });
+}
+
+int next_power_of_two(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Per-channel reduction of `r` in two stages, then finish(c, total).
+template <typename T, typename R, typename Finish>
+void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finish, const at::TensorOptions& acc_options) {
+  using State = typename R::State;
+  using A = typename R::A;
+  constexpr int kFields = sizeof(State) / sizeof(A);
+  const cudaStream_t stream = current_stream();
+  const int target_blocks = kBlocksPerSm * sm_count();
+  const bool vectorize = can_vectorize<T>(g, {r.x, r.dy});
+  int count = 1;
+  Tensor partials;
+  auto launch = [&](auto v_tag) {
+    constexpr int V = decltype(v_tag)::value;
+    dispatch_index_type(g.N * g.C * g.S, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      if (g.channels_last) {
+        const int64_t column_blocks = ceil_div(g.C, int64_t(kWarp) * V);
+        const int64_t max_count = std::min<int64_t>(1024, ceil_div(g.reduce_size(), 4 * kChannelsLastRows));
+        count = static_cast<int>(std::clamp<int64_t>(ceil_div(target_blocks, column_blocks), 1, max_count));
+        partials = at::empty({g.C * count * kFields}, acc_options);
+        const dim3 grid(static_cast<unsigned>(column_blocks), static_cast<unsigned>(count));
+        const dim3 block(kWarp, kChannelsLastRows);
+        const auto kernel = channels_last_partials<R, index_t, V>;
+        BN_EXT_LAUNCH(kernel, grid, block, 0, stream, r, index_t(g.reduce_size()),
+                      index_t(g.C), device_data_mut<State>(partials));
+      } else {
+        const int bx = std::clamp(next_power_of_two(ceil_div(g.S, V)), kWarp, kBatchNormThreads);
+        const int by = kBatchNormThreads / bx;
+        const int64_t chunks_per_plane = ceil_div(g.S, int64_t(bx) * V);
+        const int64_t items = g.N * chunks_per_plane;
+        const int64_t max_count = std::min<int64_t>(1024, ceil_div(items, by));
+        count = static_cast<int>(std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, max_count));
+        partials = at::empty({g.C * count * kFields}, acc_options);
+        const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(count));
+        const dim3 block(bx, by);
+        const auto kernel = channels_first_partials<R, index_t, V>;
+        BN_EXT_LAUNCH(kernel, grid, block, 0, stream, r, index_t(g.C),
+                      index_t(g.S), index_t(chunks_per_plane), index_t(items), device_data_mut<State>(partials));
+      }
+      BN_EXT_LAUNCH_CHECK();
+    });
+  };
+  if (vectorize) {
+    launch(Width<kPackSize<T>>{});
+  } else {
+    launch(Width<1>{});
+  }
+  const auto finalize = channel_finalize<State, Finish>;
+  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(kWarp, 8), 0, stream,
+                device_data<State>(partials), g.C, count, finish);
+  BN_EXT_LAUNCH_CHECK();
+}
+
+// finish(c, identity) for every channel: coefficients that need no reduction.
+template <typename State, typename Finish>
+void finish_without_reduction(int64_t C, const Finish& finish) {
+  const auto finalize = channel_finalize<State, Finish>;
+  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(C, 8))), dim3(kWarp, 8), 0, current_stream(), static_cast<const State*>(nullptr), C, 0, finish);
+  BN_EXT_LAUNCH_CHECK();
+}
+
+template <typename F>
+void map_channels(int64_t C, const F& f) {
+  const auto kernel = channel_map<F>;
+  BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(C, 128))), dim3(128), 0, current_stream(), C, f);
+  BN_EXT_LAUNCH_CHECK();
+}
+
+// out = dy * alpha + (x - center) * beta + gamma over the whole tensor.
+template <typename T, bool kReadsDy, bool kReadsX>
+void affine_pass(const BatchNormGeometry& g, const T* dy, const T* x, T* out, const acc_t<T>* coefficients) {
+  const int64_t numel = g.N * g.C * g.S;
+  if (numel == 0) return;
+  const bool vectorize = can_vectorize<T>(g, {dy, x, out});
+  auto launch = [&](auto v_tag) {
+    constexpr int V = decltype(v_tag)::value;
+    dispatch_index_type(numel, [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      const int64_t blocks =
+          std::min<int64_t>(ceil_div(numel / V, kBatchNormThreads), int64_t(sm_count()) * kBlocksPerSm * 8);
+      const auto kernel = channel_affine<T, index_t, V, kReadsDy, kReadsX>;
+      BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)),
+                    dim3(kBatchNormThreads), 0, current_stream(), dy, x, out, coefficients, index_t(numel),
+                    index_t(g.C), index_t(g.channels_last ? 1 : g.S));
+      BN_EXT_LAUNCH_CHECK();
+    });
+  };
+  if (vectorize) {
+    launch(Width<kPackSize<T>>{});
+  } else {
+    launch(Width<1>{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias,
+                                                           const std::optional<Tensor>& running_mean,
+                                                           const std::optional<Tensor>& running_var, bool training,
+                                                           double eps) {
+  check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
+  check_batch_norm_forward_args(input, training, eps);
+  const DeviceGuard guard(input);
+  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  Tensor out = at::empty_like(x);
+  const auto acc = stat_dtype(x.scalar_type());
+  const auto acc_options = x.options().dtype(acc);
+  if (x.numel() == 0 && training) return {out, at::zeros({g.C}, acc_options), at::zeros({g.C}, acc_options)};
+  Tensor save_mean = at::empty({g.C}, acc_options), save_invstd = at::empty({g.C}, acc_options);
+  Tensor coefficients = at::empty({kCoefficientCount * g.C}, acc_options);
+  const auto w = as_acc(weight, acc), b = as_acc(bias, acc);
+  dispatch_device_type(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (training) {
+      const TrainingForwardFinish<A> finish{device_data_or_null<A>(w), device_data_or_null<A>(b), A(eps),
+                                            device_data_mut<A>(save_mean), device_data_mut<A>(save_invstd),
+                                            device_data_mut<A>(coefficients), g.C};
+      reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr}, g, finish, acc_options);
+    } else {
+      const auto rm = as_acc(running_mean, acc), rv = as_acc(running_var, acc);
+      map_channels(g.C, EvalForwardCoefficients<A>{device_data_or_null<A>(w), device_data_or_null<A>(b),
+                                                   device_data<A>(*rm), device_data<A>(*rv), A(eps),
+                                                   device_data_mut<A>(save_mean), device_data_mut<A>(save_invstd),
+                                                   device_data_mut<A>(coefficients), g.C});
+    }
+    affine_pass<T, false, true>(g, nullptr, device_data<T>(x), device_data_mut<T>(out), device_data<A>(coefficients));
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
+                                                            const std::optional<Tensor>& weight,
+                                                            const Tensor& save_mean, const Tensor& save_invstd,
+                                                            bool training, double eps,
+                                                            std::array<bool, 3> output_mask) {
+  (void)eps;  // used by the autograd formula of this op, not by the kernel
+  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_backward: grad_out must have the input's size ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "batch_norm_backward: grad_out must be on the input's device ",
+              input.device(), ", got ", grad_out.device());
+  const int64_t C = input.size(1);
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
+              "batch_norm_backward: save_mean and save_invstd should contain ", C, " elements, got ",
+              save_mean.numel(), " and ", save_invstd.numel());
+  const DeviceGuard guard(input);
+  const auto fmt = batch_norm_memory_format(input);
+  const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  const auto acc = stat_dtype(x.scalar_type());
+  const auto acc_options = x.options().dtype(acc);
+  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, acc_options);
+  Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, acc_options);
+  const Tensor mean = save_mean.to(acc).contiguous(), invstd = save_invstd.to(acc).contiguous();
+  const auto w = as_acc(weight, acc);
+  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+  dispatch_device_type(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    Tensor coefficients = at::empty({output_mask[0] ? kCoefficientCount * C : 0}, acc_options);
+    const BackwardFinish<A> finish{device_data_or_null<A>(w),
+                                   device_data<A>(mean),
+                                   device_data<A>(invstd),
+                                   A(g.reduce_size()),
+                                   training,
+                                   output_mask[1] ? device_data_mut<A>(grad_weight) : nullptr,
+                                   output_mask[2] ? device_data_mut<A>(grad_bias) : nullptr,
+                                   output_mask[0] ? device_data_mut<A>(coefficients) : nullptr,
+                                   C};
+    if (need_sums && x.numel() > 0) {
+      reduce_channels<T>(GradSumsReduction<T>{device_data<T>(x), device_data<T>(dy), device_data<A>(mean)}, g, finish,
+                         acc_options);
+    } else if (C > 0) {
+      finish_without_reduction<Sums<A>>(C, finish);
+    }
+    if (output_mask[0]) {
+      if (training) {
+        affine_pass<T, true, true>(g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(grad_input),
+                                   device_data<A>(coefficients));
+      } else {
+        affine_pass<T, true, false>(g, device_data<T>(dy), nullptr, device_data_mut<T>(grad_input),
+                                    device_data<A>(coefficients));
+      }
+    }
+  });
+  return {grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
+  check_batch_norm_args(input, std::nullopt, std::nullopt, std::nullopt, std::nullopt, true);
+  const DeviceGuard guard(input);
+  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  Tensor mean = at::zeros({g.C}, x.options().dtype(at::kDouble));
+  Tensor m2 = at::zeros({g.C}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0) return {mean, m2};
+  dispatch_device_type(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr}, g,
+                       MomentsFinish<A>{device_data_mut<double>(mean), device_data_mut<double>(m2)},
+                       x.options().dtype(stat_dtype(x.scalar_type())));
+  });
+  return {mean, m2};
+}
+
+void batch_norm_update_stats_cuda(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                                  const Tensor& save_mean, const Tensor& save_invstd, std::optional<double> momentum,
+                                  const std::optional<Tensor>& num_batches_tracked, double eps, int64_t count) {
+  TORCH_CHECK(momentum.has_value() || has(num_batches_tracked),
+              "batch_norm_update_stats: num_batches_tracked is required when momentum is None");
+  const int64_t C = save_mean.numel();
+  for (const auto* t : {&running_mean, &running_var}) {
+    if (has(*t)) {
+      TORCH_CHECK((*t)->numel() == C, "batch_norm_update_stats: running statistics should contain ", C,
+                  " elements not ", (*t)->numel());
+    }
+  }
+  if (C == 0 || (!has(running_mean) && !has(running_var))) return;
+  const DeviceGuard guard(save_mean);
+  const auto acc = save_mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor mean = save_mean.to(acc).contiguous(), invstd = save_invstd.to(acc).contiguous();
+  const auto old_mean = as_acc(running_mean, acc), old_var = as_acc(running_var, acc);
+  const Tensor new_mean = at::empty({has(running_mean) ? C : 0}, mean.options());
+  const Tensor new_var = at::empty({has(running_var) ? C : 0}, mean.options());
+  const std::optional<Tensor> batches =
+      momentum.has_value() ? std::nullopt : std::optional<Tensor>(num_batches_tracked->to(at::kLong));
+  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+  auto update = [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    map_channels(C, RunningStatsUpdate<A>{device_data<A>(mean), device_data<A>(invstd), device_data_or_null<A>(old_mean),
+                                          device_data_or_null<A>(old_var), device_data_mut<A>(new_mean),
+                                          device_data_mut<A>(new_var), momentum.value_or(0.0),
+                                          device_data_or_null<int64_t>(batches), eps, unbias});
+  };
+  if (acc == at::kDouble) {
+    update(TypeTag<double>{});
+  } else {
+    update(TypeTag<float>{});
+  }
+  if (has(running_mean)) running_mean->copy_(new_mean.view_as(*running_mean));
+  if (has(running_var)) running_var->copy_(new_var.view_as(*running_var));
+}
+
+}  // namespace
+
+#ifndef BN_EXT_CUDA_EMULATOR
+TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_update_stats", &batch_norm_update_stats_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+}
+#endif
+
+}  // namespace bn_ext::cuda

@@ -1,0 +1,271 @@
+// BatchNorm device code. Two layouts, as on the CPU: channels-first (N, C, S)
+// and channels-last (M, C). Per-channel reductions run in two stages: a grid
+// of (channel, partial) blocks writes one state per block, then a warp per
+// channel merges its partials in index order. No floating-point atomics, so
+// the result depends on the shape and the device only, never on timing.
+// One elementwise kernel serves forward, eval and backward:
+//   out = dy * alpha + (x - center) * beta + gamma   (coefficients per channel)
+#pragma once
+
+#include "device_common.cuh"
+
+namespace bn_ext::cuda {
+
+// Threads per block of the reduction and elementwise kernels.
+constexpr int kBatchNormThreads = 256;
+// Rows a channels-last reduction block walks at once (blockDim.y).
+constexpr int kChannelsLastRows = 8;
+
+// Per-channel coefficient arrays, each of C values, stored back to back.
+enum Coefficient { kCenter = 0, kAlpha = 1, kBeta = 2, kGamma = 3, kCoefficientCount = 4 };
+
+// What a reduction folds in per element: Welford moments of x ...
+template <typename T>
+struct MomentsReduction {
+  using A = acc_t<T>;
+  using State = Moments<A>;
+  static constexpr bool kReadsDy = false;
+  const T* x;
+  const T* dy;  // unused
+  __device__ __forceinline__ A center(int64_t) const { return A(0); }
+  __device__ __forceinline__ static void add(State& s, A x, A, A) { s.add(x); }
+};
+
+// ... or sum(dy) and sum(dy * (x - mean)) for the backward.
+template <typename T>
+struct GradSumsReduction {
+  using A = acc_t<T>;
+  using State = Sums<A>;
+  static constexpr bool kReadsDy = true;
+  const T* x;
+  const T* dy;
+  const A* mean;
+  __device__ __forceinline__ A center(int64_t c) const { return mean[c]; }
+  __device__ __forceinline__ static void add(State& s, A x, A dy, A center) {
+    s.first += dy;
+    s.second += dy * (x - center);
+  }
+};
+
+// Channels-first partials. Block (c, p) of a blockDim (bx, by) grid walks
+// items = (plane n, chunk of bx * V elements of the plane); row y of the block
+// takes items p * by + y, then every partials * by-th. One state per block.
+template <typename R, typename index_t, int V>
+__global__ void channels_first_partials(R r, index_t C, index_t S, index_t chunks_per_plane, index_t items,
+                                        typename R::State* partials) {
+  using State = typename R::State;
+  using A = typename R::A;
+  const index_t c = blockIdx.x;
+  const int p = blockIdx.y, count = gridDim.y;
+  const A center = r.center(c);
+  State s = State::identity();
+  for (index_t item = index_t(p) * blockDim.y + threadIdx.y; item < items; item += index_t(count) * blockDim.y) {
+    const index_t n = item / chunks_per_plane;
+    const index_t s0 = (item - n * chunks_per_plane) * blockDim.x * V + threadIdx.x * V;
+    if (s0 >= S) continue;
+    const index_t offset = (n * C + c) * S + s0;
+    A x[V], dy[V];
+    load_acc<V>(r.x + offset, x);
+    if constexpr (R::kReadsDy) load_acc<V>(r.dy + offset, dy);
+#pragma unroll
+    for (int v = 0; v < V; ++v) R::add(s, x[v], R::kReadsDy ? dy[v] : A(0), center);
+  }
+  __shared__ State scratch[kWarp];
+  s = block_merge(s, scratch);
+  if (threadIdx.x == 0 && threadIdx.y == 0) partials[int64_t(c) * count + p] = s;
+}
+
+// Channels-last partials. Block (b, p) of (32, kChannelsLastRows) threads:
+// thread x owns channels [c0, c0 + V), thread row y walks rows p * rows + y,
+// then every partials * rows-th; the rows' states are merged in order.
+template <typename R, typename index_t, int V>
+__global__ void channels_last_partials(R r, index_t M, index_t C, typename R::State* partials) {
+  using State = typename R::State;
+  using A = typename R::A;
+  const index_t c0 = (index_t(blockIdx.x) * kWarp + threadIdx.x) * V;
+  const int p = blockIdx.y, count = gridDim.y;
+  const bool active = c0 < C;
+  State s[V];
+  A center[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    s[v] = State::identity();
+    center[v] = active ? r.center(c0 + v) : A(0);
+  }
+  if (active) {
+    for (index_t m = index_t(p) * kChannelsLastRows + threadIdx.y; m < M; m += index_t(count) * kChannelsLastRows) {
+      const index_t offset = m * C + c0;
+      A x[V], dy[V];
+      load_acc<V>(r.x + offset, x);
+      if constexpr (R::kReadsDy) load_acc<V>(r.dy + offset, dy);
+#pragma unroll
+      for (int v = 0; v < V; ++v) R::add(s[v], x[v], R::kReadsDy ? dy[v] : A(0), center[v]);
+    }
+  }
+  __shared__ State scratch[kChannelsLastRows][kWarp][V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) scratch[threadIdx.y][threadIdx.x][v] = s[v];
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      State total = scratch[0][threadIdx.x][v];
+      for (int y = 1; y < kChannelsLastRows; ++y) total = State::merge(total, scratch[y][threadIdx.x][v]);
+      partials[int64_t(c0 + v) * count + p] = total;
+    }
+  }
+}
+
+// A warp per channel (blockDim (32, 8)) merges the channel's `count` partials
+// in index order (lane l takes l, l + 32, ...; then a fixed tree) and hands
+// the total to `finish(c, total)`. count == 0 hands the identity.
+template <typename State, typename Finish>
+__global__ void channel_finalize(const State* partials, int64_t C, int count, Finish finish) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= C) return;  // a whole warp: its lanes share threadIdx.y
+  State s = State::identity();
+  for (int p = threadIdx.x; p < count; p += kWarp) s = State::merge(s, partials[c * count + p]);
+  s = warp_merge(s);
+  if (threadIdx.x == 0) finish(c, s);
+}
+
+// A thread per channel.
+template <typename F>
+__global__ void channel_map(int64_t C, F f) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) f(c);
+}
+
+// Training forward: batch statistics, saved, and the normalisation's coefficients.
+template <typename A>
+struct TrainingForwardFinish {
+  const A* weight;  // null: 1
+  const A* bias;    // null: 0
+  A eps;
+  A* save_mean;
+  A* save_invstd;
+  A* coefficients;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t c, const Moments<A>& m) const {
+    const A invstd = inverse_sqrt(m.m2 / m.count + eps);
+    save_mean[c] = m.mean;
+    save_invstd[c] = invstd;
+    coefficients[kCenter * C + c] = m.mean;
+    coefficients[kBeta * C + c] = weight ? weight[c] * invstd : invstd;
+    coefficients[kGamma * C + c] = bias ? bias[c] : A(0);
+  }
+};
+
+// Eval forward: the running statistics, saved, and the coefficients.
+template <typename A>
+struct EvalForwardCoefficients {
+  const A* weight;
+  const A* bias;
+  const A* running_mean;
+  const A* running_var;
+  A eps;
+  A* save_mean;
+  A* save_invstd;
+  A* coefficients;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t c) const {
+    const A invstd = inverse_sqrt(running_var[c] + eps);
+    save_mean[c] = running_mean[c];
+    save_invstd[c] = invstd;
+    coefficients[kCenter * C + c] = running_mean[c];
+    coefficients[kBeta * C + c] = weight ? weight[c] * invstd : invstd;
+    coefficients[kGamma * C + c] = bias ? bias[c] : A(0);
+  }
+};
+
+// For batch_norm_stats: float64 mean and M2.
+template <typename A>
+struct MomentsFinish {
+  double* mean;
+  double* m2;
+  __device__ __forceinline__ void operator()(int64_t c, const Moments<A>& m) const {
+    mean[c] = m.mean;
+    m2[c] = m.m2;
+  }
+};
+
+// Backward: the parameter gradients asked for and dx's coefficients, from
+// sum(dy) and sum(dy * (x - mean)). With x_hat = (x - mean) * invstd:
+//   training: dx = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+//   eval:     dx = w * invstd * dy
+template <typename A>
+struct BackwardFinish {
+  const A* weight;
+  const A* mean;
+  const A* invstd;
+  A count;
+  bool training;
+  A* grad_weight;   // null: not asked for
+  A* grad_bias;     // null: not asked for
+  A* coefficients;  // null: dx not asked for
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t c, const Sums<A>& s) const {
+    const A sum_dy = s.first, sum_dy_xmu = s.second;
+    if (grad_weight) grad_weight[c] = sum_dy_xmu * invstd[c];
+    if (grad_bias) grad_bias[c] = sum_dy;
+    if (!coefficients) return;
+    const A alpha = (weight ? weight[c] : A(1)) * invstd[c];
+    coefficients[kCenter * C + c] = mean[c];
+    coefficients[kAlpha * C + c] = alpha;
+    coefficients[kBeta * C + c] = training ? -alpha * invstd[c] * invstd[c] * sum_dy_xmu / count : A(0);
+    coefficients[kGamma * C + c] = training ? -alpha * sum_dy / count : A(0);
+  }
+};
+
+// Running statistics: new = (1 - f) * old + f * batch, f = momentum, or
+// 1 / num_batches_tracked for a cumulative average (read on the device, so
+// the host never waits). Double arithmetic, as the CPU op; C values only.
+template <typename A>
+struct RunningStatsUpdate {
+  const A* save_mean;
+  const A* save_invstd;
+  const A* old_mean;  // null: no running_mean
+  const A* old_var;   // null: no running_var
+  A* new_mean;
+  A* new_var;
+  double momentum;
+  const int64_t* num_batches_tracked;  // non-null: cumulative average
+  double eps;
+  double unbias;
+  __device__ __forceinline__ void operator()(int64_t c) const {
+    const double f = num_batches_tracked ? 1.0 / static_cast<double>(*num_batches_tracked) : momentum;
+    if (old_mean) new_mean[c] = static_cast<A>((1.0 - f) * old_mean[c] + f * save_mean[c]);
+    if (old_var) {
+      const double invstd = save_invstd[c];
+      const double var = (1.0 / (invstd * invstd) - eps) * unbias;
+      new_var[c] = static_cast<A>((1.0 - f) * old_var[c] + f * var);
+    }
+  }
+};
+
+// The elementwise pass over `numel` elements, V at a time (grid-stride).
+// Element i belongs to channel (i / inner) % C: inner = S channels-first, 1
+// channels-last (then a pack holds V consecutive channels, C % V == 0).
+template <typename T, typename index_t, int V, bool kReadsDy, bool kReadsX>
+__global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
+                               const acc_t<T>* __restrict__ coefficients, index_t numel, index_t C, index_t inner) {
+  using A = acc_t<T>;
+  const index_t channel_step = inner == 1 ? 1 : 0;
+  const index_t stride = index_t(gridDim.x) * blockDim.x * V;
+  for (index_t i = (index_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
+    const index_t c = (i / inner) % C;
+    A xv[V], gv[V], o[V];
+    if constexpr (kReadsX) load_acc<V>(x + i, xv);
+    if constexpr (kReadsDy) load_acc<V>(dy + i, gv);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const index_t cv = c + v * channel_step;
+      o[v] = coefficients[kGamma * C + cv];
+      if constexpr (kReadsDy) o[v] += gv[v] * coefficients[kAlpha * C + cv];
+      if constexpr (kReadsX) o[v] += (xv[v] - coefficients[kCenter * C + cv]) * coefficients[kBeta * C + cv];
+    }
+    store_acc<V>(out + i, o);
+  }
+}
+
+}  // namespace bn_ext::cuda
