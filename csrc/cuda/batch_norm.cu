@@ -86,6 +86,11 @@ void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finis
   BN_EXT_LAUNCH_CHECK();
 }
 
+template <typename T>
+ChannelShift<T> channel_shift(const Tensor& x, const BatchNormGeometry& g) {
+  return {device_data<T>(x), g.channels_last ? 1 : g.S};
+}
+
 // finish(c, identity) for every channel: coefficients that need no reduction.
 template <typename State, typename Finish>
 void finish_without_reduction(int64_t C, const Finish& finish) {
@@ -148,10 +153,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, 
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     if (training) {
-      const TrainingForwardFinish<A> finish{device_data_or_null<A>(w), device_data_or_null<A>(b), A(eps),
-                                            device_data_mut<A>(save_mean), device_data_mut<A>(save_invstd),
-                                            device_data_mut<A>(coefficients), g.C};
-      reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr}, g, finish, acc_options);
+      const ChannelShift<T> shift = channel_shift<T>(x, g);
+      const TrainingForwardFinish<T> finish{shift,
+                                            device_data_or_null<A>(w),
+                                            device_data_or_null<A>(b),
+                                            A(eps),
+                                            device_data_mut<A>(save_mean),
+                                            device_data_mut<A>(save_invstd),
+                                            device_data_mut<A>(coefficients),
+                                            g.C};
+      reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr, shift}, g, finish, acc_options);
     } else {
       const auto rm = as_acc(running_mean, acc), rv = as_acc(running_var, acc);
       map_channels(g.C, EvalForwardCoefficients<A>{device_data_or_null<A>(w), device_data_or_null<A>(b),
@@ -236,9 +247,9 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
   if (x.numel() == 0) return {mean, m2};
   dispatch_device_type(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr}, g,
-                       MomentsFinish<A>{device_data_mut<double>(mean), device_data_mut<double>(m2)},
+    const ChannelShift<T> shift = channel_shift<T>(x, g);
+    reduce_channels<T>(MomentsReduction<T>{device_data<T>(x), nullptr, shift}, g,
+                       MomentsFinish<T>{shift, device_data_mut<double>(mean), device_data_mut<double>(m2)},
                        x.options().dtype(stat_dtype(x.scalar_type())));
   });
   return {mean, m2};

@@ -57,7 +57,10 @@ __global__ void row_norm_forward(const T* __restrict__ x, const acc_t<T>* __rest
   const int lane = threadIdx.x, lanes = blockDim.x;
   const T* xr = x + row * D;
   T* yr = y + row * D;
-  A mean = A(0), rstd;
+  // LayerNorm takes the moments about the row's first value (exact
+  // differences near the mean keep a large mean's precision).
+  const A shift = kRms ? A(0) : to_acc(xr[0]);
+  A shifted_mean = A(0), rstd;
   if constexpr (kRms) {
     __shared__ Sums<A> scratch[kWarp];
     Sums<A> s = Sums<A>::identity();
@@ -78,14 +81,14 @@ __global__ void row_norm_forward(const T* __restrict__ x, const acc_t<T>* __rest
       A v[W];
       load_acc<W>(xr + j, v);
 #pragma unroll
-      for (int k = 0; k < W; ++k) m.add(v[k]);
+      for (int k = 0; k < W; ++k) m.add(v[k] - shift);
     });
     m = row_merge<kWarpPerRow>(m, scratch);
-    mean = m.mean;
+    shifted_mean = m.mean;
     rstd = inverse_sqrt(m.m2 / A(D) + eps);
   }
   if (lane == 0) {
-    if (!kRms) mean_out[row] = mean;
+    if (!kRms) mean_out[row] = shift + shifted_mean;
     rstd_out[row] = rstd;
   }
   for_each_row_piece(xr, D, lane, lanes, vectorized, [&](int64_t j, auto w) {
@@ -94,7 +97,7 @@ __global__ void row_norm_forward(const T* __restrict__ x, const acc_t<T>* __rest
     load_acc<W>(xr + j, v);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      v[k] = (v[k] - mean) * rstd;
+      v[k] = ((v[k] - shift) - shifted_mean) * rstd;
       if (weight) v[k] *= weight[j + k];
       if (bias) v[k] += bias[j + k];
     }

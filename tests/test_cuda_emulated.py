@@ -1,0 +1,310 @@
+"""The CUDA operators' launchers and kernels (csrc/cuda), compiled for the CPU
+against the emulator and run with CUDA semantics, compared with the CPU
+operators. Every case runs under the forward, reverse and random thread
+orders, so a missing barrier or a race between warps shows as a mismatch.
+
+Shapes are small (the emulator runs every CUDA thread as a fiber) but chosen
+to reach every path: vectorised and scalar accesses, split reductions (more
+than one partial per channel or column), warp-per-row and block-per-row rows,
+row heads and tails, misaligned tensors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from conftest import DTYPES, HALF_DTYPES, assert_close, param_dtype
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDERS = ["forward", "reverse", "random"]
+# Two implementations with float32 op-math and different summation orders,
+# each within TOLERANCE of float64: their difference within twice that.
+SCALE = 2.0
+
+pytestmark = pytest.mark.emulated
+
+cpu_ops = torch.ops.bn_ext
+
+
+@pytest.fixture(scope="module")
+def emu():
+    build = ROOT / "build" / "emulated_ops"
+    build.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name="bn_ext_emulated",
+        sources=[str(ROOT / "tests" / "emulator" / "emulated_ops.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "emulator")],
+        extra_cflags=["-std=c++20", "-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+@pytest.fixture(params=ORDERS)
+def order(request, emu):
+    emu.set_order(request.param, seed=7)
+    yield request.param
+    emu.set_order("forward")
+
+
+def misaligned(t):
+    """A copy of the contiguous tensor t whose data starts one element past a 16-byte boundary."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+def check_all(actual, expected, dtype, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {e.shape} {e.dtype}"
+        assert_close(a, e, dtype, scale=SCALE * max(1.0, e.double().abs().max().item() if e.numel() else 1.0),
+                     msg=f"{what}[{i}]")
+
+
+# --- BatchNorm ---------------------------------------------------------------
+
+# (shape, channels_last, why)
+BN_CASES = [
+    ((4, 3, 5, 7), False, "S = 35: scalar channels-first path, few channels: split reductions"),
+    ((4, 3, 4, 8), False, "S = 32: vectorised channels-first path, split reductions"),
+    ((2, 20, 8, 8), False, "more channels than the target grid: one partial per channel"),
+    ((3, 2, 50, 41), False, "S = 2050: several chunks per plane"),
+    ((4, 3, 5, 7), True, "channels-last, C = 3: scalar channels-last path"),
+    ((3, 16, 3, 5), True, "channels-last, C = 16: vectorised, split over rows"),
+    ((70, 40), False, "(N, C): channels-last geometry, C % 8 == 0 and C % 4 == 0"),
+    ((9, 6, 11), False, "(N, C, L) BatchNorm1d"),
+    ((2, 72, 3, 3), True, "channels-last, C = 72: more than one column block of 32 * V"),
+]
+
+
+def bn_input(shape, channels_last, dtype):
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,channels_last,why", BN_CASES)
+def test_batch_norm_forward_training(emu, order, shape, channels_last, why, dtype):
+    torch.manual_seed(0)
+    x = bn_input(shape, channels_last, dtype)
+    C = shape[1]
+    w = torch.randn(C, dtype=param_dtype(dtype))
+    b = torch.randn(C, dtype=param_dtype(dtype))
+    got = emu.batch_norm_forward(x, w, b, None, None, True, 1e-5)
+    want = cpu_ops.batch_norm_forward(x, w, b, None, None, True, 1e-5)
+    check_all(got, want, dtype, why)
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,channels_last,why", BN_CASES[:2] + BN_CASES[4:6])
+def test_batch_norm_forward_eval(emu, order, shape, channels_last, why, dtype, affine):
+    torch.manual_seed(1)
+    x = bn_input(shape, channels_last, dtype)
+    C = shape[1]
+    pdt = param_dtype(dtype)
+    w, b = (torch.randn(C, dtype=pdt), torch.randn(C, dtype=pdt)) if affine else (None, None)
+    rm, rv = torch.randn(C, dtype=pdt), torch.rand(C, dtype=pdt) + 0.5
+    got = emu.batch_norm_forward(x, w, b, rm, rv, False, 1e-3)
+    want = cpu_ops.batch_norm_forward(x, w, b, rm, rv, False, 1e-3)
+    check_all(got, want, dtype, why)
+
+
+# Every output mask, training and eval (eval: dx = w * invstd * dy, no reduction for dx).
+MASKS = [[True, True, True], [True, False, False], [False, True, True], [False, False, True], [False, True, False]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("shape,channels_last,why", BN_CASES[:2] + BN_CASES[4:7])
+def test_batch_norm_backward(emu, order, shape, channels_last, why, dtype, training, mask):
+    torch.manual_seed(2)
+    x = bn_input(shape, channels_last, dtype)
+    dy = bn_input(shape, channels_last, dtype) - 3
+    C = shape[1]
+    w = torch.randn(C, dtype=param_dtype(dtype))
+    _, mean, invstd = cpu_ops.batch_norm_forward(x, w, None, None, None, True, 1e-5)
+    got = emu.batch_norm_backward(dy, x, w, mean, invstd, training, 1e-5, mask)
+    want = cpu_ops.batch_norm_backward(dy, x, w, mean, invstd, training, 1e-5, mask)
+    check_all(got, want, dtype, why)
+
+
+def test_batch_norm_without_weight_and_misaligned(emu, order):
+    torch.manual_seed(3)
+    x = misaligned(bn_input((4, 3, 4, 8), False, torch.float32))
+    dy = misaligned(torch.randn(4, 3, 4, 8))
+    got = emu.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+    want = cpu_ops.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+    check_all(got, want, torch.float32, "misaligned forward")
+    got = emu.batch_norm_backward(dy, x, None, want[1], want[2], True, 1e-5, [True, True, True])
+    want = cpu_ops.batch_norm_backward(dy, x, None, want[1], want[2], True, 1e-5, [True, True, True])
+    check_all(got, want, torch.float32, "misaligned backward")
+
+
+def test_batch_norm_large_mean(emu, order):
+    # mean 1e4, std 1e-2: Welford keeps the variance where a sum of squares would not.
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, 6, 6) * 1e-2 + 1e4
+    out, mean, invstd = emu.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+    ref = torch.nn.functional.batch_norm(x.double(), None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(out.double(), ref, atol=2e-3, rtol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean((0, 2, 3)), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,channels_last,why", [BN_CASES[0], BN_CASES[5]])
+def test_batch_norm_stats(emu, order, shape, channels_last, why, dtype):
+    torch.manual_seed(5)
+    x = bn_input(shape, channels_last, dtype)
+    got = emu.batch_norm_stats(x)
+    want = cpu_ops.batch_norm_stats(x)
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    check_all(got, want, dtype, why)
+
+
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_update_stats(emu, order, stat_dtype, momentum):
+    torch.manual_seed(6)
+    C = 5
+    acc = torch.float64 if stat_dtype == torch.float64 else torch.float32
+    save_mean, save_invstd = torch.randn(C, dtype=acc), torch.rand(C, dtype=acc) + 0.5
+    start_mean, start_var = torch.randn(C, dtype=stat_dtype), torch.rand(C, dtype=stat_dtype) + 1
+    batches = torch.tensor(3)
+    emu_mean, emu_var = start_mean.clone(), start_var.clone()
+    cpu_mean, cpu_var = start_mean.clone(), start_var.clone()
+    emu.batch_norm_update_stats(emu_mean, emu_var, save_mean, save_invstd, momentum, batches, 1e-5, 40)
+    cpu_ops.batch_norm_update_stats(cpu_mean, cpu_var, save_mean, save_invstd, momentum, batches, 1e-5, 40)
+    assert not torch.equal(emu_mean, start_mean)
+    assert_close(emu_mean, cpu_mean, stat_dtype)
+    assert_close(emu_var, cpu_var, stat_dtype)
+
+
+# --- LayerNorm and RMSNorm -----------------------------------------------------
+
+# (rows, D, why)
+ROW_CASES = [
+    (5, 1, "one value per row"),
+    (9, 30, "rows not a multiple of the vector width: per-row heads and tails"),
+    (6, 64, "aligned rows, warp per row"),
+    (70, 64, "more rows than a parameter-gradient block: split column partials"),
+    (4, 1000, "warp per row, long"),
+    (3, 1030, "block per row, not a multiple of the vector width"),
+    (2, 4096, "block per row, aligned"),
+]
+
+
+def row_input(rows, D, dtype, offset=False):
+    x = (torch.randn(rows, D, dtype=torch.float64) * 2 + 1).to(dtype)
+    return misaligned(x) if offset else x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,D,why", ROW_CASES)
+def test_layer_norm_forward(emu, order, rows, D, why, dtype):
+    torch.manual_seed(10)
+    x = row_input(rows, D, dtype)
+    w, b = torch.randn(D, dtype=param_dtype(dtype)), torch.randn(D, dtype=param_dtype(dtype))
+    check_all(emu.layer_norm_forward(x, [D], w, b, 1e-5), cpu_ops.layer_norm_forward(x, [D], w, b, 1e-5), dtype, why)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("rows,D,why", ROW_CASES)
+def test_layer_norm_backward(emu, order, rows, D, why, dtype, mask):
+    torch.manual_seed(11)
+    x, dy = row_input(rows, D, dtype), row_input(rows, D, dtype)
+    w, b = torch.randn(D, dtype=param_dtype(dtype)), torch.randn(D, dtype=param_dtype(dtype))
+    _, mean, rstd = cpu_ops.layer_norm_forward(x, [D], w, b, 1e-5)
+    got = emu.layer_norm_backward(dy, x, [D], mean, rstd, w, b, 1e-5, mask)
+    want = cpu_ops.layer_norm_backward(dy, x, [D], mean, rstd, w, b, 1e-5, mask)
+    check_all(got, want, dtype, why)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,D,why", ROW_CASES)
+def test_rms_norm_forward_backward(emu, order, rows, D, why, dtype):
+    torch.manual_seed(12)
+    x, dy = row_input(rows, D, dtype), row_input(rows, D, dtype)
+    w = torch.randn(D, dtype=param_dtype(dtype))
+    got = emu.rms_norm_forward(x, [D], w, None)
+    want = cpu_ops.rms_norm_forward(x, [D], w, None)
+    check_all(got, want, dtype, why)
+    got = emu.rms_norm_backward(dy, x, [D], want[1], w, None, [True, True])
+    want = cpu_ops.rms_norm_backward(dy, x, [D], want[1], w, None, [True, True])
+    check_all(got, want, dtype, why)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,D", [(9, 30), (3, 1030)])
+def test_row_norms_misaligned_and_without_params(emu, order, rows, D, dtype):
+    # A tensor one element past a 16-byte boundary: the scalar row walk.
+    torch.manual_seed(13)
+    x, dy = row_input(rows, D, dtype, offset=True), row_input(rows, D, dtype, offset=True)
+    got = emu.layer_norm_forward(x, [D], None, None, 1e-5)
+    want = cpu_ops.layer_norm_forward(x, [D], None, None, 1e-5)
+    check_all(got, want, dtype, "layer_norm misaligned")
+    got = emu.layer_norm_backward(dy, x, [D], want[1], want[2], None, None, 1e-5, [True, False, False])
+    want = cpu_ops.layer_norm_backward(dy, x, [D], want[1], want[2], None, None, 1e-5, [True, False, False])
+    check_all(got, want, dtype, "layer_norm_backward misaligned")
+    got = emu.rms_norm_forward(x, [D], None, 1e-6)
+    want = cpu_ops.rms_norm_forward(x, [D], None, 1e-6)
+    check_all(got, want, dtype, "rms_norm misaligned")
+
+
+def test_layer_norm_multi_dim_and_large_mean(emu, order):
+    torch.manual_seed(14)
+    x = torch.randn(3, 4, 5, 6) * 1e-2 + 1e4
+    w, b = torch.randn(5, 6), torch.randn(5, 6)
+    got = emu.layer_norm_forward(x, [5, 6], w, b, 1e-5)
+    want = cpu_ops.layer_norm_forward(x, [5, 6], w, b, 1e-5)
+    assert got[1].shape == want[1].shape == (3, 4, 1, 1)
+    check_all(got, want, torch.float32, "multi-dim normalized_shape, mean 1e4")
+
+
+def test_every_case_uses_half_parameters_too(emu, order):
+    # Parameters in the input's half dtype (not float32) beside a half input.
+    torch.manual_seed(15)
+    for dtype in HALF_DTYPES:
+        x = bn_input((4, 3, 4, 8), False, dtype)
+        w, b = torch.randn(3, dtype=dtype), torch.randn(3, dtype=dtype)
+        check_all(emu.batch_norm_forward(x, w, b, None, None, True, 1e-5),
+                  cpu_ops.batch_norm_forward(x, w, b, None, None, True, 1e-5), dtype, "half params")
+        y = row_input(6, 64, dtype)
+        w, b = torch.randn(64, dtype=dtype), torch.randn(64, dtype=dtype)
+        check_all(emu.layer_norm_forward(y, [64], w, b, 1e-5), cpu_ops.layer_norm_forward(y, [64], w, b, 1e-5),
+                  dtype, "half params")
+
+
+def test_errors_match_the_cpu_ops(emu):
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
+        emu.batch_norm_forward(x, torch.ones(4), None, None, None, True, 1e-5)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        emu.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="expected input with shape"):
+        emu.layer_norm_forward(x, [3], None, None, 1e-5)
+
+
+def test_results_are_bitwise_repeatable_across_thread_orders(emu):
+    # Two-stage reductions merge in a fixed order, whatever order threads run in.
+    torch.manual_seed(16)
+    x, dy = bn_input((4, 3, 4, 8), False, torch.float32), torch.randn(4, 3, 4, 8)
+    rows, drows = row_input(70, 64, torch.float32), row_input(70, 64, torch.float32)
+    results = []
+    for order in ORDERS:
+        emu.set_order(order, seed=3)
+        out, mean, invstd = emu.batch_norm_forward(x, None, None, None, None, True, 1e-5)
+        grads = emu.batch_norm_backward(dy, x, None, mean, invstd, True, 1e-5, [True, True, True])
+        ln = emu.layer_norm_forward(rows, [64], None, None, 1e-5)
+        ln_grads = emu.layer_norm_backward(drows, rows, [64], ln[1], ln[2], None, None, 1e-5, [True, True, True])
+        results.append([out, mean, invstd, *grads, *ln, *ln_grads])
+    emu.set_order("forward")
+    assert emu.sm_count() == 4  # few SMs: these shapes split their reductions
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
