@@ -50,6 +50,8 @@ class Result:
     # bn_ext's peak tensor allocation beyond what the call returns (the profiler
     # sees tensor allocations only, not the kernels' own O(C x stripes) partials).
     extra_bytes: int | None = None
+    # On a GPU, torch with cuDNN (BatchNorm cases); torch_ms is then torch's native kernel.
+    cudnn_ms: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -221,23 +223,52 @@ def suite(quick: bool) -> list[Case]:
     return cases
 
 
-def copy_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+def has_cuda_kernels() -> bool:
+    """Whether this build of bn_ext registered CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bn_ext::batch_norm_forward", "CUDA")
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call takes: wall clock on the CPU, CUDA events on a GPU."""
+    if device == "cpu":
+        def elapsed(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    else:
+        def elapsed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e-3
+    return elapsed
+
+
+def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 10) -> float:
     """GB/s of a large tensor copy, read + write counted."""
-    src = torch.randn(megabytes * 2**20 // 4)
+    src = torch.randn(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
+    elapsed = _timer(device)
+    times = [elapsed(lambda: dst.copy_(src)) for _ in range(repeats)]
     return 2 * _nbytes(src) / statistics.median(times) / 1e9
 
 
-def peak_extra_bytes(fn) -> int | None:
+def peak_extra_bytes(fn, device: str = "cpu") -> int | None:
     """Bytes a call allocates at its peak beyond what is still alive when it
     returns (its outputs): workspaces, partials, statistics it drops.
-    From torch.profiler's memory timeline; None where that is unavailable."""
+    From the CUDA caching allocator's peak on a GPU, from torch.profiler's
+    memory timeline on the CPU; None where that is unavailable."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        del result
+        return extra
     from torch.profiler import ProfilerActivity, profile
 
     try:
@@ -254,25 +285,34 @@ def peak_extra_bytes(fn) -> int | None:
     return max(totals) - totals[-1] if totals else 0
 
 
-def time_pair(torch_fn, ours_fn, repeats: int, min_seconds: float) -> tuple[float, float]:
-    """Interleaved timing after warm-up; medians in milliseconds."""
+def time_interleaved(fns, repeats: int, min_seconds: float, device: str = "cpu") -> list[float]:
+    """Interleaved timing of several functions after warm-up; medians in milliseconds."""
+    elapsed = _timer(device)
     for _ in range(2):
-        torch_fn()
-        ours_fn()
-    t_torch, t_ours = [], []
-    start = time.perf_counter()
-    while len(t_ours) < repeats or (time.perf_counter() - start < min_seconds and len(t_ours) < 10 * repeats):
-        for fn, sink in ((torch_fn, t_torch), (ours_fn, t_ours)):
-            t0 = time.perf_counter()
+        for fn in fns:
             fn()
-            sink.append(time.perf_counter() - t0)
-    return statistics.median(t_torch) * 1e3, statistics.median(t_ours) * 1e3
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < repeats or (time.perf_counter() - start < min_seconds and len(times[0]) < 10 * repeats):
+        for fn, sink in zip(fns, times):
+            sink.append(elapsed(fn))
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def _with_cudnn(fn, enabled: bool):
+    def call():
+        with torch.backends.cudnn.flags(enabled=enabled):
+            return fn()
+    return call
 
 
 def run(quick: bool = False, pattern: str | None = None, threads: int | None = None,
         output: Path = Path("bench_results"), device: str = "cpu") -> list[Result]:
-    if device != "cpu":
-        raise SystemExit(f"bench --device {device}: this build of bn_ext has CPU kernels only")
+    """On "cuda", torch's time is its native kernel (cuDNN off) and, for
+    BatchNorm, cuDNN's time is reported beside it."""
+    if device == "cuda" and not (has_cuda_kernels() and torch.cuda.is_available()):
+        raise SystemExit("bench --device cuda needs a CUDA build of bn_ext and a CUDA device; "
+                         f"CUDA kernels built: {has_cuda_kernels()}, device present: {torch.cuda.is_available()}")
     from tqdm import tqdm
 
     threads_before = torch.get_num_threads()
@@ -280,15 +320,23 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
         torch.set_num_threads(threads)
     try:
         cases = [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
-        bandwidth = copy_bandwidth()
+        bandwidth = copy_bandwidth(device)
         results = []
         repeats, min_seconds = (5, 0.05) if quick else (15, 0.3)
         for case in tqdm(cases, desc="bench", unit="case"):
-            torch_fn, ours_fn, nbytes = case.make()
-            t, o = time_pair(torch_fn, ours_fn, repeats, min_seconds)
-            results.append(Result(case.group, case.name, t, o, nbytes, peak_extra_bytes(ours_fn)))
-            del torch_fn, ours_fn
-        report(results, bandwidth, torch.get_num_threads(), output)
+            with torch.device(device):
+                torch_fn, ours_fn, nbytes = case.make()
+            fns = [torch_fn, ours_fn]
+            if device == "cuda":
+                fns = [_with_cudnn(torch_fn, False), ours_fn]
+                if case.group.startswith("BatchNorm"):
+                    fns.append(_with_cudnn(torch_fn, True))
+            medians = time_interleaved(fns, repeats, min_seconds, device)
+            cudnn_ms = medians[2] if len(medians) > 2 else None
+            results.append(Result(case.group, case.name, medians[0], medians[1], nbytes,
+                                  peak_extra_bytes(ours_fn, device), cudnn_ms))
+            del torch_fn, ours_fn, fns
+        report(results, bandwidth, torch.get_num_threads(), output, device)
     finally:
         torch.set_num_threads(threads_before)
     return results
@@ -306,17 +354,22 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def report(results: list[Result], bandwidth: float, threads: int, output: Path) -> None:
-    machine = f"{_cpu_name()}, {threads} threads, torch {torch.__version__}"
+def report(results: list[Result], bandwidth: float, threads: int, output: Path, device: str = "cpu") -> None:
+    if device == "cpu":
+        machine = f"{_cpu_name()}, {threads} threads, torch {torch.__version__}"
+    else:
+        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     print(f"\nbn_ext {bn_ext.__version__} vs torch native, {machine}; copy bandwidth {bandwidth:.1f} GB/s\n")
+    cudnn = any(r.cudnn_ms is not None for r in results)
     print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6} "
-          f"{'extra KB':>9}")
+          f"{'extra KB':>9}" + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else ""))
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
         extra = "-" if r.extra_bytes is None else f"{r.extra_bytes / 1024:.1f}"
+        vs_cudnn = "" if r.cudnn_ms is None else f" {r.cudnn_ms:>9.3f} {r.cudnn_ms / r.bn_ext_ms:>8.2f}"
         print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
-              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}% {extra:>9}")
+              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}% {extra:>9}{vs_cudnn}")
     print(f"\n{'group':<28} {'geomean ratio':>13} {'min ratio':>9}")
     for group, rs in groups.items():
         print(f"{group:<28} {geomean([r.ratio for r in rs]):>13.2f} {min(r.ratio for r in rs):>9.2f}")

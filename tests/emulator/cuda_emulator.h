@@ -378,6 +378,14 @@ struct alignas(8) float2 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+// Store with a cache hint (write-back): a plain store here.
+template <typename T>
+void __stwb(T* address, T value) {
+  *address = value;
+}
 
 // Half-precision storage types with CUDA's conversion functions (round to
 // nearest even, as the device's __float2half_rn / __float2bfloat16_rn).

@@ -85,7 +85,15 @@ __device__ __forceinline__ void store_acc(T* p, const acc_t<T> (&in)[V]) {
   Pack<T, V> pack;
 #pragma unroll
   for (int i = 0; i < V; ++i) pack.v[i] = from_acc<T>(in[i]);
-  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  if constexpr (sizeof(pack) == 16) {
+    // An explicit 16-byte store: left to itself the compiler splits some
+    // stores of the pack (those after a row's scalar head) into 32-bit ones.
+    uint4 bits;
+    std::memcpy(&bits, &pack, 16);
+    __stwb(reinterpret_cast<uint4*>(p), bits);
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  }
 }
 
 // Count, mean and M2 = sum((x - mean)^2) of a set of values.
