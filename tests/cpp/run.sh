@@ -6,13 +6,11 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 TORCH_PREFIX=$("$PY" -c "import torch.utils; print(torch.utils.cmake_prefix_path)")
 PREFIX=build/cpp-prefix
-if ! command -v cmake >/dev/null; then
-  "$PY" -m pip install -q "cmake>=3.24,<4"
-  export PATH="$PWD/.venv/bin:$PATH"
-fi
+# cmake and ninja from the venv (requirements.txt pins a cmake that knows
+# nvcc's C++20 dialect, which torch's CUDA targets ask for).
+export PATH="$PWD/.venv/bin:$PATH"
 GENERATOR=()
-if command -v ninja >/dev/null || [ -x .venv/bin/ninja ]; then
-  export PATH="$PWD/.venv/bin:$PATH"
+if command -v ninja >/dev/null; then
   GENERATOR=(-G Ninja)
 fi
 rm -rf "$PREFIX"
