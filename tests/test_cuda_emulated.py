@@ -145,6 +145,21 @@ def test_batch_norm_without_weight_and_misaligned(emu, order):
     check_all(got, want, torch.float32, "misaligned backward")
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 3, 3), (4, 3, 0)])
+def test_batch_norm_empty_inputs(emu, shape):
+    x = torch.randn(shape)
+    C = shape[1]
+    for training in (True, False):
+        rm, rv = torch.zeros(C), torch.ones(C)
+        got = emu.batch_norm_forward(x, None, None, rm, rv, training, 1e-5)
+        want = cpu_ops.batch_norm_forward(x, None, None, rm, rv, training, 1e-5)
+        check_all(got, want, torch.float32, f"empty {shape}")
+        dy = torch.randn(shape)
+        got = emu.batch_norm_backward(dy, x, None, want[1], want[2], training, 1e-5, [True, True, True])
+        want = cpu_ops.batch_norm_backward(dy, x, None, want[1], want[2], training, 1e-5, [True, True, True])
+        check_all(got, want, torch.float32, f"empty {shape} backward")
+
+
 def test_batch_norm_large_mean(emu, order):
     # mean 1e4, std 1e-2: Welford keeps the variance where a sum of squares would not.
     torch.manual_seed(4)

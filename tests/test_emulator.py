@@ -10,7 +10,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent / "emulator"
 ORDERS = ["forward", "reverse", "random"]
-CASES = ["warp_shuffles", "block_reduction", "dynamic_shared_memory", "atomics", "indices"]
+CASES = ["warp_shuffles", "block_reduction", "dynamic_shared_memory", "atomics", "indices", "half_types"]
 
 pytestmark = pytest.mark.emulated
 

@@ -101,6 +101,7 @@ void finish_without_reduction(int64_t C, const Finish& finish) {
 
 template <typename F>
 void map_channels(int64_t C, const F& f) {
+  if (C == 0) return;  // an empty grid is a launch error
   const auto kernel = channel_map<F>;
   BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(C, 128))), dim3(128), 0, current_stream(), C, f);
   BN_EXT_LAUNCH_CHECK();

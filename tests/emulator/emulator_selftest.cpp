@@ -169,6 +169,35 @@ void indices() {
   check(ok, "threadIdx/blockIdx/blockDim/gridDim in 3-D");
 }
 
+// Half types cross warp shuffles and round to nearest even, as on the device.
+__global__ void half_types_kernel(float* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  const __half h = __shfl_xor_sync(0xffffffffu, __float2half(static_cast<float>(t) + 0.5f), 1);
+  const __nv_bfloat16 b = __shfl_xor_sync(0xffffffffu, __float2bfloat16(static_cast<float>(t) * 3.0f), 1);
+  out[2 * t] = __half2float(h);
+  out[2 * t + 1] = __bfloat162float(b);
+}
+
+void half_types() {
+  std::vector<float> out(64);
+  BN_EXT_LAUNCH(half_types_kernel, dim3(1), dim3(32), 0, 0, out.data());
+  bool ok = true;
+  for (int t = 0; t < 32; ++t) ok &= out[2 * t] == static_cast<float>(t ^ 1) + 0.5f && out[2 * t + 1] == (t ^ 1) * 3.0f;
+  check(ok, "half and bfloat16 values through warp shuffles");
+  // Ties round to even: 1 + 2^-11 is halfway between two halves, 1 + 2^-8 between two bfloat16s.
+  check(__half2float(__float2half(1.0f + 0x1p-11f)) == 1.0f, "half ties to even (down)");
+  check(__half2float(__float2half(1.0f + 3 * 0x1p-11f)) == 1.0f + 0x1p-9f, "half ties to even (up)");
+  check(__bfloat162float(__float2bfloat16(1.0f + 0x1p-8f)) == 1.0f, "bfloat16 ties to even (down)");
+  check(__bfloat162float(__float2bfloat16(1.0f + 3 * 0x1p-8f)) == 1.0f + 0x1p-6f, "bfloat16 ties to even (up)");
+  check(__bfloat162float(__float2bfloat16(1.0f + 0x1p-8f + 0x1p-20f)) == 1.0f + 0x1p-7f, "bfloat16 above a tie");
+  check(std::isinf(__half2float(__float2half(70000.0f))), "half overflow to infinity");
+  const float nan = __bfloat162float(__float2bfloat16(std::nanf("")));
+  check(nan != nan, "bfloat16 keeps NaN");
+  float4 f{1, 2, 3, 4};
+  float2 g{5, 6};
+  check(alignof(float4) == 16 && alignof(float2) == 8 && f.w + g.y == 10.0f, "float2 / float4");
+}
+
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
@@ -196,6 +225,7 @@ int main(int argc, char** argv) {
   else if (name == "dynamic_shared_memory") dynamic_shared_memory();
   else if (name == "atomics") atomics();
   else if (name == "indices") indices();
+  else if (name == "half_types") half_types();
   else if (name == "missing_barrier") {
     // Prints the outcome; the test decides which orders must expose the race.
     std::printf("%s\n", missing_barrier_gives_right_answer() ? "RIGHT" : "WRONG");
