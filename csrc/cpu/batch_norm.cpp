@@ -4,11 +4,11 @@
 // with vectors across channels.
 #include "batch_norm_common.h"
 #include "cpu/kernel_utils.h"
+#include "cpu/output_memory.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -492,7 +492,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, c
   check_batch_norm_forward_args(input, training, eps);
   const Tensor x = input.contiguous(batch_norm_memory_format(input));
   const BatchNormGeometry g = batch_norm_geometry(x);
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output_like(x, at::MemoryFormat::Preserve);
   const auto sdtype = stat_dtype(input.scalar_type());
   if (x.numel() == 0 && training) {
     return {out, at::zeros({g.C}, x.options().dtype(sdtype)), at::zeros({g.C}, x.options().dtype(sdtype))};
@@ -545,7 +545,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   const Tensor dy = grad_out.contiguous(fmt);
   const BatchNormGeometry g = batch_norm_geometry(x);
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
-  Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor grad_input = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Preserve) : at::empty({0}, x.options());
   Tensor grad_weight, grad_bias;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward_cpu", [&] {

@@ -1,9 +1,9 @@
 // LayerNorm on the CPU. Each row is normalised by its own mean and variance;
 // the row's moments come from cache-sized chunks (two passes each, Chan merge),
 // so a row of moderate length stays in cache for the normalising pass.
+#include "cpu/output_memory.h"
 #include "cpu/row_norm.h"
 
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_cpu(const Tensor& input, a
   const Tensor x = input.contiguous();
   const std::optional<Tensor> w = has(weight) ? std::optional(weight->contiguous()) : std::nullopt;
   const std::optional<Tensor> b = has(bias) ? std::optional(bias->contiguous()) : std::nullopt;
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor out = empty_output_like(x, at::MemoryFormat::Contiguous);
   const auto stats_options = x.options().dtype(stat_dtype(x.scalar_type()));
   Tensor mean = at::empty(row_stat_shape(x, normalized_shape), stats_options);
   Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), stats_options);
@@ -154,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_ou
   const auto sdtype = stat_dtype(x.scalar_type());
   const Tensor mean_c = mean.to(sdtype).contiguous(), rstd_c = rstd.to(sdtype).contiguous();
   const std::optional<Tensor> w = has(weight) ? std::optional(weight->contiguous()) : std::nullopt;
-  Tensor dx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  Tensor dx = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   const bool param_grads = output_mask[1] || output_mask[2];
   std::vector<double> sums;
   if (g.rows * g.cols > 0) {

@@ -1,7 +1,7 @@
 // RMSNorm on the CPU: y = x * rsqrt(mean(x^2) + eps) * weight, per row.
+#include "cpu/output_memory.h"
 #include "cpu/row_norm.h"
 
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -105,7 +105,7 @@ std::tuple<Tensor, Tensor> rms_norm_forward_cpu(const Tensor& input, at::IntArra
   const RowGeometry g = check_row_norm_args("rms_norm", input, normalized_shape, weight, std::nullopt);
   const Tensor x = input.contiguous();
   const std::optional<Tensor> w = has(weight) ? std::optional(weight->contiguous()) : std::nullopt;
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor out = empty_output_like(x, at::MemoryFormat::Contiguous);
   Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), x.options().dtype(stat_dtype(x.scalar_type())));
   dispatch_input_and_param(x.scalar_type(), param_dtype(x, w, std::nullopt),
                            [&](auto t, auto p) {
@@ -133,7 +133,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const T
   const Tensor x = input.contiguous(), dy = grad_out.contiguous();
   const Tensor rstd_c = rstd.to(stat_dtype(x.scalar_type())).contiguous();
   const std::optional<Tensor> w = has(weight) ? std::optional(weight->contiguous()) : std::nullopt;
-  Tensor dx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  Tensor dx = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   std::vector<double> sums;
   if (g.rows * g.cols > 0) {
     dispatch_input_and_param(x.scalar_type(), param_dtype(x, w, std::nullopt),
