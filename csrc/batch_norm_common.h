@@ -60,4 +60,20 @@ inline void check_batch_norm_forward_args(const at::Tensor& input, bool training
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
 }
 
+inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                          const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                                          const at::Tensor& save_invstd) {
+  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_backward: grad_out must have the input's size ",
+              input.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_out must have dtype ",
+              input.scalar_type(), ", got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "batch_norm_backward: grad_out must be on the input's device ",
+              input.device(), ", got ", grad_out.device());
+  const int64_t C = input.size(1);
+  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
+              "batch_norm_backward: save_mean and save_invstd should contain ", C, " elements, got ",
+              save_mean.numel(), " and ", save_invstd.numel());
+}
+
 }  // namespace bn_ext

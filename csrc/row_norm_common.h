@@ -51,13 +51,21 @@ inline RowGeometry check_row_norm_args(const char* op, const at::Tensor& input, 
   return {rows, cols};
 }
 
-inline void check_row_norm_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& input) {
+// grad_out like the input; the saved statistics one per row (mean null for RMSNorm).
+inline void check_row_norm_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
+                                         const at::Tensor* mean, const at::Tensor& rstd, int64_t rows) {
   TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out must have the input's size ", input.sizes(),
               ", got ", grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), op, ": grad_out must have dtype ",
               input.scalar_type(), ", got ", grad_out.scalar_type());
   TORCH_CHECK(grad_out.device() == input.device(), op, ": grad_out must be on the input's device ",
               input.device(), ", got ", grad_out.device());
+  if (mean != nullptr) {
+    TORCH_CHECK(mean->numel() == rows && rstd.numel() == rows, op, ": mean and rstd should have ", rows,
+                " elements, got ", mean->numel(), " and ", rstd.numel());
+  } else {
+    TORCH_CHECK(rstd.numel() == rows, op, ": rstd should have ", rows, " elements, got ", rstd.numel());
+  }
 }
 
 // RMSNorm's eps when None: torch's default, the machine epsilon of the op-math type.

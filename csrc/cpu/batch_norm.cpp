@@ -60,11 +60,18 @@ Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
 // [i, j) of channel c's reduction domain (n, s) of a channels-first input.
 template <typename Visit>
 inline void channel_runs(const BatchNormGeometry& g, int64_t c, int64_t i, int64_t j, const Visit& visit) {
+  if (i >= j) return;
+  // One division for the first run; later runs start at s = 0 of the next plane.
+  const int64_t n = i / g.S;
+  int64_t s = i % g.S;
+  const int64_t plane_stride = g.C * g.S;
+  int64_t offset = (n * g.C + c) * g.S + s;
   for (int64_t k = i; k < j;) {
-    const int64_t n = k / g.S, s = k % g.S;
     const int64_t len = std::min(g.S - s, j - k);
-    visit((n * g.C + c) * g.S + s, len);
+    visit(offset, len);
     k += len;
+    offset += plane_stride - s;
+    s = 0;
   }
 }
 
@@ -205,31 +212,36 @@ struct GradSums {
   double dy_xc = 0.0;
 };
 
+// Adds sum(dy) and sum(dy * (x - center)) over one contiguous run into vector
+// accumulators and scalar tails; callers reduce once per chunk.
+template <typename T>
+inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t<T> center, OpVec<T>& acc_dy,
+                                OpVec<T>& acc_dyx, opmath_t<T>& s_dy, opmath_t<T>& s_dyx) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec vcenter(center);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) {
+    const Vec vdy = load_op(pdy + i);
+    acc_dy += vdy;
+    acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
+  }
+  for (; i < len; ++i) {
+    const Op d = static_cast<Op>(pdy[i]);
+    s_dy += d;
+    s_dyx += d * (static_cast<Op>(px[i]) - center);
+  }
+}
+
 // sum(dy) and sum(dy * (x - center)) over the runs of one chunk of a channel:
 // op-math within the chunk, float64 out.
 template <typename T, typename Runs>
 inline GradSums chunk_grad_sums(const T* dy, const T* x, opmath_t<T> center, const Runs& runs) {
   using Op = opmath_t<T>;
-  using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vcenter(center);
-  Vec acc_dy(0), acc_dyx(0);
+  OpVec<T> acc_dy(0), acc_dyx(0);
   Op s_dy = 0, s_dyx = 0;
-  runs([&](int64_t off, int64_t len) {
-    const T* pdy = dy + off;
-    const T* px = x + off;
-    int64_t i = 0;
-    for (; i + W <= len; i += W) {
-      const Vec vdy = load_op(pdy + i);
-      acc_dy += vdy;
-      acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
-    }
-    for (; i < len; ++i) {
-      const Op d = static_cast<Op>(pdy[i]);
-      s_dy += d;
-      s_dyx += d * (static_cast<Op>(px[i]) - center);
-    }
-  });
+  runs([&](int64_t off, int64_t len) { accumulate_grad_run(dy + off, x + off, len, center, acc_dy, acc_dyx, s_dy, s_dyx); });
   return {static_cast<double>(reduce_add(acc_dy) + s_dy), static_cast<double>(reduce_add(acc_dyx) + s_dyx)};
 }
 
@@ -348,11 +360,14 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
   if (!g.channels_last) {
     const int64_t total = g.N * g.C * g.S;
     at::parallel_for(0, total, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      // Divisions for the first run only: each later run is the next plane.
+      int64_t plane = begin / g.S, c = plane % g.C;
       for (int64_t i = begin; i < end;) {
-        const int64_t c = (i / g.S) % g.C;
-        const int64_t run_end = std::min(end, (i / g.S + 1) * g.S);
+        const int64_t run_end = std::min(end, (plane + 1) * g.S);
         affine_run<T, kUseDy, kUseX>(out, dy, x, i, run_end, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
         i = run_end;
+        ++plane;
+        if (++c == g.C) c = 0;
       }
     });
   } else {
@@ -404,32 +419,85 @@ inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, doubl
   k.gamma[c] = static_cast<Op>(b - (mean - static_cast<double>(k.center[c])) * a);
 }
 
+// The fused channels-first passes handle blocks of adjacent channels: for
+// each plane n they walk the block's runs, which lie next to each other in
+// memory, so short runs (7x7 planes) stream instead of each being a scattered
+// miss. Per channel the arithmetic is exactly the unblocked one (the same
+// chunks, runs and order), so blocking changes no result. A block's data
+// stays within this many bytes, so the last pass finds it in L2.
+constexpr int64_t kBlockBytes = 512 * 1024;
+constexpr int64_t kMaxBlockChannels = 64;
+
+int64_t channels_per_block(const BatchNormGeometry& g, int64_t element_bytes) {
+  const int64_t channel_bytes = std::max<int64_t>(1, g.reduce_size() * element_bytes);
+  return std::clamp<int64_t>(kBlockBytes / channel_bytes, 1, kMaxBlockChannels);
+}
+
+// fn(c0, c1) for blocks of channels [c0, c1), in parallel.
+template <typename BlockFn>
+void for_each_channel_block(const BatchNormGeometry& g, int64_t block, int64_t element_reads, const BlockFn& fn) {
+  const int64_t blocks = (g.C + block - 1) / block;
+  at::parallel_for(0, blocks, grain_for(element_reads * block * g.reduce_size()), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b * block, std::min(g.C, (b + 1) * block));
+  });
+}
+
+// Calls visit(c, offset, length) for the runs of elements [i, j) of every
+// channel of [c0, c1), plane by plane.
+template <typename Visit>
+inline void block_runs(const BatchNormGeometry& g, int64_t c0, int64_t c1, int64_t i, int64_t j, const Visit& visit) {
+  channel_runs(g, c0, i, j, [&](int64_t off, int64_t len) {
+    for (int64_t c = c0; c < c1; ++c) visit(c, off + (c - c0) * g.S, len);
+  });
+}
+
 // Training forward of a channels-first input whose channels reduce in one
-// stripe each: statistics and normalisation of a channel in one task, so the
-// channel's data is still in cache for the second read (the same chunks and
-// merge order as channel_moments, so the same results).
+// stripe each: statistics and normalisation of a block of channels in one
+// task (the same chunks, two-pass moments and merge order as channel_moments).
 template <typename T>
 void fused_channels_first_forward(const T* x, T* y, const BatchNormGeometry& g, const std::vector<double>& w,
                                   const std::vector<double>& b, double eps, std::vector<double>& mean,
                                   std::vector<double>& invstd) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
   const int64_t R = g.reduce_size();
   ChannelCoefficients<T> k(g.C);
-  at::parallel_for(0, g.C, grain_for(R), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Moments m;
-      for (int64_t i = 0; i < R; i += kCacheChunk) {
-        chan_merge(m, chunk_moments<T>([&](const auto& visit) {
-                     channel_runs(g, c, i, std::min(R, i + kCacheChunk),
-                                  [&](int64_t off, int64_t len) { visit(x + off, len); });
-                   }));
+  for_each_channel_block(g, channels_per_block(g, sizeof(T)), 2, [&](int64_t c0, int64_t c1) {
+    Moments m[kMaxBlockChannels];
+    Vec acc[kMaxBlockChannels];
+    Op tail[kMaxBlockChannels], shift[kMaxBlockChannels], offset[kMaxBlockChannels];
+    for (int64_t i = 0; i < R; i += kCacheChunk) {
+      // chunk_moments for every channel of the block at once.
+      const int64_t j = std::min(R, i + kCacheChunk);
+      for (int64_t c = c0; c < c1; ++c) {
+        acc[c - c0] = Vec(0);
+        tail[c - c0] = 0;
+        shift[c - c0] = static_cast<Op>(x[(i / g.S * g.C + c) * g.S + i % g.S]);
       }
-      mean[c] = m.mean;
-      invstd[c] = 1.0 / std::sqrt(m.m2 / static_cast<double>(m.count) + eps);
-      set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-      channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
-        affine_run<T, false, true>(y, nullptr, x, off, off + len, 0, k.beta[c], k.gamma[c], k.center[c]);
+      block_runs(g, c0, c1, i, j, [&](int64_t c, int64_t off, int64_t len) {
+        accumulate_shifted(x + off, len, shift[c - c0], acc[c - c0], tail[c - c0]);
       });
+      for (int64_t c = c0; c < c1; ++c) {
+        offset[c - c0] = (reduce_add(acc[c - c0]) + tail[c - c0]) / static_cast<Op>(j - i);
+        acc[c - c0] = Vec(0);
+        tail[c - c0] = 0;
+      }
+      block_runs(g, c0, c1, i, j, [&](int64_t c, int64_t off, int64_t len) {
+        accumulate_centered_squares(x + off, len, shift[c - c0], offset[c - c0], acc[c - c0], tail[c - c0]);
+      });
+      for (int64_t c = c0; c < c1; ++c) {
+        chan_merge(m[c - c0], {j - i, static_cast<double>(shift[c - c0]) + static_cast<double>(offset[c - c0]),
+                               static_cast<double>(reduce_add(acc[c - c0]) + tail[c - c0])});
+      }
     }
+    for (int64_t c = c0; c < c1; ++c) {
+      mean[c] = m[c - c0].mean;
+      invstd[c] = 1.0 / std::sqrt(m[c - c0].m2 / static_cast<double>(m[c - c0].count) + eps);
+      set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
+    }
+    block_runs(g, c0, c1, 0, R, [&](int64_t c, int64_t off, int64_t len) {
+      affine_run<T, false, true>(y, nullptr, x, off, off + len, 0, k.beta[c], k.gamma[c], k.center[c]);
+    });
   });
 }
 
@@ -451,32 +519,46 @@ inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, doub
 }
 
 // Training backward of a channels-first input whose channels reduce in one
-// stripe each: a channel's sums and its dx in one task, its dy and x still in
-// cache for the second read (the same chunks and order as channel_grad_sums).
+// stripe each: a block of channels' sums and their dx in one task, dy and x
+// still in cache for the second read (the same chunks and order as
+// channel_grad_sums).
 template <typename T>
 void fused_channels_first_backward(const T* dy, const T* x, T* dx, const BatchNormGeometry& g,
                                    const std::vector<double>& mean, const std::vector<double>& invstd,
                                    const std::vector<double>& w, ChannelCoefficients<T>& k,
                                    std::vector<double>& sum_dy, std::vector<double>& sum_dy_xmu) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
   const int64_t R = g.reduce_size();
-  at::parallel_for(0, g.C, grain_for(2 * R), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      GradSums total;
-      for (int64_t i = 0; i < R; i += kCacheChunk) {
-        const GradSums s = chunk_grad_sums(dy, x, k.center[c], [&](const auto& visit) {
-          channel_runs(g, c, i, std::min(R, i + kCacheChunk), visit);
-        });
-        total.dy += s.dy;
-        total.dy_xc += s.dy_xc;
+  const int64_t block = channels_per_block(g, 2 * sizeof(T));
+  for_each_channel_block(g, block, 3, [&](int64_t c0, int64_t c1) {
+    GradSums total[kMaxBlockChannels];
+    Vec acc_dy[kMaxBlockChannels], acc_dyx[kMaxBlockChannels];
+    Op s_dy[kMaxBlockChannels], s_dyx[kMaxBlockChannels];
+    for (int64_t i = 0; i < R; i += kCacheChunk) {
+      // chunk_grad_sums for every channel of the block at once.
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_dy[c - c0] = acc_dyx[c - c0] = Vec(0);
+        s_dy[c - c0] = s_dyx[c - c0] = 0;
       }
-      sum_dy[c] = total.dy;
-      sum_dy_xmu[c] = total.dy_xc - (mean[c] - static_cast<double>(k.center[c])) * total.dy;
+      block_runs(g, c0, c1, i, std::min(R, i + kCacheChunk), [&](int64_t c, int64_t off, int64_t len) {
+        accumulate_grad_run(dy + off, x + off, len, k.center[c], acc_dy[c - c0], acc_dyx[c - c0], s_dy[c - c0],
+                            s_dyx[c - c0]);
+      });
+      for (int64_t c = c0; c < c1; ++c) {
+        total[c - c0].dy += static_cast<double>(reduce_add(acc_dy[c - c0]) + s_dy[c - c0]);
+        total[c - c0].dy_xc += static_cast<double>(reduce_add(acc_dyx[c - c0]) + s_dyx[c - c0]);
+      }
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      sum_dy[c] = total[c - c0].dy;
+      sum_dy_xmu[c] = total[c - c0].dy_xc - (mean[c] - static_cast<double>(k.center[c])) * total[c - c0].dy;
       set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c],
                                 static_cast<double>(R), true);
-      channel_runs(g, c, 0, R, [&](int64_t off, int64_t len) {
-        affine_run<T, true, true>(dx, dy, x, off, off + len, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
-      });
     }
+    block_runs(g, c0, c1, 0, R, [&](int64_t c, int64_t off, int64_t len) {
+      affine_run<T, true, true>(dx, dy, x, off, off + len, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+    });
   });
 }
 
@@ -531,15 +613,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            bool training, double eps,
                                                            std::array<bool, 3> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernel
-  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_backward: grad_out must have the input's size ",
-              input.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_out must have dtype ",
-              input.scalar_type(), ", got ", grad_out.scalar_type());
+  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
   const int64_t C = input.size(1);
-  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
-              "batch_norm_backward: save_mean and save_invstd should contain ", C, " elements, got ",
-              save_mean.numel(), " and ", save_invstd.numel());
   const auto fmt = batch_norm_memory_format(input);
   const Tensor x = input.contiguous(fmt);
   const Tensor dy = grad_out.contiguous(fmt);

@@ -147,9 +147,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_ou
                                                            std::array<bool, 3> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernel
   const RowGeometry g = check_row_norm_args("layer_norm_backward", input, normalized_shape, weight, bias);
-  check_row_norm_grad("layer_norm_backward", grad_out, input);
-  TORCH_CHECK(mean.numel() == g.rows && rstd.numel() == g.rows, "layer_norm_backward: mean and rstd should have ",
-              g.rows, " elements, got ", mean.numel(), " and ", rstd.numel());
+  check_row_norm_backward_args("layer_norm_backward", grad_out, input, &mean, rstd, g.rows);
   const Tensor x = input.contiguous(), dy = grad_out.contiguous();
   const auto sdtype = stat_dtype(x.scalar_type());
   const Tensor mean_c = mean.to(sdtype).contiguous(), rstd_c = rstd.to(sdtype).contiguous();

@@ -127,9 +127,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const T
                                                  std::array<bool, 2> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernel
   const RowGeometry g = check_row_norm_args("rms_norm_backward", input, normalized_shape, weight, std::nullopt);
-  check_row_norm_grad("rms_norm_backward", grad_out, input);
-  TORCH_CHECK(rstd.numel() == g.rows, "rms_norm_backward: rstd should have ", g.rows, " elements, got ",
-              rstd.numel());
+  check_row_norm_backward_args("rms_norm_backward", grad_out, input, nullptr, rstd, g.rows);
   const Tensor x = input.contiguous(), dy = grad_out.contiguous();
   const Tensor rstd_c = rstd.to(stat_dtype(x.scalar_type())).contiguous();
   const std::optional<Tensor> w = has(weight) ? std::optional(weight->contiguous()) : std::nullopt;

@@ -182,17 +182,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                                             bool training, double eps,
                                                             std::array<bool, 3> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernel
-  check_batch_norm_args(input, weight, std::nullopt, std::nullopt, std::nullopt, true);
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), "batch_norm_backward: grad_out must have the input's size ",
-              input.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == input.scalar_type(), "batch_norm_backward: grad_out must have dtype ",
-              input.scalar_type(), ", got ", grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), "batch_norm_backward: grad_out must be on the input's device ",
-              input.device(), ", got ", grad_out.device());
+  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
   const int64_t C = input.size(1);
-  TORCH_CHECK(save_mean.numel() == C && save_invstd.numel() == C,
-              "batch_norm_backward: save_mean and save_invstd should contain ", C, " elements, got ",
-              save_mean.numel(), " and ", save_invstd.numel());
   const DeviceGuard guard(input);
   const auto fmt = batch_norm_memory_format(input);
   const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);

@@ -75,10 +75,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward_cuda(const Tensor& grad_out
                                                           std::array<bool, 3> output_mask) {
   const char* op = kRms ? "rms_norm_backward" : "layer_norm_backward";
   const RowGeometry g = check_row_norm_args(op, input, normalized_shape, weight, bias);
-  check_row_norm_grad(op, grad_out, input);
-  TORCH_CHECK((kRms || mean.numel() == g.rows) && rstd.numel() == g.rows, op, ": ", kRms ? "rstd" : "mean and rstd",
-              " should have ", g.rows, " elements, got ", kRms ? rstd.numel() : mean.numel(),
-              kRms ? "" : " and ", kRms ? "" : std::to_string(rstd.numel()));
+  check_row_norm_backward_args(op, grad_out, input, kRms ? nullptr : &mean, rstd, g.rows);
   const DeviceGuard guard(input);
   const Tensor x = input.contiguous(), dy = grad_out.contiguous();
   const auto acc = stat_dtype(x.scalar_type());

@@ -120,7 +120,20 @@ struct Moments {
   }
 };
 
-// Plain sums of two quantities (gradient reductions, sums of squares).
+// The sum of squares of a set of values (RMSNorm).
+template <typename A>
+struct SquareSum {
+  using Field = A;
+  A sum;
+
+  __device__ __forceinline__ static SquareSum identity() { return {A(0)}; }
+  __device__ __forceinline__ void add(A x) { sum += x * x; }
+  __device__ __forceinline__ static SquareSum merge(const SquareSum& a, const SquareSum& b) {
+    return {a.sum + b.sum};
+  }
+};
+
+// Plain sums of two quantities (gradient reductions).
 template <typename A>
 struct Sums {
   using Field = A;
@@ -132,31 +145,28 @@ struct Sums {
   }
 };
 
-// Moves a whole state (a struct of Fields) down the warp by `delta` lanes.
-template <typename State>
-__device__ __forceinline__ State shuffle_down(const State& s, int delta) {
+// A state (a struct of Fields) with `exchange` applied to each field.
+template <typename State, typename Exchange>
+__device__ __forceinline__ State exchange_fields(const State& s, const Exchange& exchange) {
   using Field = typename State::Field;
   constexpr int kFields = sizeof(State) / sizeof(Field);
   Field f[kFields];
   std::memcpy(f, &s, sizeof(State));
 #pragma unroll
-  for (int i = 0; i < kFields; ++i) f[i] = __shfl_down_sync(kFullMask, f[i], delta);
+  for (int i = 0; i < kFields; ++i) f[i] = exchange(f[i]);
   State out;
   std::memcpy(&out, f, sizeof(State));
   return out;
 }
 
+// The state of the lane `delta` lanes up, and of lane `lane`.
+template <typename State>
+__device__ __forceinline__ State shuffle_down(const State& s, int delta) {
+  return exchange_fields(s, [delta](auto v) { return __shfl_down_sync(kFullMask, v, delta); });
+}
 template <typename State>
 __device__ __forceinline__ State shuffle_from(const State& s, int lane) {
-  using Field = typename State::Field;
-  constexpr int kFields = sizeof(State) / sizeof(Field);
-  Field f[kFields];
-  std::memcpy(f, &s, sizeof(State));
-#pragma unroll
-  for (int i = 0; i < kFields; ++i) f[i] = __shfl_sync(kFullMask, f[i], lane);
-  State out;
-  std::memcpy(&out, f, sizeof(State));
-  return out;
+  return exchange_fields(s, [lane](auto v) { return __shfl_sync(kFullMask, v, lane); });
 }
 
 // Tree merge over the 32 lanes of a warp; lane 0 holds the total.

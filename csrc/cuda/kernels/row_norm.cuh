@@ -9,6 +9,8 @@
 
 #include "device_common.cuh"
 
+#include <type_traits>
+
 namespace bn_ext::cuda {
 
 // Threads of a block-per-row block, and rows of a warp-per-row block.
@@ -59,33 +61,24 @@ __global__ void row_norm_forward(const T* __restrict__ x, const acc_t<T>* __rest
   T* yr = y + row * D;
   // LayerNorm takes the moments about the row's first value (exact
   // differences near the mean keep a large mean's precision).
-  const A shift = kRms ? A(0) : to_acc(xr[0]);
+  const A shift = kRms || D == 0 ? A(0) : to_acc(xr[0]);
+  using State = std::conditional_t<kRms, SquareSum<A>, Moments<A>>;
+  __shared__ State scratch[kWarp];
+  State st = State::identity();
+  for_each_row_piece(xr, D, lane, lanes, vectorized, [&](int64_t j, auto w) {
+    constexpr int W = decltype(w)::value;
+    A v[W];
+    load_acc<W>(xr + j, v);
+#pragma unroll
+    for (int k = 0; k < W; ++k) st.add(v[k] - shift);
+  });
+  st = row_merge<kWarpPerRow>(st, scratch);
   A shifted_mean = A(0), rstd;
   if constexpr (kRms) {
-    __shared__ Sums<A> scratch[kWarp];
-    Sums<A> s = Sums<A>::identity();
-    for_each_row_piece(xr, D, lane, lanes, vectorized, [&](int64_t j, auto w) {
-      constexpr int W = decltype(w)::value;
-      A v[W];
-      load_acc<W>(xr + j, v);
-#pragma unroll
-      for (int k = 0; k < W; ++k) s.first += v[k] * v[k];
-    });
-    s = row_merge<kWarpPerRow>(s, scratch);
-    rstd = inverse_sqrt(s.first / A(D) + eps);
+    rstd = inverse_sqrt(st.sum / A(D) + eps);
   } else {
-    __shared__ Moments<A> scratch[kWarp];
-    Moments<A> m = Moments<A>::identity();
-    for_each_row_piece(xr, D, lane, lanes, vectorized, [&](int64_t j, auto w) {
-      constexpr int W = decltype(w)::value;
-      A v[W];
-      load_acc<W>(xr + j, v);
-#pragma unroll
-      for (int k = 0; k < W; ++k) m.add(v[k] - shift);
-    });
-    m = row_merge<kWarpPerRow>(m, scratch);
-    shifted_mean = m.mean;
-    rstd = inverse_sqrt(m.m2 / A(D) + eps);
+    shifted_mean = st.mean;
+    rstd = inverse_sqrt(st.m2 / A(D) + eps);
   }
   if (lane == 0) {
     if (!kRms) mean_out[row] = shift + shifted_mean;
