@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-import bn_ext._C  # noqa: F401  (registers the operators)
+import bn_ext._C as _C  # registers the operators; direct bindings of the functional calls
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
@@ -22,6 +22,18 @@ _batch_norm_forward = _ops.batch_norm_forward.default
 _batch_norm_update_stats = _ops.batch_norm_update_stats.default
 _layer_norm_forward = _ops.layer_norm_forward.default
 _rms_norm_forward = _ops.rms_norm_forward.default
+
+
+def _direct_call(*tensors: Tensor | None) -> bool:
+    """Whether bn_ext._C's direct bindings may stand in for torch.ops: they
+    skip torch.ops' schema-driven argument parsing (microseconds a call) but
+    are invisible to torch.compile and to __torch_function__ overrides, which
+    must see the operator call."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch.overrides.has_torch_function(tensors)
+    )
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,6 +189,10 @@ def _batch_norm(
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
+    if _direct_call(input, running_mean, running_var, weight, bias, num_batches_tracked):
+        return _C.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+        )
     out, save_mean, save_invstd = _batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and input.numel() > 0:
         with torch.no_grad():
@@ -355,6 +371,8 @@ def layer_norm(
 
     Same signature and behaviour as torch.nn.functional.layer_norm.
     """
+    if _direct_call(input, weight, bias):
+        return _C.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
     return _layer_norm_forward(input, _as_shape(normalized_shape), weight, bias, eps)[0]
 
 
@@ -369,4 +387,6 @@ def rms_norm(
     Same signature and behaviour as torch.nn.functional.rms_norm; eps None
     means the machine epsilon of the computation type (float32 for half inputs).
     """
+    if _direct_call(input, weight):
+        return _C.rms_norm(input, _as_shape(normalized_shape), weight, eps)
     return _rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]

@@ -32,15 +32,21 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, Optio
   return handle.call(input, weight, bias, running_mean, running_var, training, eps);
 }
 
+void batch_norm_update_stats(Optional running_mean, Optional running_var, const Tensor& save_mean,
+                             const Tensor& save_invstd, std::optional<double> momentum, Optional num_batches_tracked,
+                             double eps, int64_t count) {
+  static const auto handle =
+      op<void(Optional, Optional, const Tensor&, const Tensor&, std::optional<double>, Optional, double, int64_t)>(
+          "bn_ext::batch_norm_update_stats");
+  handle.call(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps, count);
+}
+
 Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
                   bool training, double momentum, double eps) {
   auto [out, save_mean, save_invstd] = batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
-    static const auto update =
-        op<void(Optional, Optional, const Tensor&, const Tensor&, std::optional<double>, Optional, double, int64_t)>(
-            "bn_ext::batch_norm_update_stats");
-    update.call(running_mean, running_var, save_mean, save_invstd, momentum, std::nullopt, eps,
-                input.numel() / input.size(1));
+    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, std::nullopt, eps,
+                            input.numel() / input.size(1));
   }
   return out;
 }

@@ -181,3 +181,68 @@ def test_opcheck_folding_ops(transposed):
     opcheck(ops.fuse_conv_bn_weights.default, (weight, None, *stats, transposed, groups))
     bn_in = (torch.randn(3), torch.rand(3) + 0.5, 1e-5, None, torch.randn(3))
     opcheck(ops.fuse_bn_conv_weights.default, (torch.randn(4, 3, 3, 3), torch.randn(4), *bn_in, 1))
+
+
+# --- the direct bindings (bn_ext._C) that eager calls use instead of torch.ops ---
+
+
+def _through_torch_ops():
+    """A __torch_function__ mode: while active, bn_ext's functions call torch.ops."""
+
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    return Recorder()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_direct_batch_norm_module_matches_the_operator_path(momentum):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5, requires_grad=True)
+    direct, via_ops = bn_ext.nn.BatchNorm2d(4, momentum=momentum), bn_ext.nn.BatchNorm2d(4, momentum=momentum)
+    for _ in range(2):
+        y_direct = direct(x)
+        with _through_torch_ops() as mode:
+            y_ops = via_ops(x)
+        assert torch.ops.bn_ext.batch_norm_forward.default in mode.calls
+        assert torch.equal(y_direct, y_ops)
+    (g_direct,) = torch.autograd.grad(y_direct.sum(), x)
+    (g_ops,) = torch.autograd.grad(y_ops.sum(), x)
+    assert torch.equal(g_direct, g_ops)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(direct, name), getattr(via_ops, name)), name
+    assert direct.num_batches_tracked.item() == 2
+
+
+def test_direct_row_norms_match_the_operator_path():
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 10, requires_grad=True)
+    w, b = torch.randn(10), torch.randn(10)
+    for fn in (lambda: bn_ext.layer_norm(x, (10,), w, b), lambda: bn_ext.layer_norm(x, [7, 10]),
+               lambda: bn_ext.rms_norm(x, 10, w), lambda: bn_ext.rms_norm(x, (10,), w, 1e-3)):
+        direct = fn()
+        with _through_torch_ops() as mode:
+            via_ops = fn()
+        assert any(str(f).startswith("bn_ext.") for f in mode.calls), mode.calls
+        assert torch.equal(direct, via_ops)
+        assert direct.grad_fn is not None
+
+
+def test_direct_bindings_raise_torch_errors():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
+        bn_ext.batch_norm(x, None, None, torch.ones(4), training=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        bn_ext.batch_norm(torch.randn(1, 3), None, None, training=True)
+    with pytest.raises(RuntimeError, match="expected input with shape"):
+        bn_ext.layer_norm(x, (3,))
+    with pytest.raises(TypeError, match="weight must be a Tensor"):
+        bn_ext.layer_norm(x, (2,), weight=[1.0, 2.0])
+    with pytest.raises(TypeError, match="normalized_shape must be a sequence of ints"):
+        bn_ext.rms_norm(x, ("a",))

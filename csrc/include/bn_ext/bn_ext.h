@@ -35,6 +35,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const
                                                       const std::optional<Tensor>& running_var, bool training,
                                                       double eps);
 
+// In place: running = (1 - f) * running + f * batch statistic, with f =
+// momentum, or 1 / num_batches_tracked when momentum is nullopt (cumulative
+// average); running_var gets the unbiased variance of `count` values per channel.
+void batch_norm_update_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                             const Tensor& save_mean, const Tensor& save_invstd, std::optional<double> momentum,
+                             const std::optional<Tensor>& num_batches_tracked, double eps, int64_t count);
+
 // (grad_input, grad_weight, grad_bias); gradients not in output_mask are empty.
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input,
                                                        const std::optional<Tensor>& weight, const Tensor& save_mean,
