@@ -249,9 +249,11 @@ def test_rms_norm_forward_backward(emu, order, rows, D, why, dtype):
     got = emu.rms_norm_forward(x, [D], w, None)
     want = cpu_ops.rms_norm_forward(x, [D], w, None)
     check_all(got, want, dtype, why)
-    got = emu.rms_norm_backward(dy, x, [D], want[1], w, None, [True, True])
-    want = cpu_ops.rms_norm_backward(dy, x, [D], want[1], w, None, [True, True])
-    check_all(got, want, dtype, why)
+    rstd = want[1]
+    for mask in ([True, True], [True, False], [False, True]):
+        got = emu.rms_norm_backward(dy, x, [D], rstd, w, None, mask)
+        want = cpu_ops.rms_norm_backward(dy, x, [D], rstd, w, None, mask)
+        check_all(got, want, dtype, f"{why}, mask {mask}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
