@@ -241,7 +241,9 @@ inline GradSums chunk_grad_sums(const T* dy, const T* x, opmath_t<T> center, con
   using Op = opmath_t<T>;
   OpVec<T> acc_dy(0), acc_dyx(0);
   Op s_dy = 0, s_dyx = 0;
-  runs([&](int64_t off, int64_t len) { accumulate_grad_run(dy + off, x + off, len, center, acc_dy, acc_dyx, s_dy, s_dyx); });
+  runs([&](int64_t off, int64_t len) {
+    accumulate_grad_run(dy + off, x + off, len, center, acc_dy, acc_dyx, s_dy, s_dyx);
+  });
   return {static_cast<double>(reduce_add(acc_dy) + s_dy), static_cast<double>(reduce_add(acc_dyx) + s_dyx)};
 }
 

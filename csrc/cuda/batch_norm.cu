@@ -35,7 +35,8 @@ int next_power_of_two(int64_t v) {
 
 // Per-channel reduction of `r` in two stages, then finish(c, total).
 template <typename T, typename R, typename Finish>
-void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finish, const at::TensorOptions& acc_options) {
+void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finish,
+                     const at::TensorOptions& acc_options) {
   using State = typename R::State;
   using A = typename R::A;
   constexpr int kFields = sizeof(State) / sizeof(A);
@@ -95,7 +96,8 @@ ChannelShift<T> channel_shift(const Tensor& x, const BatchNormGeometry& g) {
 template <typename State, typename Finish>
 void finish_without_reduction(int64_t C, const Finish& finish) {
   const auto finalize = channel_finalize<State, Finish>;
-  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(C, 8))), dim3(kWarp, 8), 0, current_stream(), static_cast<const State*>(nullptr), C, 0, finish);
+  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(C, 8))), dim3(kWarp, 8), 0, current_stream(),
+                static_cast<const State*>(nullptr), C, 0, finish);
   BN_EXT_LAUNCH_CHECK();
 }
 
@@ -271,10 +273,11 @@ void batch_norm_update_stats_cuda(const std::optional<Tensor>& running_mean, con
   const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
   auto update = [&](auto tag) {
     using A = typename decltype(tag)::type;
-    map_channels(C, RunningStatsUpdate<A>{device_data<A>(mean), device_data<A>(invstd), device_data_or_null<A>(old_mean),
-                                          device_data_or_null<A>(old_var), device_data_mut<A>(new_mean),
-                                          device_data_mut<A>(new_var), momentum.value_or(0.0),
-                                          device_data_or_null<int64_t>(batches), eps, unbias});
+    map_channels(C, RunningStatsUpdate<A>{device_data<A>(mean), device_data<A>(invstd),
+                                          device_data_or_null<A>(old_mean), device_data_or_null<A>(old_var),
+                                          device_data_mut<A>(new_mean), device_data_mut<A>(new_var),
+                                          momentum.value_or(0.0), device_data_or_null<int64_t>(batches), eps,
+                                          unbias});
   };
   if (acc == at::kDouble) {
     update(TypeTag<double>{});
