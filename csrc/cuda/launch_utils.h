@@ -74,10 +74,14 @@ void dispatch_device_type(at::ScalarType dtype, const F& f) {
 }
 
 // f(index type): 32-bit indices when every index (and a grid stride past the
-// end) fits, 64-bit otherwise.
+// end) fits, 64-bit otherwise. The emulated tests lower the limit so that
+// their small shapes reach the 64-bit kernels too.
+#ifndef BN_EXT_INDEX32_LIMIT
+#define BN_EXT_INDEX32_LIMIT (std::numeric_limits<int32_t>::max() / 2)
+#endif
 template <typename F>
 void dispatch_index_type(int64_t numel, const F& f) {
-  if (numel <= std::numeric_limits<int32_t>::max() / 2) {
+  if (numel <= BN_EXT_INDEX32_LIMIT) {
     f(int32_t{0});
   } else {
     f(int64_t{0});

@@ -2,6 +2,9 @@
 // the emulator: a Python module whose functions take CPU tensors and run the
 // device code with CUDA semantics. tests/test_cuda_emulated.py builds it.
 #define BN_EXT_CUDA_EMULATOR
+// Tensors above 1000 elements take the 64-bit index kernels, so the test
+// shapes cover both index types (the device build switches at 2^30).
+#define BN_EXT_INDEX32_LIMIT 1000
 
 #include <torch/extension.h>
 
