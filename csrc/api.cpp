@@ -2,6 +2,7 @@
 #include "bn_ext/bn_ext.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 
 namespace bn_ext {
 namespace {
@@ -42,13 +43,20 @@ void batch_norm_update_stats(Optional running_mean, Optional running_var, const 
 }
 
 Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
-                  bool training, double momentum, double eps) {
+                  bool training, std::optional<double> momentum, double eps, Optional num_batches_tracked) {
   auto [out, save_mean, save_invstd] = batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
-    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, std::nullopt, eps,
+    const c10::AutoGradMode no_grad(false);  // running statistics are buffers
+    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
                             input.numel() / input.size(1));
   }
   return out;
+}
+
+Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
+                  bool training, double momentum, double eps) {
+  return batch_norm(input, running_mean, running_var, weight, bias, training, std::optional<double>(momentum), eps,
+                    std::nullopt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input, Optional weight,

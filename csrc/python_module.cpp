@@ -73,6 +73,17 @@ void check_arg_count(Py_ssize_t given, Py_ssize_t expected, const char* function
   }
 }
 
+// Runs `call` (returning a Tensor) with the GIL released and wraps its result.
+template <typename Call>
+PyObject* call_without_gil(const Call& call) {
+  Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = call();
+  }
+  return THPVariable_Wrap(std::move(out));
+}
+
 // batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
 PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -86,19 +97,10 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto momentum = optional_float_arg(args[6], "momentum");
   const double eps = float_arg(args[7], "eps");
   const auto num_batches_tracked = optional_tensor_arg(args[8], "num_batches_tracked");
-  Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    auto [y, save_mean, save_invstd] =
-        bn_ext::batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
-    if (training && running_mean.has_value() && input.numel() > 0) {
-      const c10::AutoGradMode no_grad(false);
-      bn_ext::batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum,
-                                      num_batches_tracked, eps, input.numel() / input.size(1));
-    }
-    out = std::move(y);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return call_without_gil([&] {
+    return bn_ext::batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              num_batches_tracked);
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -111,12 +113,7 @@ PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto weight = optional_tensor_arg(args[2], "weight");
   const auto bias = optional_tensor_arg(args[3], "bias");
   const double eps = float_arg(args[4], "eps");
-  Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = bn_ext::layer_norm(input, shape, weight, bias, eps);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return call_without_gil([&] { return bn_ext::layer_norm(input, shape, weight, bias, eps); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -128,12 +125,7 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto shape = shape_arg(args[1], "normalized_shape");
   const auto weight = optional_tensor_arg(args[2], "weight");
   const auto eps = optional_float_arg(args[3], "eps");
-  Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = bn_ext::rms_norm(input, shape, weight, eps);
-  }
-  return THPVariable_Wrap(std::move(out));
+  return call_without_gil([&] { return bn_ext::rms_norm(input, shape, weight, eps); });
   END_HANDLE_TH_ERRORS
 }
 

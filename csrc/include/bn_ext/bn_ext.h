@@ -28,6 +28,13 @@ Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& running_mean
                   const std::optional<Tensor>& bias = std::nullopt, bool training = false, double momentum = 0.1,
                   double eps = 1e-5);
 
+// The same with torch.nn's BatchNorm options: momentum nullopt keeps a
+// cumulative average over num_batches_tracked (which the caller increments).
+Tensor batch_norm(const Tensor& input, const std::optional<Tensor>& running_mean,
+                  const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                  const std::optional<Tensor>& bias, bool training, std::optional<double> momentum, double eps,
+                  const std::optional<Tensor>& num_batches_tracked);
+
 // (out, save_mean, save_invstd): the statistics used (batch or running).
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, const std::optional<Tensor>& weight,
                                                       const std::optional<Tensor>& bias,
