@@ -29,6 +29,9 @@ def main(steps: int = 10) -> None:
         optimizer.step()
         if dist.get_rank() == 0:
             print(f"step {step}: loss {loss.item():.4f}")
+    # Every rank done before any tears down: a rank whose peer has already
+    # closed its gloo connections can abort at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -99,6 +99,7 @@ def _worker(rank, world, port, out_dir):
         opt.step()
         results["ddp_state"] = {k: v.detach().clone() for k, v in net.state_dict().items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down while a peer still talks to it
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
