@@ -275,6 +275,37 @@ def test_large_mean_small_std_no_worse_than_torch(layout):
     torch.testing.assert_close(rv.double(), exact_var, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("path", ["fused forward", "statistics", "channels_last"])
+def test_statistics_exact_when_chunks_start_with_outliers(path):
+    # The kernels shift each cache chunk (4,096 values) by the mean of its
+    # first 16 values and sum d and d^2 in one pass. Outliers there put the
+    # shift 16 standard deviations from the mean: the one-pass M2 would lose
+    # 8 bits (measured: variance off by 8e-6 channels-first, 1e-2 channels-last,
+    # outputs by 6e-5 and 1e-1), so such chunks must take a second pass.
+    x = make_input((2, 3, 64, 64), torch.float64, "contiguous", mean=0.0, std=1e-3)
+    x[:, :, 0, :16] = 1e3
+    x = x.float()
+    # Channels-last columns of three channels are summed by scalar loops, less
+    # precisely (torch: variance 7e-5 off, outputs 5e-4).
+    var_rtol, out_atol = (3e-6, 2e-5) if path != "channels_last" else (2e-4, 1e-3)
+    if path == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    n = x.numel() // 3
+    exact_mean = x.double().mean([0, 2, 3])
+    exact_var = x.double().var([0, 2, 3], unbiased=False)
+    if path == "statistics":
+        mean, m2 = torch.ops.bn_ext.batch_norm_stats(x)
+        var = m2 / n
+    else:
+        rm, rv = torch.zeros(3), torch.ones(3)
+        out = bn_ext.batch_norm(x, rm, rv, training=True, momentum=1.0)
+        mean, var = rm, rv * (n - 1) / n
+        exact_out = F.batch_norm(x.double(), None, None, training=True)
+        torch.testing.assert_close(out.double(), exact_out, rtol=0, atol=out_atol)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=0, atol=1e-6 * exact_var.sqrt().max().item())
+    torch.testing.assert_close(var.double(), exact_var, rtol=var_rtol, atol=0)
+
+
 def test_empty_batch_returns_empty_and_keeps_running_stats():
     w, b, rm, rv = make_params(3, torch.float32)
     rm0, rv0 = rm.clone(), rv.clone()

@@ -138,6 +138,20 @@ def test_large_mean_small_std_no_worse_than_torch(length):
     assert err_ours <= max(err_torch, 1e-4), (err_ours, err_torch)
 
 
+def test_exact_when_chunks_start_with_outliers():
+    # Each 4,096-value chunk of a row is shifted by the mean of its first 16
+    # values; outliers there make the one-pass variance lose 8 bits, so such
+    # chunks take a second pass (compare the BatchNorm test of the same name).
+    x = make_row_input((4, 8192), torch.float64, mean=0.0, std=1e-3)
+    x[:, :16] = 1e3
+    x[:, 4096:4112] = -1e3
+    x = x.float()
+    exact = F.layer_norm(x.double(), (8192,))
+    err_ours = (bn_ext.layer_norm(x, (8192,)).double() - exact).abs().max().item()
+    err_torch = (F.layer_norm(x, (8192,)).double() - exact).abs().max().item()
+    assert err_ours <= max(err_torch, 1e-5), (err_ours, err_torch)
+
+
 def test_nan_and_inf_propagate_like_torch():
     x = torch.randn(5, 16)
     x[1, 3] = float("nan")

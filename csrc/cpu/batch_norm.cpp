@@ -145,55 +145,70 @@ std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
     });
   } else {
     for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
-      const int64_t n = r1 - r0;
+      // ShiftedSums down each column: one pass with a per-column shift (the
+      // mean of the chunk's first rows), a second, in cache, for a strip in
+      // which some column's shift proved too far from its mean.
+      const int64_t n = r1 - r0, shift_rows = std::min(n, kShiftSamples);
       const Op inv_n = Op(1) / static_cast<Op>(n);
-      auto merge = [&](int64_t c, Op shift, Op offset, Op m2) {
-        chan_merge(partial[stripe * g.C + c], {n, static_cast<double>(shift) + offset, static_cast<double>(m2)});
-      };
+      auto merge = [&](int64_t c, const Moments& m) { chan_merge(partial[stripe * g.C + c], m); };
       for_each_column_strip<T>(
           c0, c1,
           [&](int64_t c, auto vectors) {
             constexpr int NV = decltype(vectors)::value;
             constexpr int64_t W = Vec::size();
-            // Two passes down the strip (in cache by the second): the sum
-            // shifted by the chunk's first row, then the squares about the mean.
-            Vec shift[NV], acc[NV], offset[NV];
-            for (int i = 0; i < NV; ++i) {
-              shift[i] = load_op(x + r0 * g.C + c + i * W);
-              acc[i] = Vec(0);
+            Vec shift[NV], sum[NV], squares[NV];
+            for (int i = 0; i < NV; ++i) shift[i] = sum[i] = squares[i] = Vec(0);
+            for (int64_t r = r0; r < r0 + shift_rows; ++r) {
+              for (int i = 0; i < NV; ++i) shift[i] += load_op(x + r * g.C + c + i * W);
             }
-            for (int64_t r = r0; r < r1; ++r) {
-              for (int i = 0; i < NV; ++i) acc[i] += load_op(x + r * g.C + c + i * W) - shift[i];
-            }
-            for (int i = 0; i < NV; ++i) {
-              offset[i] = acc[i] * Vec(inv_n);
-              acc[i] = Vec(0);
-            }
+            for (int i = 0; i < NV; ++i) shift[i] = shift[i] / Vec(static_cast<Op>(shift_rows));
             for (int64_t r = r0; r < r1; ++r) {
               for (int i = 0; i < NV; ++i) {
-                const Vec d = (load_op(x + r * g.C + c + i * W) - shift[i]) - offset[i];
-                acc[i] = at::vec::fmadd(d, d, acc[i]);
+                const Vec d = load_op(x + r * g.C + c + i * W) - shift[i];
+                sum[i] += d;
+                squares[i] = at::vec::fmadd(d, d, squares[i]);
               }
             }
             alignas(64) Op lanes[3][NV * W];
+            bool single_pass = true;
             for (int i = 0; i < NV; ++i) {
               shift[i].store(lanes[0] + i * W);
-              offset[i].store(lanes[1] + i * W);
-              acc[i].store(lanes[2] + i * W);
+              sum[i].store(lanes[1] + i * W);
+              squares[i].store(lanes[2] + i * W);
             }
-            for (int64_t l = 0; l < NV * W; ++l) merge(c + l, lanes[0][l], lanes[1][l], lanes[2][l]);
+            for (int64_t l = 0; l < NV * W; ++l) single_pass &= shift_keeps_precision(n, lanes[1][l], lanes[2][l]);
+            if (!single_pass) {
+              for (int i = 0; i < NV; ++i) squares[i] = Vec(0);
+              for (int64_t r = r0; r < r1; ++r) {
+                for (int i = 0; i < NV; ++i) {
+                  const Vec d = (load_op(x + r * g.C + c + i * W) - shift[i]) - sum[i] * Vec(inv_n);
+                  squares[i] = at::vec::fmadd(d, d, squares[i]);
+                }
+              }
+              for (int i = 0; i < NV; ++i) squares[i].store(lanes[2] + i * W);
+            }
+            for (int64_t l = 0; l < NV * W; ++l) {
+              merge(c + l, shifted_moments(n, lanes[0][l], lanes[1][l] * inv_n, lanes[1][l], lanes[2][l], single_pass));
+            }
           },
           [&](int64_t c) {
-            const Op shift = static_cast<Op>(x[r0 * g.C + c]);
-            Op sum = 0;
-            for (int64_t r = r0; r < r1; ++r) sum += static_cast<Op>(x[r * g.C + c]) - shift;
-            const Op offset = sum * inv_n;
-            Op m2 = 0;
+            Op shift = 0, sum = 0, squares = 0;
+            for (int64_t r = r0; r < r0 + shift_rows; ++r) shift += static_cast<Op>(x[r * g.C + c]);
+            shift /= static_cast<Op>(shift_rows);
             for (int64_t r = r0; r < r1; ++r) {
-              const Op d = (static_cast<Op>(x[r * g.C + c]) - shift) - offset;
-              m2 += d * d;
+              const Op d = static_cast<Op>(x[r * g.C + c]) - shift;
+              sum += d;
+              squares += d * d;
             }
-            merge(c, shift, offset, m2);
+            const bool single_pass = shift_keeps_precision(n, sum, squares);
+            if (!single_pass) {
+              squares = 0;
+              for (int64_t r = r0; r < r1; ++r) {
+                const Op d = (static_cast<Op>(x[r * g.C + c]) - shift) - sum * inv_n;
+                squares += d * d;
+              }
+            }
+            merge(c, shifted_moments(n, shift, sum * inv_n, sum, squares, single_pass));
           });
     });
   }
@@ -455,41 +470,28 @@ inline void block_runs(const BatchNormGeometry& g, int64_t c0, int64_t c1, int64
 
 // Training forward of a channels-first input whose channels reduce in one
 // stripe each: statistics and normalisation of a block of channels in one
-// task (the same chunks, two-pass moments and merge order as channel_moments).
+// task (the same chunks, shifts, sums and merge order as channel_moments).
 template <typename T>
 void fused_channels_first_forward(const T* x, T* y, const BatchNormGeometry& g, const std::vector<double>& w,
                                   const std::vector<double>& b, double eps, std::vector<double>& mean,
                                   std::vector<double>& invstd) {
-  using Op = opmath_t<T>;
-  using Vec = OpVec<T>;
   const int64_t R = g.reduce_size();
   ChannelCoefficients<T> k(g.C);
   for_each_channel_block(g, channels_per_block(g, sizeof(T)), 2, [&](int64_t c0, int64_t c1) {
     Moments m[kMaxBlockChannels];
-    Vec acc[kMaxBlockChannels];
-    Op tail[kMaxBlockChannels], shift[kMaxBlockChannels], offset[kMaxBlockChannels];
+    ShiftedSums<T> sums[kMaxBlockChannels];
     for (int64_t i = 0; i < R; i += kCacheChunk) {
       // chunk_moments for every channel of the block at once.
       const int64_t j = std::min(R, i + kCacheChunk);
+      const int64_t first_run = std::min(g.S - i % g.S, j - i);
       for (int64_t c = c0; c < c1; ++c) {
-        acc[c - c0] = Vec(0);
-        tail[c - c0] = 0;
-        shift[c - c0] = static_cast<Op>(x[(i / g.S * g.C + c) * g.S + i % g.S]);
+        sums[c - c0].start(chunk_shift(x + (i / g.S * g.C + c) * g.S + i % g.S, first_run));
       }
-      block_runs(g, c0, c1, i, j, [&](int64_t c, int64_t off, int64_t len) {
-        accumulate_shifted(x + off, len, shift[c - c0], acc[c - c0], tail[c - c0]);
-      });
+      block_runs(g, c0, c1, i, j, [&](int64_t c, int64_t off, int64_t len) { sums[c - c0].add_run(x + off, len); });
       for (int64_t c = c0; c < c1; ++c) {
-        offset[c - c0] = (reduce_add(acc[c - c0]) + tail[c - c0]) / static_cast<Op>(j - i);
-        acc[c - c0] = Vec(0);
-        tail[c - c0] = 0;
-      }
-      block_runs(g, c0, c1, i, j, [&](int64_t c, int64_t off, int64_t len) {
-        accumulate_centered_squares(x + off, len, shift[c - c0], offset[c - c0], acc[c - c0], tail[c - c0]);
-      });
-      for (int64_t c = c0; c < c1; ++c) {
-        chan_merge(m[c - c0], {j - i, static_cast<double>(shift[c - c0]) + static_cast<double>(offset[c - c0]),
-                               static_cast<double>(reduce_add(acc[c - c0]) + tail[c - c0])});
+        chan_merge(m[c - c0], sums[c - c0].finish([&](const auto& visit) {
+          channel_runs(g, c, i, j, [&](int64_t off, int64_t len) { visit(x + off, len); });
+        }));
       }
     }
     for (int64_t c = c0; c < c1; ++c) {

@@ -94,24 +94,18 @@ inline void chan_merge(Moments& a, const Moments& b) {
   a.count += b.count;
 }
 
-// Accumulates x - shift over a contiguous run into a vector accumulator and a
-// scalar one for the tail; callers reduce once per chunk, not once per run.
-// Subtracting a value of the data (the chunk's first element) keeps the sum
-// small for inputs with a large mean.
+// Values averaged into a chunk's shift. Their mean lies well within one
+// standard deviation of the chunk's mean for all but contrived data, which is
+// what lets the single-pass sums below keep the precision of two passes.
+constexpr int64_t kShiftSamples = 16;
+
+// The shift of a chunk whose first run is p[0, n): the mean of its first values.
 template <typename T>
-inline void accumulate_shifted(const T* p, int64_t n, opmath_t<T> shift, OpVec<T>& acc, opmath_t<T>& tail) {
-  using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec vshift(shift);
-  Vec acc1(0);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    acc += load_op(p + i) - vshift;
-    acc1 += load_op(p + i + W) - vshift;
-  }
-  for (; i + W <= n; i += W) acc += load_op(p + i) - vshift;
-  acc += acc1;
-  for (; i < n; ++i) tail += static_cast<opmath_t<T>>(p[i]) - shift;
+inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
+  const int64_t m = std::min(n, kShiftSamples);
+  opmath_t<T> sum = 0;
+  for (int64_t i = 0; i < m; ++i) sum += static_cast<opmath_t<T>>(p[i]);
+  return m > 0 ? sum / static_cast<opmath_t<T>>(m) : opmath_t<T>(0);
 }
 
 // Accumulates ((x - shift) - offset)^2 over a contiguous run: the second pass
@@ -141,25 +135,94 @@ inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift
   }
 }
 
-// Two passes over the runs of one cache-sized chunk: `runs(visit)` calls
-// visit(pointer, length) for each run. Returns the chunk's moments.
+// Whether the single-pass M2 = sum(d^2) - sum(d)^2 / n of n values
+// d = x - shift keeps the precision of a two-pass one: it does while the
+// shift lies within a standard deviation of the mean (sum(d)^2 / n <= M2).
+inline bool shift_keeps_precision(int64_t n, double sum, double squares) {
+  return sum * sum <= 0.5 * static_cast<double>(n) * squares;
+}
+
+// Moments of n values from their shift, offset = sum(d) / n and either the
+// single-pass sums (sum(d), sum(d^2)) or, when !single_pass, `squares` already
+// taken about the mean.
+template <typename Op>
+inline Moments shifted_moments(int64_t n, Op shift, Op offset, double sum, double squares, bool single_pass) {
+  const double mean = static_cast<double>(shift) + static_cast<double>(offset);
+  return {n, mean, single_pass ? squares - sum * sum / static_cast<double>(n) : squares};
+}
+
+// Moments of one cache-sized chunk in a single pass: sums of d = x - shift and
+// of d^2, so M2 = sum(d^2) - sum(d)^2 / n. That difference loses precision
+// only when the shift is far from the mean; then (sum(d)^2 / n > M2, i.e. the
+// shift is over a standard deviation away) the chunk, still in L1, is walked
+// a second time for the squares about its mean, as a two-pass variance would.
+template <typename T>
+struct ShiftedSums {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  Op shift = 0;
+  Vec sum = Vec(0), squares = Vec(0);
+  Op tail_sum = 0, tail_squares = 0;
+  int64_t count = 0;
+
+  void start(Op chunk_shift_value) {
+    *this = ShiftedSums();
+    shift = chunk_shift_value;
+  }
+
+  void add_run(const T* p, int64_t n) {
+    constexpr int64_t W = Vec::size();
+    const Vec vshift(shift);
+    Vec sum1(0), squares1(0);
+    int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const Vec d0 = load_op(p + i) - vshift;
+      const Vec d1 = load_op(p + i + W) - vshift;
+      sum += d0;
+      sum1 += d1;
+      squares = at::vec::fmadd(d0, d0, squares);
+      squares1 = at::vec::fmadd(d1, d1, squares1);
+    }
+    for (; i + W <= n; i += W) {
+      const Vec d = load_op(p + i) - vshift;
+      sum += d;
+      squares = at::vec::fmadd(d, d, squares);
+    }
+    sum += sum1;
+    squares += squares1;
+    for (; i < n; ++i) {
+      const Op d = static_cast<Op>(p[i]) - shift;
+      tail_sum += d;
+      tail_squares += d * d;
+    }
+    count += n;
+  }
+
+  // `runs(visit)` calls visit(pointer, length) for the chunk's runs again,
+  // for the second pass when one is needed.
+  template <typename Runs>
+  Moments finish(const Runs& runs) const {
+    if (count == 0) return {};
+    const Op s1 = reduce_add(sum) + tail_sum, s2 = reduce_add(squares) + tail_squares;
+    const Op offset = s1 / static_cast<Op>(count);
+    if (shift_keeps_precision(count, s1, s2)) return shifted_moments(count, shift, offset, s1, s2, true);
+    Vec acc(0);
+    Op tail = 0;
+    runs([&](const T* p, int64_t len) { accumulate_centered_squares(p, len, shift, offset, acc, tail); });
+    return shifted_moments(count, shift, offset, s1, reduce_add(acc) + tail, false);
+  }
+};
+
+// Moments of one cache-sized chunk: `runs(visit)` calls visit(pointer, length)
+// for each of its runs.
 template <typename T, typename Runs>
 inline Moments chunk_moments(const Runs& runs) {
-  using Op = opmath_t<T>;
-  OpVec<T> acc(0);
-  Op tail = 0, shift = 0;
-  int64_t n = 0;
+  ShiftedSums<T> sums;
   runs([&](const T* p, int64_t len) {
-    if (n == 0) shift = static_cast<Op>(p[0]);
-    accumulate_shifted(p, len, shift, acc, tail);
-    n += len;
+    if (sums.count == 0) sums.start(chunk_shift(p, len));
+    sums.add_run(p, len);
   });
-  if (n == 0) return {};
-  const Op offset = (reduce_add(acc) + tail) / static_cast<Op>(n);
-  acc = OpVec<T>(0);
-  tail = 0;
-  runs([&](const T* p, int64_t len) { accumulate_centered_squares(p, len, shift, offset, acc, tail); });
-  return {n, static_cast<double>(shift) + static_cast<double>(offset), static_cast<double>(reduce_add(acc) + tail)};
+  return sums.finish(runs);
 }
 
 // Moments of a long contiguous run: cache-sized chunks merged in order.
