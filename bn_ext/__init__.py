@@ -11,10 +11,19 @@ from bn_ext.fold import (
     fuse_linear_bn,
 )
 from bn_ext.functional import batch_norm, layer_norm, rms_norm
+from bn_ext.memory import (
+    CpuOutputCacheStats,
+    cpu_output_cache_stats,
+    empty_cpu_output_cache,
+    set_cpu_output_cache_limit,
+)
 
 __all__ = [
+    "CpuOutputCacheStats",
     "FoldReport",
     "batch_norm",
+    "cpu_output_cache_stats",
+    "empty_cpu_output_cache",
     "fold_model",
     "fuse_bn_conv",
     "fuse_bn_linear",
@@ -24,5 +33,6 @@ __all__ = [
     "layer_norm",
     "nn",
     "rms_norm",
+    "set_cpu_output_cache_limit",
 ]
 __version__ = "0.1.0"

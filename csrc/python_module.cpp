@@ -129,6 +129,31 @@ PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// cpu_output_cache_stats() -> (limit, cached, in use, hits, misses)
+PyObject* cpu_output_cache_stats(PyObject*, PyObject*) {
+  const auto s = bn_ext::cpu_output_cache_stats();
+  using ull = unsigned long long;
+  return Py_BuildValue("(KKKKK)", ull(s.limit_bytes), ull(s.cached_bytes), ull(s.in_use_bytes), ull(s.hits),
+                       ull(s.misses));
+}
+
+// set_cpu_output_cache_limit(nbytes); bn_ext/memory.py checks the argument.
+PyObject* set_cpu_output_cache_limit(PyObject*, PyObject* nbytes) {
+  HANDLE_TH_ERRORS
+  const unsigned long long bytes = PyLong_AsUnsignedLongLong(nbytes);
+  if (PyErr_Occurred()) return nullptr;
+  bn_ext::set_cpu_output_cache_limit(static_cast<size_t>(bytes));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* empty_cpu_output_cache(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  bn_ext::empty_cpu_output_cache();
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_norm)), METH_FASTCALL,
      "bn_ext.batch_norm's direct binding (training updates the running statistics)"},
@@ -136,6 +161,9 @@ PyMethodDef methods[] = {
      "bn_ext.layer_norm's direct binding"},
     {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rms_norm)), METH_FASTCALL,
      "bn_ext.rms_norm's direct binding"},
+    {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "bn_ext.cpu_output_cache_stats's binding"},
+    {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O, "bn_ext.set_cpu_output_cache_limit's binding"},
+    {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "bn_ext.empty_cpu_output_cache's binding"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -103,6 +103,24 @@ std::tuple<Tensor, Tensor> fuse_linear_bn_weights(const Tensor& linear_weight,
                                                   const std::optional<Tensor>& bn_weight,
                                                   const std::optional<Tensor>& bn_bias);
 
+// Large CPU outputs (4 MB and more) take their memory from a cache of the
+// memory of freed bn_ext outputs, so that a training loop, whose outputs have
+// the same sizes every step, stops paying the OS's page faults and zeroing
+// after its first step. The cache keeps at most a limit of freed memory
+// (1 GiB, or BN_EXT_OUTPUT_CACHE_BYTES at start); live outputs do not count.
+struct CpuOutputCacheStats {
+  size_t limit_bytes;   // the most freed memory the cache keeps
+  size_t cached_bytes;  // freed memory it keeps now
+  size_t in_use_bytes;  // memory of live outputs it handed out
+  size_t hits;          // outputs served from kept memory
+  size_t misses;        // outputs that took new memory
+};
+CpuOutputCacheStats cpu_output_cache_stats();
+// Sets the limit and releases kept memory beyond it; 0 turns the cache off.
+void set_cpu_output_cache_limit(size_t bytes);
+// Releases all kept memory; the limit stays.
+void empty_cpu_output_cache();
+
 // Names of every bn_ext operator ("bn_ext::batch_norm_forward", ...).
 std::vector<const char*> operator_names();
 
