@@ -26,6 +26,11 @@ constexpr int64_t kMaxReductionTasks = 256;
 constexpr int64_t kMinStripe = 65536;
 // Channels one channels-last reduction task handles.
 constexpr int64_t kChannelBlock = 256;
+// Rows per chunk of a channels-last reduction: each column's float sums stay
+// short, one float64 merge per channel amortises over many rows (128 rows
+// made the merges cost as much as the reading), and a chunk of 256 channels
+// (512 KB of float) stays in L2 for a second pass.
+constexpr int64_t kChunkRows = 512;
 // Rows per tile of the channels-last elementwise pass (a tile stays in L2).
 constexpr int64_t kRowTile = 32;
 
@@ -100,21 +105,21 @@ void for_each_channels_last_chunk(const BatchNormGeometry& g, int64_t stripes, c
   const int64_t M = g.reduce_size();
   const int64_t blocks = (g.C + kChannelBlock - 1) / kChannelBlock;
   const int64_t block_width = std::min(g.C, kChannelBlock);
-  // Rows per chunk: the chunk (a few hundred KB) stays in L2 for the second pass.
-  const int64_t chunk_rows = std::max<int64_t>(1, 8 * kCacheChunk / std::max<int64_t>(block_width, 1));
   at::parallel_for(0, stripes * blocks, grain_for(M / stripes * block_width), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t stripe = task / blocks, block = task % blocks;
       const int64_t c0 = block * kChannelBlock, c1 = std::min(g.C, c0 + kChannelBlock);
       const int64_t lo = part_begin(stripe, stripes, M), hi = part_begin(stripe + 1, stripes, M);
-      for (int64_t r = lo; r < hi; r += chunk_rows) fn(stripe, c0, c1, r, std::min(hi, r + chunk_rows));
+      for (int64_t r = lo; r < hi; r += kChunkRows) fn(stripe, c0, c1, r, std::min(hi, r + kChunkRows));
     }
   });
 }
 
 int64_t stripe_count(const BatchNormGeometry& g) {
   const int64_t tasks_per_stripe = g.channels_last ? (g.C + kChannelBlock - 1) / kChannelBlock : g.C;
-  const int64_t min_rows = g.channels_last ? std::max<int64_t>(1, kMinStripe / std::max<int64_t>(g.C, 1)) : kMinStripe;
+  // A channels-last task reads a stripe of rows across a block of channels.
+  const int64_t min_rows =
+      g.channels_last ? std::max<int64_t>(1, kMinStripe / std::clamp<int64_t>(g.C, 1, kChannelBlock)) : kMinStripe;
   return part_count(g.reduce_size(), min_rows, kMaxReductionTasks / std::max<int64_t>(tasks_per_stripe, 1));
 }
 
