@@ -236,8 +236,7 @@ struct GradSums {
 // accumulators and scalar tails; callers reduce once per chunk.
 template <typename T>
 inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t<T> center, OpVec<T>& acc_dy,
-                                OpVec<T>& acc_dyx, opmath_t<T>& s_dy, opmath_t<T>& s_dyx) {
-  using Op = opmath_t<T>;
+                                OpVec<T>& acc_dyx) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vcenter(center);
@@ -247,10 +246,11 @@ inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t
     acc_dy += vdy;
     acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
   }
-  for (; i < len; ++i) {
-    const Op d = static_cast<Op>(pdy[i]);
-    s_dy += d;
-    s_dyx += d * (static_cast<Op>(px[i]) - center);
+  if (i < len) {
+    // The masked lanes load dy = 0: they add nothing to either sum.
+    const Vec vdy = load_op_partial(pdy + i, len - i);
+    acc_dy += vdy;
+    acc_dyx = at::vec::fmadd(vdy, load_op_partial(px + i, len - i) - vcenter, acc_dyx);
   }
 }
 
@@ -258,13 +258,9 @@ inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t
 // op-math within the chunk, float64 out.
 template <typename T, typename Runs>
 inline GradSums chunk_grad_sums(const T* dy, const T* x, opmath_t<T> center, const Runs& runs) {
-  using Op = opmath_t<T>;
   OpVec<T> acc_dy(0), acc_dyx(0);
-  Op s_dy = 0, s_dyx = 0;
-  runs([&](int64_t off, int64_t len) {
-    accumulate_grad_run(dy + off, x + off, len, center, acc_dy, acc_dyx, s_dy, s_dyx);
-  });
-  return {static_cast<double>(reduce_add(acc_dy) + s_dy), static_cast<double>(reduce_add(acc_dyx) + s_dyx)};
+  runs([&](int64_t off, int64_t len) { accumulate_grad_run(dy + off, x + off, len, center, acc_dy, acc_dyx); });
+  return {static_cast<double>(reduce_add(acc_dy)), static_cast<double>(reduce_add(acc_dyx))};
 }
 
 template <typename T>
@@ -342,14 +338,21 @@ struct ChannelCoefficients {
   explicit ChannelCoefficients(int64_t C) : alpha(C), beta(C), gamma(C), center(C) {}
 };
 
-// out[i..i+W) = [dy * alpha] + [(x - center) * beta] + gamma, one vector.
+// out[i..i+count) = [dy * alpha] + [(x - center) * beta] + gamma, one vector
+// (count < W: a masked tail).
 template <typename T, bool kUseDy, bool kUseX>
 inline void affine_vector(T* out, const T* dy, const T* x, int64_t i, const OpVec<T>& alpha, const OpVec<T>& beta,
-                          const OpVec<T>& gamma, const OpVec<T>& center) {
+                          const OpVec<T>& gamma, const OpVec<T>& center, int64_t count = OpVec<T>::size()) {
+  const bool full = count == OpVec<T>::size();
+  auto load = [&](const T* p) { return full ? load_op(p + i) : load_op_partial(p + i, count); };
   OpVec<T> v = gamma;
-  if constexpr (kUseX) v = at::vec::fmadd(load_op(x + i) - center, beta, v);
-  if constexpr (kUseDy) v = at::vec::fmadd(load_op(dy + i), alpha, v);
-  store_op(out + i, v);
+  if constexpr (kUseX) v = at::vec::fmadd(load(x) - center, beta, v);
+  if constexpr (kUseDy) v = at::vec::fmadd(load(dy), alpha, v);
+  if (full) {
+    store_op(out + i, v);
+  } else {
+    store_op_partial(out + i, v, count);
+  }
 }
 
 // The same for the single element out[i].
@@ -370,8 +373,27 @@ inline void affine_run(T* out, const T* dy, const T* x, int64_t begin, int64_t e
   constexpr int64_t W = Vec::size();
   const Vec valpha(alpha), vbeta(beta), vgamma(gamma), vcenter(center);
   int64_t i = begin;
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    // Two float vectors per half-type vector: converting them back together
+    // packs 32 values at once, cheaper than twice 16.
+    using HalfVec = at::vec::Vectorized<T>;
+    for (; i + 2 * W <= end; i += 2 * W) {
+      Vec v0 = vgamma, v1 = vgamma;
+      if constexpr (kUseX) {
+        auto [x0, x1] = at::vec::convert_to_float<T>(HalfVec::loadu(x + i));
+        v0 = at::vec::fmadd(x0 - vcenter, vbeta, v0);
+        v1 = at::vec::fmadd(x1 - vcenter, vbeta, v1);
+      }
+      if constexpr (kUseDy) {
+        auto [d0, d1] = at::vec::convert_to_float<T>(HalfVec::loadu(dy + i));
+        v0 = at::vec::fmadd(d0, valpha, v0);
+        v1 = at::vec::fmadd(d1, valpha, v1);
+      }
+      at::vec::convert_from_float<T>(v0, v1).store(out + i);
+    }
+  }
   for (; i + W <= end; i += W) affine_vector<T, kUseDy, kUseX>(out, dy, x, i, valpha, vbeta, vgamma, vcenter);
-  for (; i < end; ++i) affine_scalar<T, kUseDy, kUseX>(out, dy, x, i, alpha, beta, gamma, center);
+  if (i < end) affine_vector<T, kUseDy, kUseX>(out, dy, x, i, valpha, vbeta, vgamma, vcenter, end - i);
 }
 
 template <typename T, bool kUseDy, bool kUseX>
@@ -447,12 +469,19 @@ inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, doubl
 // miss. Per channel the arithmetic is exactly the unblocked one (the same
 // chunks, runs and order), so blocking changes no result. A block's data
 // stays within this many bytes, so the last pass finds it in L2.
+// Blocks are also small enough for every thread to get several: with a few
+// large blocks the threads' shares differ by a whole block (N32 C98 16x16
+// bfloat16 made four blocks, 64 channels for one thread, 34 for the other).
+// Results do not depend on the block size, so it may depend on the threads.
 constexpr int64_t kBlockBytes = 512 * 1024;
 constexpr int64_t kMaxBlockChannels = 64;
+constexpr int64_t kBlocksPerThread = 4;
 
 int64_t channels_per_block(const BatchNormGeometry& g, int64_t element_bytes) {
   const int64_t channel_bytes = std::max<int64_t>(1, g.reduce_size() * element_bytes);
-  return std::clamp<int64_t>(kBlockBytes / channel_bytes, 1, kMaxBlockChannels);
+  const int64_t blocks = kBlocksPerThread * at::get_num_threads();
+  return std::clamp<int64_t>(std::min(kBlockBytes / channel_bytes, (g.C + blocks - 1) / blocks), 1,
+                             kMaxBlockChannels);
 }
 
 // fn(c0, c1) for blocks of channels [c0, c1), in parallel.
@@ -543,20 +572,17 @@ void fused_channels_first_backward(const T* dy, const T* x, T* dx, const BatchNo
   for_each_channel_block(g, block, 3, [&](int64_t c0, int64_t c1) {
     GradSums total[kMaxBlockChannels];
     Vec acc_dy[kMaxBlockChannels], acc_dyx[kMaxBlockChannels];
-    Op s_dy[kMaxBlockChannels], s_dyx[kMaxBlockChannels];
     for (int64_t i = 0; i < R; i += kCacheChunk) {
       // chunk_grad_sums for every channel of the block at once.
       for (int64_t c = c0; c < c1; ++c) {
         acc_dy[c - c0] = acc_dyx[c - c0] = Vec(0);
-        s_dy[c - c0] = s_dyx[c - c0] = 0;
       }
       block_runs(g, c0, c1, i, std::min(R, i + kCacheChunk), [&](int64_t c, int64_t off, int64_t len) {
-        accumulate_grad_run(dy + off, x + off, len, k.center[c], acc_dy[c - c0], acc_dyx[c - c0], s_dy[c - c0],
-                            s_dyx[c - c0]);
+        accumulate_grad_run(dy + off, x + off, len, k.center[c], acc_dy[c - c0], acc_dyx[c - c0]);
       });
       for (int64_t c = c0; c < c1; ++c) {
-        total[c - c0].dy += static_cast<double>(reduce_add(acc_dy[c - c0]) + s_dy[c - c0]);
-        total[c - c0].dy_xc += static_cast<double>(reduce_add(acc_dyx[c - c0]) + s_dyx[c - c0]);
+        total[c - c0].dy += static_cast<double>(reduce_add(acc_dy[c - c0]));
+        total[c - c0].dy_xc += static_cast<double>(reduce_add(acc_dyx[c - c0]));
       }
     }
     for (int64_t c = c0; c < c1; ++c) {

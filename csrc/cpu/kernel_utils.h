@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 
 namespace bn_ext::cpu {
@@ -65,6 +66,28 @@ inline void store_op(T* p, const OpVec<T>& v) {
   }
 }
 
+// The first `count` (< OpVec<T>::size()) elements at p as op-math, the other
+// lanes zero, for the tail of a run: one masked vector instead of a scalar
+// loop (on AVX-512 nothing past p + count is touched; AVX2 copies through a buffer).
+template <typename T>
+inline OpVec<T> load_op_partial(const T* p, int64_t count) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count)));
+  } else {
+    return OpVec<T>::loadu(p, count);
+  }
+}
+
+// Stores the first `count` lanes of v as T.
+template <typename T>
+inline void store_op_partial(T* p, const OpVec<T>& v, int64_t count) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(v, v).store(p, count);
+  } else {
+    v.store(p, count);
+  }
+}
+
 // Sum of the lanes, by a fixed shuffle tree: depends on the data only.
 template <typename Acc>
 inline Acc reduce_add(const at::vec::Vectorized<Acc>& v) {
@@ -112,7 +135,7 @@ inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
 // of a two-pass variance, with mean = shift + offset kept in two parts.
 template <typename T>
 inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift, opmath_t<T> offset,
-                                        OpVec<T>& acc, opmath_t<T>& tail) {
+                                        OpVec<T>& acc) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), voffset(offset);
@@ -128,11 +151,11 @@ inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift
     const Vec d = (load_op(p + i) - vshift) - voffset;
     acc = at::vec::fmadd(d, d, acc);
   }
-  acc += acc1;
-  for (; i < n; ++i) {
-    const opmath_t<T> d = (static_cast<opmath_t<T>>(p[i]) - shift) - offset;
-    tail += d * d;
+  if (i < n) {
+    const Vec d = Vec::set(Vec(0), (load_op_partial(p + i, n - i) - vshift) - voffset, n - i);
+    acc = at::vec::fmadd(d, d, acc);
   }
+  acc += acc1;
 }
 
 // Whether the single-pass M2 = sum(d^2) - sum(d)^2 / n of n values
@@ -162,7 +185,6 @@ struct ShiftedSums {
   using Vec = OpVec<T>;
   Op shift = 0;
   Vec sum = Vec(0), squares = Vec(0);
-  Op tail_sum = 0, tail_squares = 0;
   int64_t count = 0;
 
   void start(Op chunk_shift_value) {
@@ -188,13 +210,13 @@ struct ShiftedSums {
       sum += d;
       squares = at::vec::fmadd(d, d, squares);
     }
+    if (i < n) {
+      const Vec d = Vec::set(Vec(0), load_op_partial(p + i, n - i) - vshift, n - i);
+      sum += d;
+      squares = at::vec::fmadd(d, d, squares);
+    }
     sum += sum1;
     squares += squares1;
-    for (; i < n; ++i) {
-      const Op d = static_cast<Op>(p[i]) - shift;
-      tail_sum += d;
-      tail_squares += d * d;
-    }
     count += n;
   }
 
@@ -203,13 +225,12 @@ struct ShiftedSums {
   template <typename Runs>
   Moments finish(const Runs& runs) const {
     if (count == 0) return {};
-    const Op s1 = reduce_add(sum) + tail_sum, s2 = reduce_add(squares) + tail_squares;
+    const Op s1 = reduce_add(sum), s2 = reduce_add(squares);
     const Op offset = s1 / static_cast<Op>(count);
     if (shift_keeps_precision(count, s1, s2)) return shifted_moments(count, shift, offset, s1, s2, true);
     Vec acc(0);
-    Op tail = 0;
-    runs([&](const T* p, int64_t len) { accumulate_centered_squares(p, len, shift, offset, acc, tail); });
-    return shifted_moments(count, shift, offset, s1, reduce_add(acc) + tail, false);
+    runs([&](const T* p, int64_t len) { accumulate_centered_squares(p, len, shift, offset, acc); });
+    return shifted_moments(count, shift, offset, s1, reduce_add(acc), false);
   }
 };
 
