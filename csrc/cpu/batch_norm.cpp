@@ -240,18 +240,21 @@ inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vcenter(center);
+  Vec sum_dy = acc_dy, sum_dyx = acc_dyx;  // in registers, not through the references
   int64_t i = 0;
   for (; i + W <= len; i += W) {
     const Vec vdy = load_op(pdy + i);
-    acc_dy += vdy;
-    acc_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, acc_dyx);
+    sum_dy += vdy;
+    sum_dyx = at::vec::fmadd(vdy, load_op(px + i) - vcenter, sum_dyx);
   }
   if (i < len) {
     // The masked lanes load dy = 0: they add nothing to either sum.
     const Vec vdy = load_op_partial(pdy + i, len - i);
-    acc_dy += vdy;
-    acc_dyx = at::vec::fmadd(vdy, load_op_partial(px + i, len - i) - vcenter, acc_dyx);
+    sum_dy += vdy;
+    sum_dyx = at::vec::fmadd(vdy, load_op_partial(px + i, len - i) - vcenter, sum_dyx);
   }
+  acc_dy = sum_dy;
+  acc_dyx = sum_dyx;
 }
 
 // sum(dy) and sum(dy * (x - center)) over the runs of one chunk of a channel:

@@ -139,23 +139,23 @@ inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vshift(shift), voffset(offset);
-  Vec acc1(0);
+  Vec acc0 = acc, acc1(0);  // in registers, not through the reference
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const Vec d0 = (load_op(p + i) - vshift) - voffset;
     const Vec d1 = (load_op(p + i + W) - vshift) - voffset;
-    acc = at::vec::fmadd(d0, d0, acc);
+    acc0 = at::vec::fmadd(d0, d0, acc0);
     acc1 = at::vec::fmadd(d1, d1, acc1);
   }
   for (; i + W <= n; i += W) {
     const Vec d = (load_op(p + i) - vshift) - voffset;
-    acc = at::vec::fmadd(d, d, acc);
+    acc0 = at::vec::fmadd(d, d, acc0);
   }
   if (i < n) {
     const Vec d = Vec::set(Vec(0), (load_op_partial(p + i, n - i) - vshift) - voffset, n - i);
-    acc = at::vec::fmadd(d, d, acc);
+    acc0 = at::vec::fmadd(d, d, acc0);
   }
-  acc += acc1;
+  acc = acc0 + acc1;
 }
 
 // Whether the single-pass M2 = sum(d^2) - sum(d)^2 / n of n values
@@ -194,29 +194,31 @@ struct ShiftedSums {
 
   void add_run(const T* p, int64_t n) {
     constexpr int64_t W = Vec::size();
+    // Local accumulators: members stay in memory across the loads from p
+    // (which may alias them as far as the compiler knows).
     const Vec vshift(shift);
-    Vec sum1(0), squares1(0);
+    Vec sum0 = sum, squares0 = squares, sum1(0), squares1(0);
     int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
       const Vec d0 = load_op(p + i) - vshift;
       const Vec d1 = load_op(p + i + W) - vshift;
-      sum += d0;
+      sum0 += d0;
       sum1 += d1;
-      squares = at::vec::fmadd(d0, d0, squares);
+      squares0 = at::vec::fmadd(d0, d0, squares0);
       squares1 = at::vec::fmadd(d1, d1, squares1);
     }
     for (; i + W <= n; i += W) {
       const Vec d = load_op(p + i) - vshift;
-      sum += d;
-      squares = at::vec::fmadd(d, d, squares);
+      sum0 += d;
+      squares0 = at::vec::fmadd(d, d, squares0);
     }
     if (i < n) {
       const Vec d = Vec::set(Vec(0), load_op_partial(p + i, n - i) - vshift, n - i);
-      sum += d;
-      squares = at::vec::fmadd(d, d, squares);
+      sum0 += d;
+      squares0 = at::vec::fmadd(d, d, squares0);
     }
-    sum += sum1;
-    squares += squares1;
+    sum = sum0 + sum1;
+    squares = squares0 + squares1;
     count += n;
   }
 
