@@ -4,8 +4,10 @@ Environment switches:
   BN_EXT_WITH_CUDA=1|0        force the CUDA kernels in or out (default: in when
                               a CUDA toolkit is found and torch is a CUDA build;
                               a GPU is never required to build).
-  BN_EXT_CPU_CAPABILITY=...   SIMD level of the CPU kernels on x86-64: AVX512,
-                              AVX2 or DEFAULT (no SIMD flags). Default: the
+  BN_EXT_CPU_CAPABILITY=...   SIMD level of the CPU kernels on x86-64:
+                              AVX512_BF16 (AVX512 with the bfloat16 conversion
+                              instructions), AVX512, AVX2 or DEFAULT (no SIMD
+                              flags). Default: the
                               best the building machine supports; set AVX2 for
                               a build that runs on any x86-64 CPU of the last decade.
   CUDA_HOME                   the CUDA toolkit root, when it cannot be found
@@ -77,6 +79,8 @@ def best_cpu_capability():
             flags = set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
         return "AVX2"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
+        return "AVX512_BF16"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "AVX512"
     if {"avx2", "fma", "f16c"} <= flags:
@@ -88,13 +92,17 @@ def cpu_simd_flags():
     level = os.environ.get("BN_EXT_CPU_CAPABILITY", "").upper() or best_cpu_capability()
     if platform.machine() not in ("x86_64", "AMD64") or level == "DEFAULT":
         return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
     flags = {
         "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-        "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+        "AVX512": avx512,
+        # ATen's AVX512 vectors, plus the bfloat16 conversion instructions.
+        "AVX512_BF16": avx512 + ["-mavx512bf16", "-DBN_EXT_AVX512_BF16"],
     }
     if level not in flags:
-        raise SystemExit(f"BN_EXT_CPU_CAPABILITY must be DEFAULT, AVX2 or AVX512, got {level!r}")
-    return flags[level] + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{level}"]
+        raise SystemExit(f"BN_EXT_CPU_CAPABILITY must be DEFAULT, AVX2, AVX512 or AVX512_BF16, got {level!r}")
+    aten_level = level.removesuffix("_BF16")
+    return flags[level] + [f"-DCPU_CAPABILITY={aten_level}", f"-DCPU_CAPABILITY_{aten_level}"]
 
 
 def extensions():

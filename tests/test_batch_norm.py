@@ -306,6 +306,44 @@ def test_statistics_exact_when_chunks_start_with_outliers(path):
     torch.testing.assert_close(var.double(), exact_var, rtol=var_rtol, atol=0)
 
 
+def special_floats(n):
+    """n float32 values that stress rounding to a half type: ties to even both
+    ways, values just off a tie, denormals, the largest normals, infinities,
+    NaN and zeros; random normals fill the rest."""
+    bits = [
+        0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF,  # bfloat16 ties (to even) and near-ties
+        0x3F801000, 0x3F803000, 0x3F801001,  # float16 ties and a near-tie
+        0x00000001, 0x00400000, 0x807FFFFF, 0x00008000,  # float32 denormals
+        0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x477FF000,  # smallest/largest normals, float16 overflow edge
+        0x7F800000, 0xFF800000, 0x7FC00000, 0x00000000,
+    ]
+    special = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    g = torch.Generator().manual_seed(3)
+    rest = torch.randn(n - len(bits), generator=g) * torch.logspace(-30, 30, n - len(bits))
+    return torch.cat([special, rest.float()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+def test_half_outputs_round_like_torch(dtype, layout):
+    # Eval mode with x = 0, running mean 0 and running variance 1 - eps gives
+    # y = bias exactly in float32, so the output is the rounding of the bias
+    # to the half type alone, which must be torch's (to nearest, ties to even,
+    # denormals kept, on every vector path: runs of 49 have masked tails).
+    C = 64
+    bias = special_floats(C)
+    shape = (3, C) if layout == "2d" else (3, C, 7, 7)
+    x = torch.zeros(shape, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    eps = 2.0**-10
+    rm, rv = torch.zeros(C), torch.full((C,), 1.0 - eps)
+    out = bn_ext.batch_norm(x, rm, rv, torch.ones(C), bias, training=False, eps=eps)
+    want = bias.to(dtype).view(1, C, *([1] * (len(shape) - 2))).expand(shape)
+    same = (out.view(torch.int16) == want.contiguous().view(torch.int16)) | (out.isnan() & want.isnan())
+    assert same.all(), out.flatten()[~same.flatten()][:8]
+
+
 def test_empty_batch_returns_empty_and_keeps_running_stats():
     w, b, rm, rv = make_params(3, torch.float32)
     rm0, rv0 = rm.clone(), rv.clone()

@@ -392,7 +392,7 @@ inline void affine_run(T* out, const T* dy, const T* x, int64_t begin, int64_t e
         v0 = at::vec::fmadd(d0, valpha, v0);
         v1 = at::vec::fmadd(d1, valpha, v1);
       }
-      at::vec::convert_from_float<T>(v0, v1).store(out + i);
+      round_to_half_type<T>(v0, v1).store(out + i);
     }
   }
   for (; i + W <= end; i += W) affine_vector<T, kUseDy, kUseX>(out, dy, x, i, valpha, vbeta, vgamma, vcenter);
