@@ -11,7 +11,7 @@ first step its outputs stop faulting.
 The cache keeps at most a limit of freed memory (1 GiB by default, or the
 environment variable BN_EXT_OUTPUT_CACHE_BYTES read at start); the memory of
 live outputs does not count against it. ``set_cpu_output_cache_limit(0)``
-turns the cache off.
+turns the cache off (large outputs are still advised for huge pages).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def cpu_output_cache_stats() -> CpuOutputCacheStats:
 
 def set_cpu_output_cache_limit(nbytes: int) -> None:
     """Keeps at most ``nbytes`` of freed output memory, releasing what is kept
-    beyond it now; 0 turns the cache off."""
+    beyond it now; 0 keeps nothing."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 0:

@@ -40,14 +40,38 @@ struct Block {
   size_t capacity;
 };
 
+// A 2 MB-aligned mapping of `capacity` bytes of its own (malloc would take
+// such sizes from its heap once its mmap threshold has grown, and hand back
+// pages that heap trimming and regrowth fault in anew).
 void* new_block_memory(size_t capacity) {
-  void* data = std::aligned_alloc(kHugePage, capacity);
-  TORCH_CHECK(data != nullptr, "bn_ext: out of memory allocating an output of ", capacity, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#ifdef __linux__
+  void* mapped = mmap(nullptr, capacity + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(mapped != MAP_FAILED, "bn_ext: out of memory allocating an output of ", capacity, " bytes");
+  const auto begin = reinterpret_cast<uintptr_t>(mapped);
+  const uintptr_t aligned = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+  if (aligned > begin) munmap(mapped, aligned - begin);
+  const size_t tail = kHugePage - (aligned - begin);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + capacity), tail);
+  void* data = reinterpret_cast<void*>(aligned);
+#ifdef MADV_HUGEPAGE
   // Advice only: a kernel without THP, or a refusal, leaves ordinary pages.
   (void)madvise(data, capacity, MADV_HUGEPAGE);
 #endif
   return data;
+#else
+  void* data = std::aligned_alloc(kHugePage, capacity);
+  TORCH_CHECK(data != nullptr, "bn_ext: out of memory allocating an output of ", capacity, " bytes");
+  return data;
+#endif
+}
+
+void free_block_memory(void* data, size_t capacity) {
+#ifdef __linux__
+  munmap(data, capacity);
+#else
+  (void)capacity;
+  std::free(data);
+#endif
 }
 
 class OutputCache final : public c10::Allocator {
@@ -95,7 +119,7 @@ class OutputCache final : public c10::Allocator {
     while (cached_bytes_ > keep) {
       auto largest = std::prev(free_.end());
       cached_bytes_ -= largest->first;
-      std::free(largest->second->data);
+      free_block_memory(largest->second->data, largest->first);
       delete largest->second;
       free_.erase(largest);
     }
@@ -129,7 +153,7 @@ class OutputCache final : public c10::Allocator {
       return;
     }
     lock.unlock();
-    std::free(block->data);
+    free_block_memory(block->data, block->capacity);
     delete block;
   }
 
@@ -155,8 +179,10 @@ class OutputCache final : public c10::Allocator {
 
 at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
   const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+  // (With the limit at 0 large outputs still come from here, for the huge
+  // pages; their memory goes back to the system when they are freed.)
+  if (bytes < kLargeOutputBytes) return at::empty_like(x, format);
   OutputCache& cache = OutputCache::instance();
-  if (bytes < kLargeOutputBytes || cache.stats().limit_bytes == 0) return at::empty_like(x, format);
   const auto ks = c10::DispatchKeySet(c10::DispatchKey::CPU);
   if (format != at::MemoryFormat::Preserve) {
     return at::detail::empty_generic(x.sizes(), &cache, ks, x.scalar_type(), format);

@@ -116,7 +116,8 @@ struct CpuOutputCacheStats {
   size_t misses;        // outputs that took new memory
 };
 CpuOutputCacheStats cpu_output_cache_stats();
-// Sets the limit and releases kept memory beyond it; 0 turns the cache off.
+// Sets the limit and releases kept memory beyond it; 0 keeps nothing (large
+// outputs still get huge pages).
 void set_cpu_output_cache_limit(size_t bytes);
 // Releases all kept memory; the limit stays.
 void empty_cpu_output_cache();
