@@ -8,11 +8,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <iterator>
 #include <map>
 #include <mutex>
-#include <string>
 
 #ifdef __linux__
 #include <sys/mman.h>
