@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace bn_ext::cpu {
@@ -183,10 +184,14 @@ std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
             }
             for (int64_t l = 0; l < NV * W; ++l) single_pass &= shift_keeps_precision(n, lanes[1][l], lanes[2][l]);
             if (!single_pass) {
-              for (int i = 0; i < NV; ++i) squares[i] = Vec(0);
+              Vec offset[NV];
+              for (int i = 0; i < NV; ++i) {
+                offset[i] = sum[i] * Vec(inv_n);
+                squares[i] = Vec(0);
+              }
               for (int64_t r = r0; r < r1; ++r) {
                 for (int i = 0; i < NV; ++i) {
-                  const Vec d = (load_op(x + r * g.C + c + i * W) - shift[i]) - sum[i] * Vec(inv_n);
+                  const Vec d = (load_op(x + r * g.C + c + i * W) - shift[i]) - offset[i];
                   squares[i] = at::vec::fmadd(d, d, squares[i]);
                 }
               }
@@ -233,7 +238,7 @@ struct GradSums {
 };
 
 // Adds sum(dy) and sum(dy * (x - center)) over one contiguous run into vector
-// accumulators and scalar tails; callers reduce once per chunk.
+// accumulators (the tail as a masked vector); callers reduce once per chunk.
 template <typename T>
 inline void accumulate_grad_run(const T* pdy, const T* px, int64_t len, opmath_t<T> center, OpVec<T>& acc_dy,
                                 OpVec<T>& acc_dyx) {
@@ -341,6 +346,17 @@ struct ChannelCoefficients {
   explicit ChannelCoefficients(int64_t C) : alpha(C), beta(C), gamma(C), center(C) {}
 };
 
+// [dy * alpha] + [(x - center) * beta] + gamma on op-math vectors (a term
+// left out is not read).
+template <bool kUseDy, bool kUseX, typename Vec>
+inline Vec affine_value(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
+                        const Vec& center) {
+  Vec v = gamma;
+  if constexpr (kUseX) v = at::vec::fmadd(x - center, beta, v);
+  if constexpr (kUseDy) v = at::vec::fmadd(dy, alpha, v);
+  return v;
+}
+
 // out[i..i+count) = [dy * alpha] + [(x - center) * beta] + gamma, one vector
 // (count < W: a masked tail).
 template <typename T, bool kUseDy, bool kUseX>
@@ -348,9 +364,10 @@ inline void affine_vector(T* out, const T* dy, const T* x, int64_t i, const OpVe
                           const OpVec<T>& gamma, const OpVec<T>& center, int64_t count = OpVec<T>::size()) {
   const bool full = count == OpVec<T>::size();
   auto load = [&](const T* p) { return full ? load_op(p + i) : load_op_partial(p + i, count); };
-  OpVec<T> v = gamma;
-  if constexpr (kUseX) v = at::vec::fmadd(load(x) - center, beta, v);
-  if constexpr (kUseDy) v = at::vec::fmadd(load(dy), alpha, v);
+  OpVec<T> vdy, vx;
+  if constexpr (kUseDy) vdy = load(dy);
+  if constexpr (kUseX) vx = load(x);
+  const OpVec<T> v = affine_value<kUseDy, kUseX>(vdy, vx, alpha, beta, gamma, center);
   if (full) {
     store_op(out + i, v);
   } else {
@@ -381,18 +398,12 @@ inline void affine_run(T* out, const T* dy, const T* x, int64_t begin, int64_t e
     // packs 32 values at once, cheaper than twice 16.
     using HalfVec = at::vec::Vectorized<T>;
     for (; i + 2 * W <= end; i += 2 * W) {
-      Vec v0 = vgamma, v1 = vgamma;
-      if constexpr (kUseX) {
-        auto [x0, x1] = at::vec::convert_to_float<T>(HalfVec::loadu(x + i));
-        v0 = at::vec::fmadd(x0 - vcenter, vbeta, v0);
-        v1 = at::vec::fmadd(x1 - vcenter, vbeta, v1);
-      }
-      if constexpr (kUseDy) {
-        auto [d0, d1] = at::vec::convert_to_float<T>(HalfVec::loadu(dy + i));
-        v0 = at::vec::fmadd(d0, valpha, v0);
-        v1 = at::vec::fmadd(d1, valpha, v1);
-      }
-      round_to_half_type<T>(v0, v1).store(out + i);
+      Vec dy0, dy1, x0, x1;
+      if constexpr (kUseDy) std::tie(dy0, dy1) = at::vec::convert_to_float<T>(HalfVec::loadu(dy + i));
+      if constexpr (kUseX) std::tie(x0, x1) = at::vec::convert_to_float<T>(HalfVec::loadu(x + i));
+      round_to_half_type<T>(affine_value<kUseDy, kUseX>(dy0, x0, valpha, vbeta, vgamma, vcenter),
+                            affine_value<kUseDy, kUseX>(dy1, x1, valpha, vbeta, vgamma, vcenter))
+          .store(out + i);
     }
   }
   for (; i + W <= end; i += W) affine_vector<T, kUseDy, kUseX>(out, dy, x, i, valpha, vbeta, vgamma, vcenter);
