@@ -22,9 +22,18 @@ venv: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-# The Python suite, then the C++ package and its consumer tests (ctest).
+# The operator tests of the CPU kernels, repeated at every lower SIMD level
+# this CPU runs (the whole suite runs at the best one).
+CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_operators.py
+
+# The Python suite, the CPU kernel tests at the lower levels, then the C++
+# package and its consumer tests (ctest).
 test: build
 	$(PY) -m pytest -q -ra
+	@for level in $$($(PY) -c "import bn_ext; print(*bn_ext.cpu_capabilities()[:-1])"); do \
+		echo "CPU kernel tests at $$level:"; \
+		BN_EXT_CPU_CAPABILITY=$$level $(PY) -m pytest -q -p no:cacheprovider $(CPU_KERNEL_TESTS) || exit 1; \
+	done
 	PY=$(PY) bash tests/cpp/run.sh
 
 demo: build

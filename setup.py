@@ -4,15 +4,15 @@ Environment switches:
   BN_EXT_WITH_CUDA=1|0        force the CUDA kernels in or out (default: in when
                               a CUDA toolkit is found and torch is a CUDA build;
                               a GPU is never required to build).
-  BN_EXT_CPU_CAPABILITY=...   SIMD level of the CPU kernels on x86-64:
-                              AVX512_BF16 (AVX512 with the bfloat16 conversion
-                              instructions), AVX512, AVX2 or DEFAULT (no SIMD
-                              flags). Default: the
-                              best the building machine supports; set AVX2 for
-                              a build that runs on any x86-64 CPU of the last decade.
   CUDA_HOME                   the CUDA toolkit root, when it cannot be found
                               from nvcc on PATH.
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0").
+
+The CPU kernel files (csrc/cpu/kernels/*_kernel.cpp) are compiled once per
+SIMD level -- DEFAULT, and on x86-64 AVX2, AVX512 and AVX512_BF16 (where the
+compiler has it) -- and the level is chosen at run time (csrc/cpu/dispatch.h),
+so a build made on any machine runs on any other. Every other file is built
+for the baseline CPU.
 """
 
 import glob
@@ -72,37 +72,67 @@ def want_cuda(cuda_home):
     return available if forced is None else forced == "1"
 
 
-def best_cpu_capability():
-    """The widest SIMD level this machine runs: its kernels are built for it."""
+KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*_kernel.cpp"))
+
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+# Per level: the compiler flags and ATen's vector level (whose macros select
+# Vectorized's implementation). CPU_CAPABILITY itself names the level: it is
+# the namespace of the level's code, ATen's inline vector code included.
+CPU_LEVELS = {
+    "DEFAULT": ([], "DEFAULT"),
+    "AVX2": (["-mavx2", "-mfma", "-mf16c"], "AVX2"),
+    "AVX512": (_AVX512, "AVX512"),
+    # ATen's AVX512 vectors, plus the bfloat16 conversion instructions.
+    "AVX512_BF16": (_AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY_AVX512_BF16"], "AVX512"),
+}
+
+
+def compiler_accepts(flags):
+    cxx = os.environ.get("CXX", "c++")
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+        result = subprocess.run([cxx, *flags, "-x", "c++", "-c", os.devnull, "-o", os.devnull], capture_output=True)
     except OSError:
-        return "AVX2"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
-        return "AVX512_BF16"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "AVX512"
-    if {"avx2", "fma", "f16c"} <= flags:
-        return "AVX2"
-    return "DEFAULT"
+        return False
+    return result.returncode == 0
 
 
-def cpu_simd_flags():
-    level = os.environ.get("BN_EXT_CPU_CAPABILITY", "").upper() or best_cpu_capability()
-    if platform.machine() not in ("x86_64", "AMD64") or level == "DEFAULT":
-        return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
-    avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-    flags = {
-        "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-        "AVX512": avx512,
-        # ATen's AVX512 vectors, plus the bfloat16 conversion instructions.
-        "AVX512_BF16": avx512 + ["-mavx512bf16", "-DBN_EXT_AVX512_BF16"],
-    }
-    if level not in flags:
-        raise SystemExit(f"BN_EXT_CPU_CAPABILITY must be DEFAULT, AVX2, AVX512 or AVX512_BF16, got {level!r}")
-    aten_level = level.removesuffix("_BF16")
-    return flags[level] + [f"-DCPU_CAPABILITY={aten_level}", f"-DCPU_CAPABILITY_{aten_level}"]
+def cpu_levels():
+    """The levels this compiler builds for this architecture, lowest first."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["DEFAULT"]
+    return [level for level, (flags, _) in CPU_LEVELS.items() if compiler_accepts(flags)]
+
+
+def level_flags(level):
+    flags, aten_level = CPU_LEVELS[level]
+    return flags + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{aten_level}"]
+
+
+def kernel_build_ext(base):
+    """build_ext that compiles the kernel files once per level and links them in."""
+
+    class BuildWithCpuLevels(base):
+        def build_extension(self, ext):
+            # The extension's own C++ flags at this point hold everything torch
+            # adds (C++ standard, ABI); each level adds its own.
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            objects = []
+            # Ascending order: an inline function shared by several levels'
+            # objects (from c10, say) resolves to the lowest level's copy,
+            # which every CPU that runs a caller of it can execute.
+            for level in ext.cpu_levels:
+                objects += self.compiler.compile(
+                    KERNEL_SOURCES,
+                    output_dir=os.path.join(self.build_temp, "cpu_levels", level),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx + level_flags(level), "nvcc": []},
+                    depends=ext.depends,
+                )
+            ext.extra_objects = objects
+            super().build_extension(ext)
+
+    return BuildWithCpuLevels
 
 
 def extensions():
@@ -115,7 +145,9 @@ def extensions():
 
     with_cuda = want_cuda(cuda_home)
     openmp = "OpenMP" in torch.__config__.parallel_info()
-    cxx = ["-O3", "-fno-strict-aliasing", "-Wno-unknown-pragmas", *cpu_simd_flags()] + (["-fopenmp"] if openmp else [])
+    levels = cpu_levels()
+    cxx = ["-O3", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *[f"-DBN_EXT_HAVE_{level}" for level in levels]]
+    cxx += ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="bn_ext._C",
@@ -129,8 +161,13 @@ def extensions():
         kwargs["sources"] += cuda_sources()
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DBN_EXT_WITH_CUDA"]
         kwargs["extra_compile_args"]["cxx"].append("-DBN_EXT_WITH_CUDA")
-        return [cpp_extension.CUDAExtension(**kwargs)], cpp_extension.BuildExtension
-    return [cpp_extension.CppExtension(**kwargs)], cpp_extension.BuildExtension
+        extension = cpp_extension.CUDAExtension(**kwargs)
+    else:
+        extension = cpp_extension.CppExtension(**kwargs)
+    extension.cpu_levels = levels
+    # setup.py rebuilds the extension only when one of these is newer than it.
+    extension.depends = KERNEL_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+    return [extension], kernel_build_ext(cpp_extension.BuildExtension)
 
 
 ext_modules, build_ext = extensions()

@@ -1,6 +1,7 @@
 """bn_ext: BatchNorm, LayerNorm and RMSNorm kernels for PyTorch."""
 
 from bn_ext import nn
+from bn_ext.cpu import cpu_capabilities, cpu_capability
 from bn_ext.fold import (
     FoldReport,
     fold_model,
@@ -22,6 +23,8 @@ __all__ = [
     "CpuOutputCacheStats",
     "FoldReport",
     "batch_norm",
+    "cpu_capabilities",
+    "cpu_capability",
     "cpu_output_cache_stats",
     "empty_cpu_output_cache",
     "fold_model",

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     bench.add_argument("--output", default="bench_results", help="folder for bench.json and bench.png")
     bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--capability", type=str.upper, choices=["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"],
+                       help="CPU kernel level to time (default: the best this CPU runs)")
+    bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    # The child process that times kernel against kernel (see bn_ext/bench.py).
+    bench.add_argument("--kernel-timings", help=argparse.SUPPRESS)
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -46,14 +51,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fold":
         return _fold(args)
     if args.command == "bench":
-        from pathlib import Path
-
-        from bn_ext.bench import run
-
-        run(quick=args.quick, pattern=args.filter, threads=args.threads, output=Path(args.output),
-            device=args.device)
-        return 0
+        return _bench(args, sys.argv[1:] if argv is None else argv)
     return 2
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    import os
+    from pathlib import Path
+
+    import torch
+
+    import bn_ext
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.capability and args.capability != bn_ext.cpu_capability():
+        # The level is chosen when bn_ext loads: run again with it asked for.
+        if args.capability not in bn_ext.cpu_capabilities():
+            print(f"bench: --capability {args.capability} is not one this build and CPU run: "
+                  f"{', '.join(bn_ext.cpu_capabilities())}", file=sys.stderr)
+            return 2
+        env = {**os.environ, "BN_EXT_CPU_CAPABILITY": args.capability}
+        os.execve(sys.executable, [sys.executable, "-m", "bn_ext", *argv], env)
+    from bn_ext.bench import kernel_timings, run
+
+    if args.kernel_timings:
+        kernel_timings(args.quick, args.filter, not args.no_compile, Path(args.kernel_timings))
+        return 0
+    run(quick=args.quick, pattern=args.filter, threads=args.threads, output=Path(args.output), device=args.device,
+        compile_peer=not args.no_compile)
+    return 0
 
 
 def _fold(args: argparse.Namespace) -> int:

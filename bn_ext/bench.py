@@ -1,10 +1,24 @@
-"""`python -m bn_ext bench`: bn_ext against torch's native kernels, side by side.
+"""`python -m bn_ext bench`: bn_ext against torch, kernel against kernel.
 
-Each case times both implementations interleaved in one process (warm-up,
-then alternating repetitions) and reports medians, the ratio torch / bn_ext,
-and the effective bandwidth of bn_ext counting the minimal traffic (each input
-read once, each output written once) against a copy bandwidth measured in the
-same run. Results go to a table, a JSON file and a PNG plot.
+Each case times the implementations interleaved in one process (warm-up,
+then alternating repetitions) and reports medians. On the CPU three figures
+come out per case:
+
+- kernel: torch / bn_ext with both libraries' outputs in reused memory. A
+  child process runs with glibc told to keep freed memory
+  (GLIBC_TUNABLES mmap and trim thresholds raised), so neither pays page
+  faults for its outputs; torch.compile (Inductor) of the same op is timed
+  there too, as a second peer. This is the headline ratio.
+- as shipped: the same in this process, with the default allocator (glibc
+  returns large blocks to the system, so torch's large outputs fault anew on
+  every call) and bn_ext's output cache.
+- limit: the case's minimal traffic (inputs read once, outputs written once)
+  at the copy speed into existing memory measured in the same run, and the
+  share of it bn_ext's kernel reaches.
+
+First-call cases time one call in fresh processes (nothing cached, nothing
+faulted); changing-size cases give every call a size not seen before.
+Results go to a table, a JSON file and a PNG plot.
 """
 
 from __future__ import annotations
@@ -12,8 +26,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,21 +50,44 @@ RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), 
 RESNET50_BN_N256 = [(256, 14), (1024, 14), (512, 7), (2048, 7)]
 ROW_LENGTHS = [(64, 65536), (768, 16384), (1024, 16384), (4096, 4096), (16384, 4096)]
 
+# The child process of the kernel timings: glibc keeps freed memory, so
+# outputs of every size come from memory already faulted in.
+KERNEL_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"}
+
+Fn = Callable[[], object]
+
+
+@dataclasses.dataclass
+class Calls:
+    """What a case times: torch, bn_ext, and optionally torch.compile of the
+    torch call (None where Inductor has no counterpart)."""
+
+    torch: Fn
+    bn_ext: Fn
+    bytes: int
+    compiled: Fn | None = None
+
 
 @dataclasses.dataclass
 class Case:
     group: str
     name: str
-    make: Callable[[], tuple[Callable[[], object], Callable[[], object], int]]  # -> (torch, bn_ext, bytes)
+    make: Callable[[], Calls]
+    # Timed in fresh processes (first call) rather than by repetition.
+    first_call: bool = False
 
 
 @dataclasses.dataclass
 class Result:
     group: str
     name: str
-    torch_ms: float
+    torch_ms: float  # kernel against kernel: both libraries' outputs in reused memory
     bn_ext_ms: float
     bytes: int
+    compiled_ms: float | None = None  # torch.compile (Inductor) of the same op, reused memory
+    shipped_torch_ms: float | None = None  # default allocator, bn_ext's output cache
+    shipped_bn_ext_ms: float | None = None
+    limit_ms: float | None = None  # minimal traffic at the copy speed into existing memory
     # bn_ext's peak tensor allocation beyond what the call returns (the profiler
     # sees tensor allocations only, not the kernels' own O(C x stripes) partials).
     extra_bytes: int | None = None
@@ -58,12 +99,57 @@ class Result:
         return self.torch_ms / self.bn_ext_ms
 
     @property
-    def gbps(self) -> float:
-        return self.bytes / (self.bn_ext_ms * 1e-3) / 1e9
+    def compiled_ratio(self) -> float | None:
+        return None if self.compiled_ms is None else self.compiled_ms / self.bn_ext_ms
+
+    @property
+    def shipped_ratio(self) -> float | None:
+        if self.shipped_torch_ms is None or self.shipped_bn_ext_ms is None:
+            return None
+        return self.shipped_torch_ms / self.shipped_bn_ext_ms
+
+    @property
+    def limit_share(self) -> float | None:
+        return None if self.limit_ms is None else self.limit_ms / self.bn_ext_ms
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) with dynamic shapes, one per function: the cases of
+    one op share its compilations (a new dtype or layout recompiles)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _bn_train(x, w, b):
+    return F.batch_norm(x, None, None, w, b, True)
+
+
+def _bn_eval(x, rm, rv, w, b):
+    return F.batch_norm(x, rm, rv, w, b, False)
+
+
+def _bn_backward(dy, x, w, rm, rv, mean, invstd):
+    return _aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, 1e-5, [True, True, True])
+
+
+def _layer_norm(x, w, b):
+    return F.layer_norm(x, (x.shape[-1],), w, b)
+
+
+def _layer_norm_backward(dy, x, mean, rstd, w, b):
+    return _aten.native_layer_norm_backward(dy, x, [x.shape[-1]], mean, rstd, w, b, [True, True, True])
+
+
+def _rms_norm(x, w):
+    return F.rms_norm(x, (x.shape[-1],), w)
 
 
 def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
@@ -82,13 +168,15 @@ def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
 
         def train(inputs=inputs):
             x, w, b, _, _ = inputs()
-            return (lambda: F.batch_norm(x, None, None, w, b, True),
-                    lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+            compiled = _compiled(_bn_train)
+            return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
+                         2 * _nbytes(x), lambda: compiled(x, w, b))
 
         def eval_(inputs=inputs):
             x, w, b, rm, rv = inputs()
-            return (lambda: F.batch_norm(x, rm, rv, w, b, False),
-                    lambda: bn_ext.batch_norm(x, rm, rv, w, b, False), 2 * _nbytes(x))
+            compiled = _compiled(_bn_eval)
+            return Calls(lambda: _bn_eval(x, rm, rv, w, b), lambda: bn_ext.batch_norm(x, rm, rv, w, b, False),
+                         2 * _nbytes(x), lambda: compiled(x, rm, rv, w, b))
 
         def backward(inputs=inputs):
             x, w, b, rm, rv = inputs()
@@ -96,8 +184,10 @@ def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
             _, mean_t, invstd_t = _aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
             _, mean_o, invstd_o = _ops.batch_norm_forward(x, w, b, None, None, True, 1e-5)
             mask = [True, True, True]
-            return (lambda: _aten.native_batch_norm_backward(dy, x, w, rm, rv, mean_t, invstd_t, True, 1e-5, mask),
-                    lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask), 3 * _nbytes(x))
+            compiled = _compiled(_bn_backward)
+            return Calls(lambda: _bn_backward(dy, x, w, rm, rv, mean_t, invstd_t),
+                         lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask),
+                         3 * _nbytes(x), lambda: compiled(dy, x, w, rm, rv, mean_t, invstd_t))
 
         cases += [Case("BatchNorm2d train forward", tag, train), Case("BatchNorm2d backward", tag, backward),
                   Case("BatchNorm2d eval forward", tag, eval_)]
@@ -117,8 +207,9 @@ def _row_cases(op: str, dtype, quick) -> list[Case]:
         if op == "LayerNorm":
             def forward(inputs=inputs, d=d):
                 x, w, b = inputs()
-                return (lambda: F.layer_norm(x, (d,), w, b), lambda: bn_ext.layer_norm(x, (d,), w, b),
-                        2 * _nbytes(x))
+                compiled = _compiled(_layer_norm)
+                return Calls(lambda: _layer_norm(x, w, b), lambda: bn_ext.layer_norm(x, (d,), w, b), 2 * _nbytes(x),
+                             lambda: compiled(x, w, b))
 
             def backward(inputs=inputs, d=d):
                 x, w, b = inputs()
@@ -126,22 +217,27 @@ def _row_cases(op: str, dtype, quick) -> list[Case]:
                 _, mt, rt = _aten.native_layer_norm(x, [d], w, b, 1e-5)
                 _, mo, ro = _ops.layer_norm_forward(x, [d], w, b, 1e-5)
                 mask = [True, True, True]
-                return (lambda: _aten.native_layer_norm_backward(dy, x, [d], mt, rt, w, b, mask),
-                        lambda: _ops.layer_norm_backward(dy, x, [d], mo, ro, w, b, 1e-5, mask), 3 * _nbytes(x))
+                compiled = _compiled(_layer_norm_backward)
+                return Calls(lambda: _layer_norm_backward(dy, x, mt, rt, w, b),
+                             lambda: _ops.layer_norm_backward(dy, x, [d], mo, ro, w, b, 1e-5, mask), 3 * _nbytes(x),
+                             lambda: compiled(dy, x, mt, rt, w, b))
         else:
             def forward(inputs=inputs, d=d):
                 x, w, _ = inputs()
-                return (lambda: F.rms_norm(x, (d,), w), lambda: bn_ext.rms_norm(x, (d,), w), 2 * _nbytes(x))
+                compiled = _compiled(_rms_norm)
+                return Calls(lambda: _rms_norm(x, w), lambda: bn_ext.rms_norm(x, (d,), w), 2 * _nbytes(x),
+                             lambda: compiled(x, w))
 
             def backward(inputs=inputs, d=d):
-                # torch has no CPU RMSNorm backward kernel: time both through autograd.
+                # torch has no CPU RMSNorm backward kernel: time both through
+                # autograd (Inductor would need the whole training graph).
                 x, w, _ = inputs()
                 x.requires_grad_()
                 w.requires_grad_()
                 dy = torch.randn_like(x)
                 y_torch, y_ours = F.rms_norm(x, (d,), w), bn_ext.rms_norm(x, (d,), w)
-                return (lambda: torch.autograd.grad(y_torch, (x, w), dy, retain_graph=True),
-                        lambda: torch.autograd.grad(y_ours, (x, w), dy, retain_graph=True), 3 * _nbytes(x))
+                return Calls(lambda: torch.autograd.grad(y_torch, (x, w), dy, retain_graph=True),
+                             lambda: torch.autograd.grad(y_ours, (x, w), dy, retain_graph=True), 3 * _nbytes(x))
 
         cases += [Case(f"{op} forward", tag, forward), Case(f"{op} backward", tag, backward)]
     return cases
@@ -155,7 +251,7 @@ def _module_cases() -> list[Case]:
             torch.manual_seed(0)
             ref, ours = torch_cls(*args), ours_cls(*args)
             x = torch.randn(shape)
-            return (lambda: ref(x), lambda: ours(x), 2 * _nbytes(x))
+            return Calls(lambda: ref(x), lambda: ours(x), 2 * _nbytes(x))
         return make
 
     return [
@@ -177,8 +273,9 @@ def _bn1d_cases(quick) -> list[Case]:
             torch.manual_seed(0)
             x = torch.randn(shape)
             w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
-            return (lambda: F.batch_norm(x, None, None, w, b, True),
-                    lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+            compiled = _compiled(_bn_train)
+            return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
+                         2 * _nbytes(x), lambda: compiled(x, w, b))
         cases.append(Case("BatchNorm1d train forward", "x".join(map(str, shape)), train))
     return cases
 
@@ -188,22 +285,103 @@ def _large_cases() -> list[Case]:
     def bn():
         x = torch.randn(256, 1024, 14, 14)
         w, b = torch.rand(1024) + 0.5, torch.randn(1024)
-        return (lambda: F.batch_norm(x, None, None, w, b, True),
-                lambda: bn_ext.batch_norm(x, None, None, w, b, True), 2 * _nbytes(x))
+        compiled = _compiled(_bn_train)
+        return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
+                     2 * _nbytes(x), lambda: compiled(x, w, b))
 
     def ln():
         x = torch.randn(16384, 4096)
         w, b = torch.rand(4096) + 0.5, torch.randn(4096)
-        return lambda: F.layer_norm(x, (4096,), w, b), lambda: bn_ext.layer_norm(x, (4096,), w, b), 2 * _nbytes(x)
+        compiled = _compiled(_layer_norm)
+        return Calls(lambda: _layer_norm(x, w, b), lambda: bn_ext.layer_norm(x, (4096,), w, b), 2 * _nbytes(x),
+                     lambda: compiled(x, w, b))
 
     def rms():
         x = torch.randn(16384, 4096)
         w = torch.rand(4096) + 0.5
-        return lambda: F.rms_norm(x, (4096,), w), lambda: bn_ext.rms_norm(x, (4096,), w), 2 * _nbytes(x)
+        compiled = _compiled(_rms_norm)
+        return Calls(lambda: _rms_norm(x, w), lambda: bn_ext.rms_norm(x, (4096,), w), 2 * _nbytes(x),
+                     lambda: compiled(x, w))
 
     return [Case("larger than L3", "BatchNorm2d train 256x1024x14x14 float32", bn),
             Case("larger than L3", "LayerNorm 16384x4096 float32", ln),
             Case("larger than L3", "RMSNorm 16384x4096 float32", rms)]
+
+
+def _changing_size_cases() -> list[Case]:
+    """Every call a size not seen before (rows of a larger input), so no
+    cache holds memory of exactly that size."""
+
+    def sized(make_call, full_rows):
+        # Both libraries walk the same sizes, each from its own counter.
+        def make():
+            torch.manual_seed(0)
+            torch_call, ours_call, x = make_call()
+            counters = {"torch": 0, "bn_ext": 0}
+
+            def step(name, call):
+                counters[name] += 1
+                return call(x[: full_rows - counters[name] % (full_rows // 2)])
+
+            return Calls(lambda: step("torch", torch_call), lambda: step("bn_ext", ours_call), 2 * _nbytes(x))
+        return make
+
+    def bn_eval():
+        x = torch.randn(48 * 256, 784).view(48, 256, 28, 28)
+        w, b, rm, rv = torch.rand(256) + 0.5, torch.randn(256), torch.randn(256), torch.rand(256) + 0.5
+        return (lambda v: _bn_eval(v, rm, rv, w, b), lambda v: bn_ext.batch_norm(v, rm, rv, w, b, False), x)
+
+    def ln():
+        x = torch.randn(16384, 768)
+        w, b = torch.rand(768) + 0.5, torch.randn(768)
+        return (lambda v: _layer_norm(v, w, b), lambda v: bn_ext.layer_norm(v, (768,), w, b), x)
+
+    return [Case("changing sizes", "BatchNorm2d eval N<=48 C256 28x28 float32", sized(bn_eval, 48)),
+            Case("changing sizes", "LayerNorm <=16384x768 float32", sized(ln, 16384))]
+
+
+# First calls in fresh processes: a small call first (code paths, threads),
+# then the timed one on a large input. (statement, input bytes)
+FIRST_CALL = {
+    "BatchNorm2d eval N32 C256 48x48 float32": (
+        "x = torch.randn(32, 256, 48, 48); w, b, rm, rv = (torch.rand(256) + 0.5 for _ in range(4))\n"
+        "f = lambda v: {bn}(v, rm, rv, w, b, False)", 32 * 256 * 48 * 48 * 4),
+    "LayerNorm 16384x768 float32": (
+        "x = torch.randn(16384, 768); w, b = torch.rand(768), torch.randn(768)\n"
+        "f = lambda v: {ln}(v, (768,), w, b)", 16384 * 768 * 4),
+}
+FIRST_CALL_IMPL = {"torch": {"bn": "F.batch_norm", "ln": "F.layer_norm"},
+                   "bn_ext": {"bn": "bn_ext.batch_norm", "ln": "bn_ext.layer_norm"}}
+
+
+def _first_call_ms(setup: str, impl: str) -> float:
+    program = (
+        "import time, torch, torch.nn.functional as F, bn_ext\n"
+        + setup.format(**FIRST_CALL_IMPL[impl]) + "\n"
+        "f(x[:2].clone())\n"
+        "start = time.perf_counter(); f(x); print((time.perf_counter() - start) * 1e3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _first_call_cases(quick: bool) -> list[Case]:
+    processes = 2 if quick else 4
+
+    def make(setup, nbytes):
+        def timed():
+            # Alternating processes, medians.
+            times = {"torch": [], "bn_ext": []}
+            for _ in range(processes):
+                for impl in times:
+                    times[impl].append(_first_call_ms(setup, impl))
+            medians = {impl: statistics.median(t) for impl, t in times.items()}
+            return Calls(lambda: medians["torch"], lambda: medians["bn_ext"], 2 * nbytes)
+        return timed
+
+    return [Case("first call", name, make(setup, nbytes), first_call=True)
+            for name, (setup, nbytes) in FIRST_CALL.items()]
 
 
 def suite(quick: bool) -> list[Case]:
@@ -220,6 +398,7 @@ def suite(quick: bool) -> list[Case]:
     cases += _module_cases()
     if not quick:
         cases += _large_cases()
+    cases += _changing_size_cases() + _first_call_cases(quick)
     return cases
 
 
@@ -247,7 +426,7 @@ def _timer(device: str) -> Callable[[Callable[[], object]], float]:
 
 
 def copy_bandwidth(device: str = "cpu", megabytes: int = 256, repeats: int = 10) -> float:
-    """GB/s of a large tensor copy, read + write counted."""
+    """GB/s of a large tensor copy into existing memory, read + write counted."""
     src = torch.randn(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -306,9 +485,49 @@ def _with_cudnn(fn, enabled: bool):
     return call
 
 
+def _repetitions(quick: bool) -> tuple[int, float]:
+    return (5, 0.05) if quick else (15, 0.3)
+
+
+def _selected(quick: bool, pattern: str | None) -> list[Case]:
+    return [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
+
+
+def kernel_timings(quick: bool, pattern: str | None, compile_peer: bool, path: Path) -> None:
+    """The child's part: kernel-against-kernel medians of every repeated case
+    (torch, bn_ext, torch.compile), written to `path` as JSON."""
+    from tqdm import tqdm
+
+    repeats, min_seconds = _repetitions(quick)
+    timings = {}
+    for case in tqdm([c for c in _selected(quick, pattern) if not c.first_call], desc="kernels", unit="case"):
+        calls = case.make()
+        fns = [calls.torch, calls.bn_ext]
+        if compile_peer and calls.compiled is not None:
+            fns.append(calls.compiled)
+        medians = time_interleaved(fns, repeats, min_seconds)
+        timings[f"{case.group}|{case.name}"] = medians
+        del calls, fns
+    path.write_text(json.dumps(timings))
+
+
+def _kernel_timings_in_child(quick, pattern, threads, compile_peer) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernels.json"
+        command = [sys.executable, "-m", "bn_ext", "bench", "--kernel-timings", str(path)]
+        command += ["--quick"] if quick else []
+        command += ["--filter", pattern] if pattern else []
+        command += ["--threads", str(threads)] if threads else []
+        command += [] if compile_peer else ["--no-compile"]
+        subprocess.run(command, env={**os.environ, **KERNEL_ENV}, check=True)
+        return json.loads(path.read_text())
+
+
 def run(quick: bool = False, pattern: str | None = None, threads: int | None = None,
-        output: Path = Path("bench_results"), device: str = "cpu") -> list[Result]:
-    """On "cuda", torch's time is its native kernel (cuDNN off) and, for
+        output: Path = Path("bench_results"), device: str = "cpu", compile_peer: bool = True) -> list[Result]:
+    """On the CPU: kernel timings in a child process, as-shipped timings and
+    the limit here. On "cuda": one process (the caching allocator reuses
+    memory), torch's time is its native kernel (cuDNN off) and, for
     BatchNorm, cuDNN's time is reported beside it."""
     if device == "cuda" and not (has_cuda_kernels() and torch.cuda.is_available()):
         raise SystemExit("bench --device cuda needs a CUDA build of bn_ext and a CUDA device; "
@@ -319,23 +538,36 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
     if threads:
         torch.set_num_threads(threads)
     try:
-        cases = [c for c in suite(quick) if not pattern or pattern.lower() in f"{c.group} {c.name}".lower()]
+        cases = _selected(quick, pattern)
+        kernels = _kernel_timings_in_child(quick, pattern, threads, compile_peer) if device == "cpu" else {}
         bandwidth = copy_bandwidth(device)
         results = []
-        repeats, min_seconds = (5, 0.05) if quick else (15, 0.3)
-        for case in tqdm(cases, desc="bench", unit="case"):
+        repeats, min_seconds = _repetitions(quick)
+        for case in tqdm(cases, desc="as shipped" if device == "cpu" else "bench", unit="case"):
             with torch.device(device):
-                torch_fn, ours_fn, nbytes = case.make()
-            fns = [torch_fn, ours_fn]
+                calls = case.make()
+            if case.first_call:
+                medians = [calls.torch(), calls.bn_ext()]
+            else:
+                fns = [calls.torch, calls.bn_ext]
+                if device == "cuda":
+                    fns = [_with_cudnn(calls.torch, False), calls.bn_ext]
+                    if case.group.startswith("BatchNorm"):
+                        fns.append(_with_cudnn(calls.torch, True))
+                medians = time_interleaved(fns, repeats, min_seconds, device)
+            limit_ms = calls.bytes / (bandwidth * 1e9) * 1e3
+            extra = None if case.first_call else peak_extra_bytes(calls.bn_ext, device)
             if device == "cuda":
-                fns = [_with_cudnn(torch_fn, False), ours_fn]
-                if case.group.startswith("BatchNorm"):
-                    fns.append(_with_cudnn(torch_fn, True))
-            medians = time_interleaved(fns, repeats, min_seconds, device)
-            cudnn_ms = medians[2] if len(medians) > 2 else None
-            results.append(Result(case.group, case.name, medians[0], medians[1], nbytes,
-                                  peak_extra_bytes(ours_fn, device), cudnn_ms))
-            del torch_fn, ours_fn, fns
+                result = Result(case.group, case.name, medians[0], medians[1], calls.bytes, limit_ms=limit_ms,
+                                extra_bytes=extra, cudnn_ms=medians[2] if len(medians) > 2 else None)
+            else:
+                kernel = medians if case.first_call else kernels[f"{case.group}|{case.name}"]
+                result = Result(case.group, case.name, kernel[0], kernel[1], calls.bytes,
+                                compiled_ms=kernel[2] if len(kernel) > 2 else None,
+                                shipped_torch_ms=medians[0], shipped_bn_ext_ms=medians[1], limit_ms=limit_ms,
+                                extra_bytes=extra)
+            results.append(result)
+            del calls
         report(results, bandwidth, torch.get_num_threads(), output, device)
     finally:
         torch.set_num_threads(threads_before)
@@ -354,30 +586,51 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def report(results: list[Result], bandwidth: float, threads: int, output: Path, device: str = "cpu") -> None:
     if device == "cpu":
-        machine = f"{_cpu_name()}, {threads} threads, torch {torch.__version__}"
+        machine = (f"{_cpu_name()}, {threads} threads, CPU kernels {bn_ext.cpu_capability()}, "
+                   f"torch {torch.__version__}")
     else:
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    print(f"\nbn_ext {bn_ext.__version__} vs torch native, {machine}; copy bandwidth {bandwidth:.1f} GB/s\n")
+    print(f"\nbn_ext {bn_ext.__version__} vs torch, {machine}; copy bandwidth {bandwidth:.1f} GB/s")
+    if device == "cpu":
+        print("ratio: torch / bn_ext, kernel against kernel (outputs in reused memory); compile: torch.compile / "
+              "bn_ext;\nshipped: torch / bn_ext with the default allocator; limit: minimal traffic at the copy "
+              "speed, and bn_ext's share of it\n")
     cudnn = any(r.cudnn_ms is not None for r in results)
-    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'GB/s':>6} {'% copy':>6} "
-          f"{'extra KB':>9}" + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else ""))
+    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'compile':>7} "
+          f"{'shipped':>7} {'limit ms':>9} {'% limit':>7} {'extra KB':>9}"
+          + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else ""))
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
         extra = "-" if r.extra_bytes is None else f"{r.extra_bytes / 1024:.1f}"
         vs_cudnn = "" if r.cudnn_ms is None else f" {r.cudnn_ms:>9.3f} {r.cudnn_ms / r.bn_ext_ms:>8.2f}"
+        share = None if r.limit_share is None else 100 * r.limit_share
         print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
-              f"{r.gbps:>6.1f} {100 * r.gbps / bandwidth:>5.0f}% {extra:>9}{vs_cudnn}")
-    print(f"\n{'group':<28} {'geomean ratio':>13} {'min ratio':>9}")
+              f"{_figure(r.compiled_ratio, '.2f'):>7} {_figure(r.shipped_ratio, '.2f'):>7} "
+              f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% {extra:>9}{vs_cudnn}")
+    print(f"\n{'group':<28} {'geomean':>8} {'min':>6} {'compile geomean':>15} {'compile min':>11} "
+          f"{'shipped geomean':>15}")
     for group, rs in groups.items():
-        print(f"{group:<28} {geomean([r.ratio for r in rs]):>13.2f} {min(r.ratio for r in rs):>9.2f}")
+        compiled = [r.compiled_ratio for r in rs if r.compiled_ratio is not None]
+        shipped = [r.shipped_ratio for r in rs if r.shipped_ratio is not None]
+        print(f"{group:<28} {geomean([r.ratio for r in rs]):>8.2f} {min(r.ratio for r in rs):>6.2f} "
+              f"{_figure(geomean(compiled) if compiled else None, '.2f'):>15} "
+              f"{_figure(min(compiled) if compiled else None, '.2f'):>11} "
+              f"{_figure(geomean(shipped) if shipped else None, '.2f'):>15}")
     output.mkdir(parents=True, exist_ok=True)
     data = {
         "machine": machine,
+        "cpu_capability": bn_ext.cpu_capability(),
         "copy_bandwidth_gbps": bandwidth,
-        "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "gbps": r.gbps} for r in results],
+        "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
+                                             "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share}
+                    for r in results],
         "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
     }
     (output / "bench.json").write_text(json.dumps(data, indent=2))
@@ -400,8 +653,8 @@ def _plot(groups: dict[str, list[Result]], path: Path, machine: str) -> None:
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(names)), names)
     ax.set_xscale("log")
-    ax.set_xlabel("speed-up over torch (torch time / bn_ext time); bar = geometric mean")
-    ax.set_title(f"bn_ext vs torch native ({machine})", fontsize=9)
+    ax.set_xlabel("speed-up over torch, kernel against kernel (torch time / bn_ext time); bar = geometric mean")
+    ax.set_title(f"bn_ext vs torch ({machine})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

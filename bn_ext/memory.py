@@ -1,17 +1,18 @@
 """The cache of CPU output memory.
 
 Large CPU outputs of bn_ext (4 MB and more) take their memory from a cache of
-the memory of freed bn_ext outputs, advised for transparent huge pages. A
-fresh allocation is written through page faults, and the OS zeroes every page
-it hands out: that costs more than the normalisation itself (a fresh 100 MB
-output moves at a third of the speed of existing memory on the benchmark
-machine). A training loop allocates the same sizes every step, so after its
-first step its outputs stop faulting.
+the memory of freed bn_ext outputs. A fresh allocation is written through page
+faults, and the OS zeroes every page it hands out: that costs more than the
+normalisation itself (a fresh 75 MB output takes 40-80 ms to touch on a
+virtual machine here, an existing one 3 ms), and glibc hands large blocks back
+to the system when they are freed. A training loop allocates the same sizes
+every step, so after its first step its outputs stop faulting. An output that
+finds nothing to reuse takes its memory exactly as torch's would.
 
 The cache keeps at most a limit of freed memory (1 GiB by default, or the
 environment variable BN_EXT_OUTPUT_CACHE_BYTES read at start); the memory of
 live outputs does not count against it. ``set_cpu_output_cache_limit(0)``
-turns the cache off (large outputs are still advised for huge pages).
+turns the cache off.
 """
 
 from __future__ import annotations

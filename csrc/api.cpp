@@ -1,6 +1,8 @@
 // The C++ API (include/bn_ext/bn_ext.h): typed calls through the dispatcher.
 #include "bn_ext/bn_ext.h"
 
+#include "cpu/dispatch.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 
@@ -16,6 +18,10 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 using Optional = const std::optional<Tensor>&;
 
 }  // namespace
+
+std::string cpu_capability() { return cpu::cpu_kernels().level; }
+
+std::vector<std::string> cpu_capabilities() { return cpu::available_cpu_capabilities(); }
 
 std::vector<const char*> operator_names() {
   return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",

@@ -154,6 +154,24 @@ PyObject* empty_cpu_output_cache(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(bn_ext::cpu_capability().c_str());
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  const auto levels = bn_ext::cpu_capabilities();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(levels.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < levels.size(); ++i) {
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyUnicode_FromString(levels[i].c_str()));
+  }
+  return list;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_norm)), METH_FASTCALL,
      "bn_ext.batch_norm's direct binding (training updates the running statistics)"},
@@ -164,6 +182,8 @@ PyMethodDef methods[] = {
     {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "bn_ext.cpu_output_cache_stats's binding"},
     {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O, "bn_ext.set_cpu_output_cache_limit's binding"},
     {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "bn_ext.empty_cpu_output_cache's binding"},
+    {"cpu_capability", cpu_capability, METH_NOARGS, "bn_ext.cpu_capability's binding"},
+    {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "bn_ext.cpu_capabilities's binding"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -240,19 +240,28 @@ def test_convert_and_revert_keep_state_and_mode():
         torch.testing.assert_close(model.state_dict()[k], v)
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_results_do_not_depend_on_thread_count(threads, num_threads, layout):
-    # Large enough for several stripes per channel and several channel tasks.
-    x = make_input((16, 3, 64, 64), torch.float32, layout).requires_grad_()
-    w, b, rm, rv = make_params(3, torch.float32)
-    dy = make_input((16, 3, 64, 64), torch.float32, layout, seed=5)
+# Shapes whose work split changes with the thread count, against one thread:
+# channels-first with two stripes per channel (unfused passes); channels-first
+# whose fused passes take channel blocks sized by the thread count (96
+# channels: 24 a block at one thread, 12 at two, 8 at three); channels-last
+# with several row stripes; channels-last with a partial column strip.
+@pytest.mark.parametrize("num_threads", [2, 3])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((32, 3, 64, 64), "contiguous"), ((8, 96, 7, 7), "contiguous"), ((16, 3, 64, 64), "channels_last"),
+     ((64, 100, 5, 5), "channels_last")],
+    ids=["stripes", "channel-blocks", "channels-last-stripes", "channels-last-partial-strip"],
+)
+def test_results_do_not_depend_on_thread_count(threads, num_threads, shape, layout):
+    x = make_input(shape, torch.float32, layout).requires_grad_()
+    w, b, rm, rv = make_params(shape[1], torch.float32)
+    dy = make_input(shape, torch.float32, layout, seed=5)
 
     def run():
         out = bn_ext.batch_norm(x, rm.clone(), rv.clone(), w, b, training=True)
         return (out, *torch.autograd.grad(out, x, dy))
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     base = run()
     torch.set_num_threads(num_threads)
     for a, b_ in zip(run(), base):

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torchvision
 
+import bn_ext
+
 from bn_ext.__main__ import main
 
 
@@ -60,10 +62,26 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
 
     assert main(["bench", "--quick", "--filter", "small inputs", "--output", str(tmp_path), "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "geomean ratio" in out and "LayerNorm 8x16" in out
+    assert "geomean" in out and "LayerNorm 8x16" in out
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["results"]) == 4 and all(r["torch_ms"] > 0 and r["bn_ext_ms"] > 0 for r in data["results"])
+    # Kernel timings from the child process, as-shipped ones from this one, and the limit.
+    assert all(r["shipped_torch_ms"] > 0 and r["shipped_bn_ext_ms"] > 0 and r["limit_ms"] > 0
+               for r in data["results"])
+    assert data["cpu_capability"] == bn_ext.cpu_capability()
     # Forward through a module keeps only O(C) statistics beyond its output.
     assert all(r["extra_bytes"] is not None and r["extra_bytes"] < 4096 for r in data["results"])
     assert data["copy_bandwidth_gbps"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_runs_at_a_lower_capability(tmp_path):
+    # The level is chosen at load: bench runs itself again with it asked for.
+    command = [sys.executable, "-m", "bn_ext", "bench", "--quick", "--filter", "small inputs", "--threads", "1",
+               "--capability", "default", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    assert json.loads((tmp_path / "bench.json").read_text())["cpu_capability"] == "DEFAULT"
+    assert "CPU kernels DEFAULT" in result.stdout

@@ -111,7 +111,9 @@ def test_half_input_with_half_params(dtype):
     assert_close(out, F.layer_norm(f64(x), (40,), f64(weight), f64(bias)), dtype)
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
+# Against one thread: the row blocks of the parameter-gradient partials are
+# fixed by the shape, their assignment to threads is not.
+@pytest.mark.parametrize("num_threads", [2, 3])
 def test_results_do_not_depend_on_thread_count(threads, num_threads):
     # Many rows: several row blocks of weight/bias partials.
     x = make_row_input((4096, 96), torch.float32).requires_grad_()
@@ -122,7 +124,7 @@ def test_results_do_not_depend_on_thread_count(threads, num_threads):
         out = bn_ext.layer_norm(x, (96,), weight, bias)
         return (out, *torch.autograd.grad(out, (x, weight, bias), dy))
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     base = run()
     torch.set_num_threads(num_threads)
     for a, b in zip(run(), base):

@@ -1,6 +1,6 @@
 """Large CPU outputs (see csrc/cpu/output_memory.h and bn_ext/memory.py): their
-memory is advised for transparent huge pages and comes from a bounded cache of
-the memory of freed bn_ext outputs; the caller's tensors are left alone."""
+memory comes from a bounded cache of the memory of freed bn_ext outputs, or,
+on a miss, from torch's own CPU allocation; the caller's tensors are left alone."""
 
 import os
 import subprocess
@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import bn_ext
-
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise advice is Linux-only")
 
 HUGE_PAGE = 2 << 20
 MB = 1 << 20
@@ -78,13 +76,18 @@ def reference(op, x):
 OPS = ["batch_norm", "batch_norm_backward", "layer_norm", "rms_norm"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 @pytest.mark.parametrize("op", OPS)
-def test_large_outputs_are_advised_and_inputs_are_not(op, cache):
+def test_a_miss_takes_memory_as_torch_does(op, cache):
+    # No huge-page advice of bn_ext's own (its first touch was far slower
+    # than 4 KB pages' on some machines), on the output or the input.
     x = large_input()
-    # (x may reuse memory advised before, so its flags are compared, not assumed.)
     x_flags = vm_flags(first_huge_page(x))
+    bn_ext.empty_cpu_output_cache()
+    before = bn_ext.cpu_output_cache_stats()
     out = run_op(op, x)
-    assert "hg" in vm_flags(first_huge_page(out))
+    assert bn_ext.cpu_output_cache_stats().misses > before.misses
+    assert "hg" not in vm_flags(first_huge_page(out))
     assert vm_flags(first_huge_page(x)) == x_flags
 
 
@@ -136,8 +139,7 @@ def test_zero_limit_turns_the_cache_off(cache):
     before = bn_ext.cpu_output_cache_stats()
     assert before.cached_bytes == 0
     out = bn_ext.layer_norm(x, (64,))
-    # New memory, still advised for huge pages, and not kept once freed.
-    assert "hg" in vm_flags(first_huge_page(out))
+    # New memory, not kept once freed.
     torch.testing.assert_close(out.double(), reference("layer_norm", x), atol=1e-4, rtol=1e-4)
     del out
     after = bn_ext.cpu_output_cache_stats()

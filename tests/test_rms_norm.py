@@ -103,7 +103,9 @@ def test_double_backward(with_weight, eps):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("num_threads", [1, 2])
+# Against one thread: the row blocks of the parameter-gradient partials are
+# fixed by the shape, their assignment to threads is not.
+@pytest.mark.parametrize("num_threads", [2, 3])
 def test_results_do_not_depend_on_thread_count(threads, num_threads):
     x = make_row_input((4096, 96), torch.float32).requires_grad_()
     weight = make_row_params((96,), torch.float32)[0].requires_grad_()
@@ -113,7 +115,7 @@ def test_results_do_not_depend_on_thread_count(threads, num_threads):
         out = bn_ext.rms_norm(x, (96,), weight)
         return (out, *torch.autograd.grad(out, (x, weight), dy))
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     base = run()
     torch.set_num_threads(num_threads)
     for a, b in zip(run(), base):

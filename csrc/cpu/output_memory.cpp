@@ -5,6 +5,7 @@
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/Allocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -14,14 +15,10 @@
 #include <map>
 #include <mutex>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 namespace bn_ext::cpu {
 namespace {
 
-constexpr size_t kHugePage = size_t(1) << 21;
+constexpr size_t kPage = 4096;
 constexpr size_t kDefaultLimitBytes = size_t(1) << 30;
 
 // The limit at start: BN_EXT_OUTPUT_CACHE_BYTES, else 1 GiB.
@@ -34,52 +31,23 @@ size_t initial_limit() {
   return static_cast<size_t>(v);
 }
 
-// A block of memory: 2 MB-aligned, a whole number of huge pages.
+// A block of memory from torch's own CPU allocation (c10::alloc_cpu), so an
+// output that misses the cache costs exactly what torch's output would: no
+// memory of bn_ext's own, no huge-page advice. (Advising fresh mappings for
+// huge pages was tried: their first touch ran from 8.8 GB/s to 0.25 GB/s on
+// a virtual machine with THP defrag=madvise, against 1-2 GB/s for 4 KB pages,
+// so on some machines a first call was three times slower than torch's.)
 struct Block {
   void* data;
   size_t capacity;
 };
 
-// A 2 MB-aligned mapping of `capacity` bytes of its own (malloc would take
-// such sizes from its heap once its mmap threshold has grown, and hand back
-// pages that heap trimming and regrowth fault in anew).
-void* new_block_memory(size_t capacity) {
-#ifdef __linux__
-  void* mapped = mmap(nullptr, capacity + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(mapped != MAP_FAILED, "bn_ext: out of memory allocating an output of ", capacity, " bytes");
-  const auto begin = reinterpret_cast<uintptr_t>(mapped);
-  const uintptr_t aligned = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
-  if (aligned > begin) munmap(mapped, aligned - begin);
-  const size_t tail = kHugePage - (aligned - begin);
-  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + capacity), tail);
-  void* data = reinterpret_cast<void*>(aligned);
-#ifdef MADV_HUGEPAGE
-  // Advice only: a kernel without THP, or a refusal, leaves ordinary pages.
-  (void)madvise(data, capacity, MADV_HUGEPAGE);
-#endif
-  return data;
-#else
-  void* data = std::aligned_alloc(kHugePage, capacity);
-  TORCH_CHECK(data != nullptr, "bn_ext: out of memory allocating an output of ", capacity, " bytes");
-  return data;
-#endif
-}
-
-void free_block_memory(void* data, size_t capacity) {
-#ifdef __linux__
-  munmap(data, capacity);
-#else
-  (void)capacity;
-  std::free(data);
-#endif
-}
-
 class OutputCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t n) override {
-    const size_t capacity = (std::max<size_t>(n, 1) + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t capacity = (std::max<size_t>(n, 1) + kPage - 1) / kPage * kPage;
     Block* block = take(capacity);
-    if (block == nullptr) block = new Block{new_block_memory(capacity), capacity};
+    if (block == nullptr) block = new Block{c10::alloc_cpu(capacity), capacity};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       in_use_bytes_ += block->capacity;
@@ -119,7 +87,7 @@ class OutputCache final : public c10::Allocator {
     while (cached_bytes_ > keep) {
       auto largest = std::prev(free_.end());
       cached_bytes_ -= largest->first;
-      free_block_memory(largest->second->data, largest->first);
+      c10::free_cpu(largest->second->data);
       delete largest->second;
       free_.erase(largest);
     }
@@ -153,7 +121,7 @@ class OutputCache final : public c10::Allocator {
       return;
     }
     lock.unlock();
-    free_block_memory(block->data, block->capacity);
+    c10::free_cpu(block->data);
     delete block;
   }
 
@@ -179,8 +147,6 @@ class OutputCache final : public c10::Allocator {
 
 at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
   const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
-  // (With the limit at 0 large outputs still come from here, for the huge
-  // pages; their memory goes back to the system when they are freed.)
   if (bytes < kLargeOutputBytes) return at::empty_like(x, format);
   OutputCache& cache = OutputCache::instance();
   const auto ks = c10::DispatchKeySet(c10::DispatchKey::CPU);

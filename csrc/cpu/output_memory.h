@@ -1,13 +1,12 @@
 // Output tensors of the CPU kernels. A large fresh output is written through
-// page faults first, and the OS zeroes every page it hands out: on Linux with
-// 4 KB pages that first touch, not the kernel, bounds a large normalisation
-// (x * 2 into a new 100 MB tensor moves 6.5 GB/s here, into existing memory
-// 24 GB/s). Two remedies, for large outputs only:
-//  - their memory is advised for transparent huge pages (where the system
-//    leaves them to madvise), which cuts the faults 512-fold;
-//  - it comes from a bounded cache of the memory of bn_ext's freed outputs
-//    (bn_ext::cpu_output_cache_stats and friends, bn_ext.h), so repeated
-//    calls of the same sizes stop faulting at all.
+// page faults first, and the OS zeroes every page it hands out: that first
+// touch, not the kernel, bounds a large normalisation (a fresh 75 MB output
+// takes 40-80 ms to touch on a virtual machine here, an existing one 3 ms).
+// glibc returns large blocks to the system when they are freed, so every
+// call of torch's pays it again. bn_ext's large outputs come from a bounded
+// cache of the memory of its freed outputs (bn_ext::cpu_output_cache_stats
+// and friends, bn_ext.h): repeated calls of the same sizes stop faulting,
+// and a miss takes its memory exactly as torch would.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,7 +15,7 @@
 
 namespace bn_ext::cpu {
 
-// Outputs from this size on come from the cache, advised for huge pages.
+// Outputs from this size on come from the cache.
 constexpr int64_t kLargeOutputBytes = int64_t(4) << 20;
 
 // An uninitialised tensor shaped like x: with x's strides when `format` is

@@ -12,6 +12,7 @@
 
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -116,11 +117,18 @@ struct CpuOutputCacheStats {
   size_t misses;        // outputs that took new memory
 };
 CpuOutputCacheStats cpu_output_cache_stats();
-// Sets the limit and releases kept memory beyond it; 0 keeps nothing (large
-// outputs still get huge pages).
+// Sets the limit and releases kept memory beyond it; 0 keeps nothing.
 void set_cpu_output_cache_limit(size_t bytes);
 // Releases all kept memory; the limit stays.
 void empty_cpu_output_cache();
+
+// The SIMD level of the CPU kernels in use: "DEFAULT", "AVX2", "AVX512" or
+// "AVX512_BF16". Every level the build holds is compiled in; the best one the
+// CPU runs is chosen at the first call, lowered by the environment variable
+// BN_EXT_CPU_CAPABILITY (or ATen's ATEN_CPU_CAPABILITY) when set.
+std::string cpu_capability();
+// The levels this build holds and this CPU runs, lowest first.
+std::vector<std::string> cpu_capabilities();
 
 // Names of every bn_ext operator ("bn_ext::batch_norm_forward", ...).
 std::vector<const char*> operator_names();

@@ -1,6 +1,15 @@
 // Building blocks shared by the CPU norm kernels: vector load/store in the
-// op-math type, stable partial moments with Chan's merge, and run-level sums.
+// op-math type, one accumulator of partial sums for every reduction, stable
+// partial moments with Chan's merge.
+//
+// Kernel files only: this header holds SIMD code, compiled once per CPU level
+// (cpu/dispatch.h) with that level's flags and inside that level's namespace,
+// so inline functions built with different flags are never merged.
 #pragma once
+
+#ifndef CPU_CAPABILITY
+#error "kernel files are compiled with CPU_CAPABILITY set to their level (setup.py, CMakeLists.txt)"
+#endif
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -10,8 +19,9 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
-namespace bn_ext::cpu {
+namespace bn_ext::cpu::CPU_CAPABILITY {
 
 // float for float/half/bfloat16, double for double.
 template <typename T>
@@ -45,14 +55,14 @@ inline OpVec<T> load_op(const T* p) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// float to bfloat16, rounding to nearest even as torch does. With
-// BN_EXT_AVX512_BF16 one instruction does it instead of about eight; that
+// float to bfloat16, rounding to nearest even as torch does. At the
+// AVX512_BF16 level one instruction does it instead of about eight; that
 // instruction reads denormal inputs as zero, so a vector holding one (never
 // seen in normalised data, but possible) takes the exact integer path.
 constexpr int kDenormalClass = 0x20;
 
 inline __m256i round_to_bf16(__m512 v) {
-#if defined(BN_EXT_AVX512_BF16)
+#if defined(CPU_CAPABILITY_AVX512_BF16)
   if (_mm512_fpclass_ps_mask(v, kDenormalClass) == 0) return (__m256i)_mm512_cvtneps_pbh(v);
 #endif
   return at::vec::cvtfp32_bf16(v);
@@ -62,7 +72,7 @@ inline __m256i round_to_bf16(__m512 v) {
 // Two op-math vectors rounded into one vector of a half type T.
 template <typename T>
 inline at::vec::Vectorized<T> round_to_half_type(const OpVec<T>& lo, const OpVec<T>& hi) {
-#if defined(BN_EXT_AVX512_BF16)
+#if defined(CPU_CAPABILITY_AVX512_BF16)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     if ((_mm512_fpclass_ps_mask(lo, kDenormalClass) | _mm512_fpclass_ps_mask(hi, kDenormalClass)) == 0) {
       return at::vec::Vectorized<T>((__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -159,31 +169,88 @@ inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
   return m > 0 ? sum / static_cast<opmath_t<T>>(m) : opmath_t<T>(0);
 }
 
-// Accumulates ((x - shift) - offset)^2 over a contiguous run: the second pass
-// of a two-pass variance, with mean = shift + offset kept in two parts.
+// Vector steps a partial sum takes before it is added into its total. The
+// cascade bounds float rounding: a lane's error grows with kCascadeSteps +
+// steps / kCascadeSteps rather than with its step count, so one large value
+// early in a lane no longer absorbs the rounding of every small one after it,
+// and a reduction is as precise at every vector width.
+constexpr int64_t kCascadeSteps = 16;
+
+// The accumulator of every reduction. Over steps s < `steps` and vectors
+// k < NV per step, terms(s, k) gives a pair (a, b) of vectors, and
+//   sum[k] += a (when kWithSum),   product[k] += a * b,
+// through partial sums of at most kCascadeSteps steps. Its uses:
+//   moments:        a = b = x - shift              -> sum(d), sum(d^2)
+//   second pass:    a = b = (x - shift) - offset   -> squares about the mean
+//   gradient sums:  a = dy, b = x - center         -> sum(dy), sum(dy (x - center))
+template <int NV, bool kWithSum, typename Vec, typename Terms>
+inline void cascade_sums(int64_t steps, const Terms& terms, Vec (&sum)[NV], Vec (&product)[NV]) {
+  for (int64_t s0 = 0; s0 < steps; s0 += kCascadeSteps) {
+    const int64_t s1 = std::min(steps, s0 + kCascadeSteps);
+    Vec part_sum[NV], part_product[NV];
+    for (int k = 0; k < NV; ++k) part_sum[k] = part_product[k] = Vec(0);
+    for (int64_t s = s0; s < s1; ++s) {
+      for (int k = 0; k < NV; ++k) {
+        const auto [a, b] = terms(s, k);
+        if constexpr (kWithSum) part_sum[k] += a;
+        part_product[k] = at::vec::fmadd(a, b, part_product[k]);
+      }
+    }
+    for (int k = 0; k < NV; ++k) {
+      if constexpr (kWithSum) sum[k] += part_sum[k];
+      product[k] += part_product[k];
+    }
+  }
+}
+
+// OpVec<T>::size() elements at p, or the first `count` of them (the other
+// lanes zero) for the tail of a run or the last columns of a row.
+template <typename T>
+inline OpVec<T> load_op_n(const T* p, int64_t count) {
+  return count == OpVec<T>::size() ? load_op(p) : load_op_partial(p, count);
+}
+
+// v with the lanes from `count` on set to zero.
+template <typename Vec>
+inline Vec keep_lanes(const Vec& v, int64_t count) {
+  return count == Vec::size() ? v : Vec::set(Vec(0), v, count);
+}
+
+// cascade_sums over a contiguous run of n elements whose lanes all belong to
+// one sum: two vectors a step, then the rest (at most one full vector and a
+// partial one) added directly. terms(i, count) gives the pair for elements
+// [i, i + count); lanes past `count` must give a = 0.
+template <bool kWithSum, typename Vec, typename Terms>
+inline void run_sums(int64_t n, const Terms& terms, Vec& sum, Vec& product) {
+  constexpr int64_t W = Vec::size();
+  Vec sums[2] = {sum, Vec(0)}, products[2] = {product, Vec(0)};
+  const int64_t steps = n / (2 * W);
+  cascade_sums<2, kWithSum>(steps, [&](int64_t s, int k) { return terms((2 * s + k) * W, W); }, sums, products);
+  Vec total_sum = sums[0] + sums[1], total_product = products[0] + products[1];
+  for (int64_t i = steps * 2 * W; i < n; i += W) {
+    const auto [a, b] = terms(i, std::min(W, n - i));
+    if constexpr (kWithSum) total_sum += a;
+    total_product = at::vec::fmadd(a, b, total_product);
+  }
+  sum = total_sum;
+  product = total_product;
+}
+
+// Adds ((x - shift) - offset)^2 over a contiguous run into acc: the second
+// pass of a two-pass variance, with mean = shift + offset kept in two parts.
 template <typename T>
 inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift, opmath_t<T> offset,
                                         OpVec<T>& acc) {
   using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
   const Vec vshift(shift), voffset(offset);
-  Vec acc0 = acc, acc1(0);  // in registers, not through the reference
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
-    const Vec d0 = (load_op(p + i) - vshift) - voffset;
-    const Vec d1 = (load_op(p + i + W) - vshift) - voffset;
-    acc0 = at::vec::fmadd(d0, d0, acc0);
-    acc1 = at::vec::fmadd(d1, d1, acc1);
-  }
-  for (; i + W <= n; i += W) {
-    const Vec d = (load_op(p + i) - vshift) - voffset;
-    acc0 = at::vec::fmadd(d, d, acc0);
-  }
-  if (i < n) {
-    const Vec d = Vec::set(Vec(0), (load_op_partial(p + i, n - i) - vshift) - voffset, n - i);
-    acc0 = at::vec::fmadd(d, d, acc0);
-  }
-  acc = acc0 + acc1;
+  Vec unused(0);
+  run_sums<false>(
+      n,
+      [&](int64_t i, int64_t count) {
+        const Vec d = keep_lanes((load_op_n(p + i, count) - vshift) - voffset, count);
+        return std::pair{d, d};
+      },
+      unused, acc);
 }
 
 // Whether the single-pass M2 = sum(d^2) - sum(d)^2 / n of n values
@@ -202,11 +269,12 @@ inline Moments shifted_moments(int64_t n, Op shift, Op offset, double sum, doubl
   return {n, mean, single_pass ? squares - sum * sum / static_cast<double>(n) : squares};
 }
 
-// Moments of one cache-sized chunk in a single pass: sums of d = x - shift and
-// of d^2, so M2 = sum(d^2) - sum(d)^2 / n. That difference loses precision
-// only when the shift is far from the mean; then (sum(d)^2 / n > M2, i.e. the
-// shift is over a standard deviation away) the chunk, still in L1, is walked
-// a second time for the squares about its mean, as a two-pass variance would.
+// Moments of one cache-sized chunk of one set of values in a single pass:
+// sums of d = x - shift and of d^2, so M2 = sum(d^2) - sum(d)^2 / n. That
+// difference loses precision only when the shift is far from the mean; then
+// (sum(d)^2 / n > M2, i.e. the shift is over a standard deviation away) the
+// chunk, still in L1, is walked a second time for the squares about its
+// mean, as a two-pass variance would.
 template <typename T>
 struct ShiftedSums {
   using Op = opmath_t<T>;
@@ -221,32 +289,14 @@ struct ShiftedSums {
   }
 
   void add_run(const T* p, int64_t n) {
-    constexpr int64_t W = Vec::size();
-    // Local accumulators: members stay in memory across the loads from p
-    // (which may alias them as far as the compiler knows).
     const Vec vshift(shift);
-    Vec sum0 = sum, squares0 = squares, sum1(0), squares1(0);
-    int64_t i = 0;
-    for (; i + 2 * W <= n; i += 2 * W) {
-      const Vec d0 = load_op(p + i) - vshift;
-      const Vec d1 = load_op(p + i + W) - vshift;
-      sum0 += d0;
-      sum1 += d1;
-      squares0 = at::vec::fmadd(d0, d0, squares0);
-      squares1 = at::vec::fmadd(d1, d1, squares1);
-    }
-    for (; i + W <= n; i += W) {
-      const Vec d = load_op(p + i) - vshift;
-      sum0 += d;
-      squares0 = at::vec::fmadd(d, d, squares0);
-    }
-    if (i < n) {
-      const Vec d = Vec::set(Vec(0), load_op_partial(p + i, n - i) - vshift, n - i);
-      sum0 += d;
-      squares0 = at::vec::fmadd(d, d, squares0);
-    }
-    sum = sum0 + sum1;
-    squares = squares0 + squares1;
+    run_sums<true>(
+        n,
+        [&](int64_t i, int64_t lanes) {
+          const Vec d = keep_lanes(load_op_n(p + i, lanes) - vshift, lanes);
+          return std::pair{d, d};
+        },
+        sum, squares);
     count += n;
   }
 
@@ -264,27 +314,32 @@ struct ShiftedSums {
   }
 };
 
-// Moments of one cache-sized chunk: `runs(visit)` calls visit(pointer, length)
-// for each of its runs.
-template <typename T, typename Runs>
-inline Moments chunk_moments(const Runs& runs) {
-  ShiftedSums<T> sums;
-  runs([&](const T* p, int64_t len) {
-    if (sums.count == 0) sums.start(chunk_shift(p, len));
-    sums.add_run(p, len);
-  });
-  return sums.finish(runs);
-}
-
 // Moments of a long contiguous run: cache-sized chunks merged in order.
 template <typename T>
 inline Moments long_run_moments(const T* p, int64_t n) {
   Moments total;
+  ShiftedSums<T> sums;
   for (int64_t i = 0; i < n; i += kCacheChunk) {
     const int64_t len = std::min(kCacheChunk, n - i);
-    chan_merge(total, chunk_moments<T>([&](const auto& visit) { visit(p + i, len); }));
+    sums.start(chunk_shift(p + i, len));
+    sums.add_run(p + i, len);
+    chan_merge(total, sums.finish([&](const auto& visit) { visit(p + i, len); }));
   }
   return total;
+}
+
+// Visits the columns [c0, c1) of rows of channels-last memory in strips:
+// strip(c, std::integral_constant<int, NV>, width) for strips of NV vectors
+// starting at column c, of which the last holds `width` columns (fewer than
+// a vector's lanes only in the final strip), so a strip's accumulators and
+// coefficients stay in registers while it walks down the rows.
+template <typename T, typename StripFn>
+inline void for_each_column_strip(int64_t c0, int64_t c1, const StripFn& strip) {
+  constexpr int64_t W = OpVec<T>::size();
+  int64_t c = c0;
+  for (; c + 4 * W <= c1; c += 4 * W) strip(c, std::integral_constant<int, 4>{}, W);
+  for (; c + W <= c1; c += W) strip(c, std::integral_constant<int, 1>{}, W);
+  if (c < c1) strip(c, std::integral_constant<int, 1>{}, c1 - c);
 }
 
 // Split `n` items into at most `max_parts` contiguous parts of at least
@@ -298,4 +353,4 @@ inline int64_t part_begin(int64_t part, int64_t parts, int64_t n) {
   return n / parts * part + std::min(part, n % parts);
 }
 
-}  // namespace bn_ext::cpu
+}  // namespace bn_ext::cpu::CPU_CAPABILITY

@@ -1,0 +1,107 @@
+// Chooses the CPU kernel level once (see dispatch.h). The build defines
+// BN_EXT_HAVE_<LEVEL> for each level it compiled the kernel files at.
+#include "cpu/dispatch.h"
+
+#include <ATen/Version.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <iterator>
+#include <string>
+
+namespace bn_ext::cpu {
+
+#define BN_EXT_DECLARE_LEVEL(LEVEL)                   \
+  namespace LEVEL {                                   \
+  extern const BatchNormKernels batch_norm_kernels;  \
+  extern const RowNormKernels row_norm_kernels;       \
+  }
+
+BN_EXT_DECLARE_LEVEL(DEFAULT)
+#if defined(BN_EXT_HAVE_AVX2)
+BN_EXT_DECLARE_LEVEL(AVX2)
+#endif
+#if defined(BN_EXT_HAVE_AVX512)
+BN_EXT_DECLARE_LEVEL(AVX512)
+#endif
+#if defined(BN_EXT_HAVE_AVX512_BF16)
+BN_EXT_DECLARE_LEVEL(AVX512_BF16)
+#endif
+
+namespace {
+
+#define BN_EXT_LEVEL_TABLES(LEVEL) CpuKernels{#LEVEL, &LEVEL::batch_norm_kernels, &LEVEL::row_norm_kernels}
+
+// Every level of this build, lowest first.
+const CpuKernels kLevels[] = {
+    BN_EXT_LEVEL_TABLES(DEFAULT),
+#if defined(BN_EXT_HAVE_AVX2)
+    BN_EXT_LEVEL_TABLES(AVX2),
+#endif
+#if defined(BN_EXT_HAVE_AVX512)
+    BN_EXT_LEVEL_TABLES(AVX512),
+#endif
+#if defined(BN_EXT_HAVE_AVX512_BF16)
+    BN_EXT_LEVEL_TABLES(AVX512_BF16),
+#endif
+};
+
+// The rank of a level name (its place in the order DEFAULT < AVX2 < AVX512 <
+// AVX512_BF16), or -1.
+int level_rank(const std::string& name) {
+  static const char* const kOrder[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
+  const auto it = std::find(std::begin(kOrder), std::end(kOrder), name);
+  return it == std::end(kOrder) ? -1 : static_cast<int>(it - std::begin(kOrder));
+}
+
+// The best level this CPU runs: ATen's choice ("DEFAULT", "AVX2" or "AVX512"
+// on x86-64, after ATEN_CPU_CAPABILITY), plus the bfloat16 check.
+int cpu_rank() {
+#if defined(__x86_64__) || defined(_M_X64)
+  const std::string aten = at::get_cpu_capability();
+  if (aten == "AVX512" && __builtin_cpu_supports("avx512bf16")) return level_rank("AVX512_BF16");
+  return std::max(level_rank(aten), 0);
+#else
+  return level_rank("DEFAULT");
+#endif
+}
+
+// BN_EXT_CPU_CAPABILITY's rank, or the highest when it is unset.
+int requested_rank() {
+  const char* env = std::getenv("BN_EXT_CPU_CAPABILITY");
+  if (env == nullptr || *env == '\0') return level_rank("AVX512_BF16");
+  std::string name(env);
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::toupper(ch); });
+  const int rank = level_rank(name);
+  TORCH_CHECK_VALUE(rank >= 0, "BN_EXT_CPU_CAPABILITY must be DEFAULT, AVX2, AVX512 or AVX512_BF16, got '", env,
+                    "'");
+  return rank;
+}
+
+const CpuKernels& choose_level() {
+  const int limit = std::min(cpu_rank(), requested_rank());
+  const CpuKernels* chosen = &kLevels[0];
+  for (const auto& level : kLevels) {
+    if (level_rank(level.level) <= limit) chosen = &level;
+  }
+  return *chosen;
+}
+
+}  // namespace
+
+const CpuKernels& cpu_kernels() {
+  static const CpuKernels& chosen = choose_level();
+  return chosen;
+}
+
+std::vector<std::string> available_cpu_capabilities() {
+  std::vector<std::string> names;
+  for (const auto& level : kLevels) {
+    if (level_rank(level.level) <= cpu_rank()) names.emplace_back(level.level);
+  }
+  return names;
+}
+
+}  // namespace bn_ext::cpu
