@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test demo bench clean
+.PHONY: all venv build test demo bench check-aarch64 clean
 
 all: build
 
@@ -41,6 +41,11 @@ demo: build
 
 bench: build
 	$(PY) -m bn_ext bench
+
+# Every CPU source compiled for aarch64 with Debian's cross compiler (not run).
+check-aarch64: $(STAMP)
+	command -v aarch64-linux-gnu-g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu)
+	PY=$(PY) bash tests/cross_compile_aarch64.sh
 
 clean:
 	rm -rf build bn_ext/*.so

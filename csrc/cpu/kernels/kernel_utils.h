@@ -20,6 +20,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 namespace bn_ext::cpu::CPU_CAPABILITY {
 
@@ -177,7 +178,7 @@ inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
 constexpr int64_t kCascadeSteps = 16;
 
 // The accumulator of every reduction. Over steps s < `steps` and vectors
-// k < NV per step, terms(s, k) gives a pair (a, b) of vectors, and
+// k < NV per step, terms(s, k, a, b) sets vectors a and b, and
 //   sum[k] += a (when kWithSum),   product[k] += a * b,
 // through partial sums of at most kCascadeSteps steps. Its uses:
 //   moments:        a = b = x - shift              -> sum(d), sum(d^2)
@@ -191,7 +192,8 @@ inline void cascade_sums(int64_t steps, const Terms& terms, Vec (&sum)[NV], Vec 
     for (int k = 0; k < NV; ++k) part_sum[k] = part_product[k] = Vec(0);
     for (int64_t s = s0; s < s1; ++s) {
       for (int k = 0; k < NV; ++k) {
-        const auto [a, b] = terms(s, k);
+        Vec a, b;
+        terms(s, k, a, b);
         if constexpr (kWithSum) part_sum[k] += a;
         part_product[k] = at::vec::fmadd(a, b, part_product[k]);
       }
@@ -218,17 +220,19 @@ inline Vec keep_lanes(const Vec& v, int64_t count) {
 
 // cascade_sums over a contiguous run of n elements whose lanes all belong to
 // one sum: two vectors a step, then the rest (at most one full vector and a
-// partial one) added directly. terms(i, count) gives the pair for elements
-// [i, i + count); lanes past `count` must give a = 0.
+// partial one) added directly. terms(i, count, a, b) sets the vectors of
+// elements [i, i + count); lanes past `count` must get a = 0.
 template <bool kWithSum, typename Vec, typename Terms>
 inline void run_sums(int64_t n, const Terms& terms, Vec& sum, Vec& product) {
   constexpr int64_t W = Vec::size();
   Vec sums[2] = {sum, Vec(0)}, products[2] = {product, Vec(0)};
   const int64_t steps = n / (2 * W);
-  cascade_sums<2, kWithSum>(steps, [&](int64_t s, int k) { return terms((2 * s + k) * W, W); }, sums, products);
+  cascade_sums<2, kWithSum>(
+      steps, [&](int64_t s, int k, Vec& a, Vec& b) { terms((2 * s + k) * W, W, a, b); }, sums, products);
   Vec total_sum = sums[0] + sums[1], total_product = products[0] + products[1];
   for (int64_t i = steps * 2 * W; i < n; i += W) {
-    const auto [a, b] = terms(i, std::min(W, n - i));
+    Vec a, b;
+    terms(i, std::min(W, n - i), a, b);
     if constexpr (kWithSum) total_sum += a;
     total_product = at::vec::fmadd(a, b, total_product);
   }
@@ -246,9 +250,8 @@ inline void accumulate_centered_squares(const T* p, int64_t n, opmath_t<T> shift
   Vec unused(0);
   run_sums<false>(
       n,
-      [&](int64_t i, int64_t count) {
-        const Vec d = keep_lanes((load_op_n(p + i, count) - vshift) - voffset, count);
-        return std::pair{d, d};
+      [&](int64_t i, int64_t count, Vec& a, Vec& b) {
+        a = b = keep_lanes((load_op_n(p + i, count) - vshift) - voffset, count);
       },
       unused, acc);
 }
@@ -292,10 +295,7 @@ struct ShiftedSums {
     const Vec vshift(shift);
     run_sums<true>(
         n,
-        [&](int64_t i, int64_t lanes) {
-          const Vec d = keep_lanes(load_op_n(p + i, lanes) - vshift, lanes);
-          return std::pair{d, d};
-        },
+        [&](int64_t i, int64_t lanes, Vec& a, Vec& b) { a = b = keep_lanes(load_op_n(p + i, lanes) - vshift, lanes); },
         sum, squares);
     count += n;
   }
@@ -328,18 +328,46 @@ inline Moments long_run_moments(const T* p, int64_t n) {
   return total;
 }
 
-// Visits the columns [c0, c1) of rows of channels-last memory in strips:
-// strip(c, std::integral_constant<int, NV>, width) for strips of NV vectors
-// starting at column c, of which the last holds `width` columns (fewer than
-// a vector's lanes only in the final strip), so a strip's accumulators and
-// coefficients stay in registers while it walks down the rows.
-template <typename T, typename StripFn>
-inline void for_each_column_strip(int64_t c0, int64_t c1, const StripFn& strip) {
-  constexpr int64_t W = OpVec<T>::size();
-  int64_t c = c0;
-  for (; c + 4 * W <= c1; c += 4 * W) strip(c, std::integral_constant<int, 4>{}, W);
-  for (; c + W <= c1; c += W) strip(c, std::integral_constant<int, 1>{}, W);
-  if (c < c1) strip(c, std::integral_constant<int, 1>{}, c1 - c);
+// Op-math arrays of channels-last accumulations: a whole number of vectors
+// of every level (64 values), so they are read and written in whole vectors;
+// lanes past the last column hold values nobody reads.
+template <typename Op>
+inline std::vector<Op> column_array(int64_t columns) {
+  return std::vector<Op>((columns + 63) / 64 * 64, Op(0));
+}
+
+// cascade_sums for channels-last memory, whose rows stream in memory order:
+// over rows s < `rows` and the vectors [j, j + count) of `width` columns,
+// terms(s, j, count, a, b) sets vectors a and b, and
+//   sum[j..] += a (when kWithSum),   product[j..] += a * b,
+// into column arrays, through partial sums folded in every kCascadeSteps rows.
+template <bool kWithSum, typename Vec, typename Terms>
+inline void column_cascade_sums(int64_t rows, int64_t width, const Terms& terms, typename Vec::value_type* sum,
+                                typename Vec::value_type* product) {
+  using Op = typename Vec::value_type;
+  constexpr int64_t W = Vec::size();
+  std::vector<Op> part_sum = column_array<Op>(width), part_product = column_array<Op>(width);
+  Op* ps = part_sum.data();
+  Op* pp = part_product.data();
+  for (int64_t s0 = 0; s0 < rows; s0 += kCascadeSteps) {
+    const int64_t s1 = std::min(rows, s0 + kCascadeSteps);
+    for (int64_t s = s0; s < s1; ++s) {
+      for (int64_t j = 0; j < width; j += W) {
+        Vec a, b;
+        terms(s, j, std::min(W, width - j), a, b);
+        if constexpr (kWithSum) (Vec::loadu(ps + j) + a).store(ps + j);
+        at::vec::fmadd(a, b, Vec::loadu(pp + j)).store(pp + j);
+      }
+    }
+    for (int64_t j = 0; j < width; j += W) {
+      if constexpr (kWithSum) {
+        (Vec::loadu(sum + j) + Vec::loadu(ps + j)).store(sum + j);
+        Vec(0).store(ps + j);
+      }
+      (Vec::loadu(product + j) + Vec::loadu(pp + j)).store(product + j);
+      Vec(0).store(pp + j);
+    }
+  }
 }
 
 // Split `n` items into at most `max_parts` contiguous parts of at least

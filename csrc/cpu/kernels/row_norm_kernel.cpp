@@ -78,17 +78,18 @@ std::vector<double> rows_with_column_sums(const RowGeometry& g, int64_t n_sums, 
   return total;
 }
 
-// Sum over a row of n values of terms(i, count)'s products a * b (and of a
-// when kWithSum): run_sums within cache chunks, float64 across chunks so
-// long rows keep their precision. Lanes past `count` must give a = 0.
+// Sum over a row of n values of the products a * b (and of a when kWithSum)
+// that terms(i, count, a, b) sets: run_sums within cache chunks, float64
+// across chunks so long rows keep their precision. Lanes past `count` must
+// get a = 0.
 template <bool kWithSum, typename Vec, typename Terms>
 inline std::pair<double, double> row_sums(int64_t n, const Terms& terms) {
   double sum = 0.0, product = 0.0;
   for (int64_t i = 0; i < n; i += kCacheChunk) {
     Vec chunk_sum(0), chunk_product(0);
     run_sums<kWithSum>(
-        std::min(kCacheChunk, n - i), [&](int64_t j, int64_t count) { return terms(i + j, count); }, chunk_sum,
-        chunk_product);
+        std::min(kCacheChunk, n - i), [&](int64_t j, int64_t count, Vec& a, Vec& b) { terms(i + j, count, a, b); },
+        chunk_sum, chunk_product);
     sum += static_cast<double>(reduce_add(chunk_sum));
     product += static_cast<double>(reduce_add(chunk_product));
   }
@@ -184,9 +185,9 @@ std::vector<double> layer_norm_backward_kernel(const T* dy, const T* x, const P*
     if (dx) {
       // sum(g) and sum(g * x_hat); lanes past a tail load dy = 0, so g = 0.
       const Vec vmu(mu), vrs(rs);
-      const auto [sum_g, sum_gx] = row_sums<true, Vec>(D, [&](int64_t j, int64_t count) {
-        return std::pair{load_op_n(dyr + j, count) * weight_vector<T>(weight, j, count),
-                         (load_op_n(xr + j, count) - vmu) * vrs};
+      const auto [sum_g, sum_gx] = row_sums<true, Vec>(D, [&](int64_t j, int64_t count, Vec& a, Vec& b) {
+        a = load_op_n(dyr + j, count) * weight_vector<T>(weight, j, count);
+        b = (load_op_n(xr + j, count) - vmu) * vrs;
       });
       mean_g = static_cast<Op>(sum_g / static_cast<double>(D));
       mean_gx = static_cast<Op>(sum_gx / static_cast<double>(D));
@@ -203,10 +204,9 @@ void rms_norm_forward_kernel(const T* x, const P* weight, T* y, opmath_t<T>* rst
   const int64_t D = g.cols;
   rows_with_column_sums<Op>(g, 0, [&](int64_t r, Op*) {
     const T* xr = x + r * D;
-    const double sum_sq = row_sums<false, Vec>(D, [&](int64_t j, int64_t count) {
-                            const Vec v = load_op_n(xr + j, count);
-                            return std::pair{v, v};
-                          }).second;
+    const double sum_sq =
+        row_sums<false, Vec>(D, [&](int64_t j, int64_t count, Vec& a, Vec& b) { a = b = load_op_n(xr + j, count); })
+            .second;
     const Op rs = static_cast<Op>(1.0 / std::sqrt(sum_sq / static_cast<double>(D) + eps));
     rstd_out[r] = rs;
     normalize_row(xr, weight, static_cast<const P*>(nullptr), y + r * D, D, Op(0), Op(0), rs);
@@ -227,9 +227,9 @@ std::vector<double> rms_norm_backward_kernel(const T* dy, const T* x, const P* w
     const Op rs = rstd[r];
     Op mean_gx = 0;
     if (dx) {
-      const double sum = row_sums<false, Vec>(D, [&](int64_t j, int64_t count) {
-                           return std::pair{load_op_n(dyr + j, count) * weight_vector<T>(weight, j, count),
-                                            load_op_n(xr + j, count)};
+      const double sum = row_sums<false, Vec>(D, [&](int64_t j, int64_t count, Vec& a, Vec& b) {
+                           a = load_op_n(dyr + j, count) * weight_vector<T>(weight, j, count);
+                           b = load_op_n(xr + j, count);
                          }).second;
       mean_gx = static_cast<Op>(sum * static_cast<double>(rs) / static_cast<double>(D));
     }
