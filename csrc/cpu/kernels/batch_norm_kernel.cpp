@@ -427,14 +427,30 @@ void channel_affine_pass(T* out, const T* dy, const T* x, const ChannelCoefficie
   } else {
     // Row by row in memory order, the coefficients read from L1.
     at::parallel_for(0, g.reduce_size(), grain_for(g.C), [&](int64_t r0, int64_t r1) {
+      auto coefficients = [&](const std::vector<opmath_t<T>>& v, int64_t c) { return Vec::loadu(v.data() + c); };
       for (int64_t r = r0; r < r1; ++r) {
         T* out_row = out + r * g.C;
         const T* dy_row = kUseDy ? dy + r * g.C : nullptr;
         const T* x_row = kUseX ? x + r * g.C : nullptr;
-        for (int64_t c = 0; c < g.C; c += W) {
-          affine_vector<T, kUseDy, kUseX>(out_row, dy_row, x_row, c, Vec::loadu(k.alpha.data() + c),
-                                          Vec::loadu(k.beta.data() + c), Vec::loadu(k.gamma.data() + c),
-                                          Vec::loadu(k.center.data() + c), std::min(W, g.C - c));
+        int64_t c = 0;
+        if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+          // Two float vectors per half-type vector, as in affine_run.
+          using HalfVec = at::vec::Vectorized<T>;
+          for (; c + 2 * W <= g.C; c += 2 * W) {
+            Vec dy0, dy1, x0, x1;
+            if constexpr (kUseDy) std::tie(dy0, dy1) = at::vec::convert_to_float<T>(HalfVec::loadu(dy_row + c));
+            if constexpr (kUseX) std::tie(x0, x1) = at::vec::convert_to_float<T>(HalfVec::loadu(x_row + c));
+            round_to_half_type<T>(
+                affine_value<kUseDy, kUseX>(dy0, x0, coefficients(k.alpha, c), coefficients(k.beta, c),
+                                            coefficients(k.gamma, c), coefficients(k.center, c)),
+                affine_value<kUseDy, kUseX>(dy1, x1, coefficients(k.alpha, c + W), coefficients(k.beta, c + W),
+                                            coefficients(k.gamma, c + W), coefficients(k.center, c + W)))
+                .store(out_row + c);
+          }
+        }
+        for (; c < g.C; c += W) {
+          affine_vector<T, kUseDy, kUseX>(out_row, dy_row, x_row, c, coefficients(k.alpha, c), coefficients(k.beta, c),
+                                          coefficients(k.gamma, c), coefficients(k.center, c), std::min(W, g.C - c));
         }
       }
     });

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -108,10 +109,41 @@ inline void store_op(T* p, const OpVec<T>& v) {
 // The first `count` (< OpVec<T>::size()) elements at p as op-math, the other
 // lanes zero, for the tail of a run: one masked vector instead of a scalar
 // loop (on AVX-512 nothing past p + count is touched; AVX2 copies through a buffer).
+#if defined(CPU_CAPABILITY_AVX2)
+// Copies `count` (< 8) 16-bit values between p and a vector's low lanes in
+// pieces of fixed size, which compile to plain moves: ATen's partial load and
+// store of a half-type vector at this level call memcpy through a buffer,
+// which cost more than the rest of a short run (a 7x7 plane's tail).
+inline void copy_16bit_pieces(char* dst, const char* src, int64_t count) {
+  int64_t i = 0;
+  if (count & 4) {
+    std::memcpy(dst, src, 8);
+    i = 8;
+  }
+  if (count & 2) {
+    std::memcpy(dst + i, src + i, 4);
+    i += 4;
+  }
+  if (count & 1) std::memcpy(dst + i, src + i, 2);
+}
+#endif
+
 template <typename T>
 inline OpVec<T> load_op_partial(const T* p, int64_t count) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    __m128i packed = _mm_setzero_si128();
+    copy_16bit_pieces(reinterpret_cast<char*>(&packed), reinterpret_cast<const char*>(p), count);
+    __m256 v;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      at::vec::cvtbf16_fp32(packed, v);
+    } else {
+      at::vec::cvtfp16_fp32(packed, v);
+    }
+    return v;
+#else
     return std::get<0>(at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, count)));
+#endif
   } else {
     return OpVec<T>::loadu(p, count);
   }
@@ -121,7 +153,13 @@ inline OpVec<T> load_op_partial(const T* p, int64_t count) {
 template <typename T>
 inline void store_op_partial(T* p, const OpVec<T>& v, int64_t count) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m128i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
+                                                            : at::vec::cvtfp32_fp16(__m256(v));
+    copy_16bit_pieces(reinterpret_cast<char*>(p), reinterpret_cast<const char*>(&packed), count);
+#else
     round_to_half_type<T>(v, v).store(p, count);
+#endif
   } else {
     v.store(p, count);
   }
@@ -336,36 +374,32 @@ inline std::vector<Op> column_array(int64_t columns) {
   return std::vector<Op>((columns + 63) / 64 * 64, Op(0));
 }
 
-// cascade_sums for channels-last memory, whose rows stream in memory order:
-// over rows s < `rows` and the vectors [j, j + count) of `width` columns,
-// terms(s, j, count, a, b) sets vectors a and b, and
-//   sum[j..] += a (when kWithSum),   product[j..] += a * b,
-// into column arrays, through partial sums folded in every kCascadeSteps rows.
+// cascade_sums for channels-last memory: over rows s < `rows` and the vectors
+// [j, j + count) of `width` columns, terms(s, j, count, a, b) sets vectors a
+// and b, and
+//   sum[j..] += a (when kWithSum),   product[j..] += a * b
+// into column arrays. The rows go in tiles of kCascadeSteps, each tile a
+// contiguous block of memory: a column vector's partial sums over a tile
+// stay in registers and are folded into the arrays once per tile (the
+// cascade), while the tile itself, read once from memory, sits in L1.
+// (Partial sums kept in arrays and updated row by row stalled on the stores.)
 template <bool kWithSum, typename Vec, typename Terms>
 inline void column_cascade_sums(int64_t rows, int64_t width, const Terms& terms, typename Vec::value_type* sum,
                                 typename Vec::value_type* product) {
-  using Op = typename Vec::value_type;
   constexpr int64_t W = Vec::size();
-  std::vector<Op> part_sum = column_array<Op>(width), part_product = column_array<Op>(width);
-  Op* ps = part_sum.data();
-  Op* pp = part_product.data();
   for (int64_t s0 = 0; s0 < rows; s0 += kCascadeSteps) {
     const int64_t s1 = std::min(rows, s0 + kCascadeSteps);
-    for (int64_t s = s0; s < s1; ++s) {
-      for (int64_t j = 0; j < width; j += W) {
-        Vec a, b;
-        terms(s, j, std::min(W, width - j), a, b);
-        if constexpr (kWithSum) (Vec::loadu(ps + j) + a).store(ps + j);
-        at::vec::fmadd(a, b, Vec::loadu(pp + j)).store(pp + j);
-      }
-    }
     for (int64_t j = 0; j < width; j += W) {
-      if constexpr (kWithSum) {
-        (Vec::loadu(sum + j) + Vec::loadu(ps + j)).store(sum + j);
-        Vec(0).store(ps + j);
+      const int64_t count = std::min(W, width - j);
+      Vec part_sum(0), part_product(0);
+      for (int64_t s = s0; s < s1; ++s) {
+        Vec a, b;
+        terms(s, j, count, a, b);
+        if constexpr (kWithSum) part_sum += a;
+        part_product = at::vec::fmadd(a, b, part_product);
       }
-      (Vec::loadu(product + j) + Vec::loadu(pp + j)).store(product + j);
-      Vec(0).store(pp + j);
+      if constexpr (kWithSum) (Vec::loadu(sum + j) + part_sum).store(sum + j);
+      (Vec::loadu(product + j) + part_product).store(product + j);
     }
   }
 }
