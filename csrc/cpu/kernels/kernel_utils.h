@@ -202,9 +202,13 @@ constexpr int64_t kShiftSamples = 16;
 // The shift of a chunk whose first run is p[0, n): the mean of its first values.
 template <typename T>
 inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
+  using Vec = OpVec<T>;
   const int64_t m = std::min(n, kShiftSamples);
-  opmath_t<T> sum = 0;
-  for (int64_t i = 0; i < m; ++i) sum += static_cast<opmath_t<T>>(p[i]);
+  Vec acc(0);
+  int64_t i = 0;
+  for (; i + Vec::size() <= m; i += Vec::size()) acc += load_op(p + i);
+  opmath_t<T> sum = reduce_add(acc);
+  for (; i < m; ++i) sum += static_cast<opmath_t<T>>(p[i]);
   return m > 0 ? sum / static_cast<opmath_t<T>>(m) : opmath_t<T>(0);
 }
 
