@@ -68,6 +68,13 @@ inline void check_row_norm_backward_args(const char* op, const at::Tensor& grad_
   }
 }
 
+// RMSNorm's output in the input's memory format: torch's RMSNorm keeps a
+// channels-last input's format (the kernels write contiguous rows).
+inline at::Tensor rms_norm_output_format(const at::Tensor& out, const at::Tensor& input) {
+  const auto fmt = input.suggest_memory_format();
+  return fmt == at::MemoryFormat::Contiguous ? out : out.contiguous(fmt);
+}
+
 // RMSNorm's eps when None: torch's default, the machine epsilon of the op-math type.
 inline double rms_norm_eps(std::optional<double> eps, at::ScalarType dtype) {
   if (eps.has_value()) return *eps;

@@ -79,9 +79,7 @@ std::tuple<Tensor, Tensor> rms_norm_forward_cpu(const Tensor& input, at::IntArra
   Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), x.options().dtype(stat_dtype(x.scalar_type())));
   cpu_kernels().row_norm->rms_norm_forward(x, contiguous_or_none(weight), out, rstd, g,
                                            rms_norm_eps(eps, x.scalar_type()));
-  // torch's RMSNorm keeps a channels-last input's memory format.
-  const auto fmt = input.suggest_memory_format();
-  return {fmt == at::MemoryFormat::Contiguous ? out : out.contiguous(fmt), rstd};
+  return {rms_norm_output_format(out, input), rstd};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,

@@ -146,9 +146,7 @@ std::tuple<Tensor, Tensor> rms_norm_forward_cuda(const Tensor& input, at::IntArr
                                                  const std::optional<Tensor>& weight, std::optional<double> eps) {
   auto [out, mean, rstd] = row_norm_forward_cuda<true>(input, normalized_shape, weight, std::nullopt,
                                                        rms_norm_eps(eps, input.scalar_type()));
-  // torch's RMSNorm keeps a channels-last input's memory format.
-  const auto fmt = input.suggest_memory_format();
-  return {fmt == at::MemoryFormat::Contiguous ? out : out.contiguous(fmt), rstd};
+  return {rms_norm_output_format(out, input), rstd};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,

@@ -20,11 +20,14 @@ using at::Tensor;
 // below which splitting a channel's reduction is not worth it.
 constexpr int64_t kMaxReductionTasks = 256;
 constexpr int64_t kMinStripe = 65536;
+// A channels-first channel stays in one task (see stripe_count) when there
+// are at least this many channels and its input and gradient, in float32,
+// stay within this many bytes.
 constexpr int64_t kMinFusedChannels = 16;
-// Channels-first planes whose run is shorter than this are reduced plane by
-// plane across all channels (see short_planes).
-constexpr int64_t kShortRunBytes = 4096;
 constexpr int64_t kFusedChannelBytes = int64_t(8) << 20;
+// Channels-first planes whose run is shorter than this are reduced plane by
+// plane across groups of channels (see short_planes).
+constexpr int64_t kShortRunBytes = 4096;
 // Rows per chunk of a channels-last reduction: one float64 merge per channel
 // amortises over many rows (128 rows made the merges cost as much as the
 // reading). A task reads whole rows, in memory order: blocks of 256 channels
@@ -32,12 +35,12 @@ constexpr int64_t kFusedChannelBytes = int64_t(8) << 20;
 // (N32 C1024 14x14 statistics ran at 12 GB/s from L3).
 constexpr int64_t kChunkRows = 512;
 
-// The fused channels-first passes handle blocks of adjacent channels: for
-// each plane n they walk the block's runs, which lie next to each other in
-// memory, so short runs (7x7 planes) stream instead of each being a scattered
-// miss. Per channel the arithmetic is exactly the unblocked one (the same
-// chunks, runs and order), so blocking changes no result. A block's data
-// stays within this many bytes, so the last pass finds it in L2.
+// The fused channels-first passes (planes of kShortRunBytes and more) handle
+// blocks of adjacent channels: for each plane n they walk the block's runs,
+// which lie next to each other in memory. Per channel the arithmetic is
+// exactly the unblocked one (the same chunks, runs and order), so blocking
+// changes no result. A block's data stays within this many bytes, so the
+// last pass finds it in L2.
 // Blocks are also small enough for every thread to get several: with a few
 // large blocks the threads' shares differ by a whole block (N32 C98 16x16
 // bfloat16 made four blocks, 64 channels for one thread, 34 for the other).
@@ -62,8 +65,7 @@ int64_t stripe_count(const BatchNormGeometry& g) {
   }
   // Channels-first: a channel in one task (its data still in cache for the
   // fused second pass) wherever there are channels enough to share out and a
-  // channel's input and gradient stay within kFusedChannelBytes; otherwise
-  // channels split into stripes. (N32 C64 112x112's backward in four stripes
+  // channel's data is small enough; otherwise channels split into stripes. (N32 C64 112x112's backward in four stripes
   // read its 200 MB twice from memory: 0.8x torch, which reads a channel's
   // 3 MB the second time from L3.)
   if (g.C >= kMinFusedChannels && g.reduce_size() <= kFusedChannelBytes / 8) return 1;
