@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <string>
@@ -199,6 +200,21 @@ void errors() {
                            "normalized_shape mismatch");
 }
 
+// The level of the CPU kernels: BN_EXT_CPU_CAPABILITY's when set (ctest runs
+// this case at DEFAULT too), else the best this build and CPU have; the
+// kernels at that level against libtorch.
+void cpu_capability() {
+  const auto levels = bn_ext::cpu_capabilities();
+  const std::string chosen = bn_ext::cpu_capability();
+  expect(!levels.empty() && levels.front() == "DEFAULT", "DEFAULT is always available");
+  const char* asked = std::getenv("BN_EXT_CPU_CAPABILITY");
+  const std::string expected = asked != nullptr && *asked != '\0' ? asked : levels.back();
+  std::printf("CPU kernels at %s\n", chosen.c_str());
+  expect(chosen == expected, "the level asked for, or the best one");
+  batch_norm_train();
+  layer_norm();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -208,7 +224,8 @@ int main(int argc, char** argv) {
       {"batch_norm_backward", batch_norm_backward}, {"layer_norm", layer_norm},
       {"rms_norm", rms_norm}, {"row_backward", row_backward},
       {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
-      {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd}};
+      {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd},
+      {"cpu_capability", cpu_capability}};
   for (int i = 1; i < argc; ++i) {
     auto it = cases.find(argv[i]);
     if (it == cases.end()) {
