@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test demo bench check-aarch64 clean
+.PHONY: all venv build test demo bench gpu-check mutants check-aarch64 clean
 
 all: build
 
@@ -41,6 +41,14 @@ demo: build
 
 bench: build
 	$(PY) -m bn_ext bench
+
+# The GPU's checks in one command (tests/gpu_check.py): the build for the GPU
+# at hand, the CUDA tests and the CUDA bench, summarised in
+# $(GPU_CHECK_DIR)/gpu-check.json. GPU_PYTHON runs it with a Python that
+# already has torch (a GPU machine without network), skipping the venv.
+GPU_CHECK_DIR ?= gpu_check_results
+gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
+	$(or $(GPU_PYTHON),$(PY)) tests/gpu_check.py --output $(GPU_CHECK_DIR)
 
 # Every CPU source compiled for aarch64 with Debian's cross compiler (not run).
 check-aarch64: $(STAMP)

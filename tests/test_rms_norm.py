@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
-from conftest import DTYPES, assert_close, param_dtype
+from conftest import DTYPES, assert_close, assert_error_within
 from row_norm_cases import LAYOUTS, ROW_LENGTHS, SHAPES, f64, make_row_input, make_row_params
 
 
@@ -59,6 +59,8 @@ def test_channels_last_input_keeps_its_memory_format():
     torch.testing.assert_close(out, F.rms_norm(x, [5]))
 
 
+# torch warns that its fused kernel takes no mixed dtypes (the peer of half inputs).
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("shape,normalized_shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
@@ -71,11 +73,18 @@ def test_gradients(shape, normalized_shape, dtype, with_weight):
     inputs64 = tuple(f64(t).requires_grad_() for t in inputs)
     ref = F.rms_norm(inputs64[0], normalized_shape, inputs64[1] if with_weight else None, default_eps(dtype))
     expected = torch.autograd.grad(ref, inputs64, f64(dy))
-    assert_close(grads[0], expected[0], dtype, scale=4)
-    if with_weight:
-        rows = max(1, x.numel() // weight.numel())
-        assert grads[1].dtype == weight.dtype
-        assert_close(grads[1], expected[1], param_dtype(dtype), scale=max(1.0, rows**0.5))
+    # torch's kernel on the same rounded inputs: its error sets the bar.
+    inputs_t = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    peer = torch.autograd.grad(F.rms_norm(inputs_t[0], normalized_shape, inputs_t[1] if with_weight else None),
+                               inputs_t, dy)
+    # grad_weight sums dy * x * rstd over rows, which cancel: no float32 sum
+    # is more exact than a rounding of its largest term.
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    x_hat = f64(x) * (f64(x).square().mean(dims, keepdim=True) + default_eps(dtype)).rsqrt()
+    terms = [None, (f64(dy) * x_hat).abs().max() if x.numel() else 0.0]
+    for name, g, e, t, p, m in zip(("grad_input", "grad_weight"), grads, expected, peer, inputs, terms):
+        assert g.dtype == p.dtype
+        assert_error_within(g, e, t, msg=name, magnitude=m)
 
 
 @pytest.mark.parametrize("mask", [(True, False), (False, True)])
@@ -148,11 +157,13 @@ def test_nan_and_inf_propagate_like_torch():
     dtype=st.sampled_from(DTYPES),
     with_weight=st.booleans(),
 )
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_property_random_shapes(leading, normalized, transpose, dtype, with_weight):
     shape = (*leading, *normalized)
     x = make_row_input(shape, dtype, "transposed" if transpose and len(shape) >= 2 else "contiguous")
     weight = make_row_params(tuple(normalized), dtype)[0] if with_weight else None
-    assert_close(bn_ext.rms_norm(x, normalized, weight), reference(x, normalized, weight, None), dtype, scale=2)
+    assert_error_within(bn_ext.rms_norm(x, normalized, weight), reference(x, normalized, weight, None),
+                        F.rms_norm(x, normalized, weight))
 
 
 def test_module_state_dict_round_trip_repr_and_convert():
