@@ -50,6 +50,11 @@ GPU_CHECK_DIR ?= gpu_check_results
 gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) tests/gpu_check.py --output $(GPU_CHECK_DIR)
 
+# Planted faults the tests must catch (tests/mutants.py); not part of `make
+# test`: it rebuilds a private copy of the tree once per fault.
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
+
 # Every CPU source compiled for aarch64 with Debian's cross compiler (not run).
 check-aarch64: $(STAMP)
 	command -v aarch64-linux-gnu-g++ >/dev/null || (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu)

@@ -1,0 +1,262 @@
+"""Planted faults that the test suite must catch (`make mutants`).
+
+Each mutant replaces one exact piece of a source file (the run stops if the
+piece is no longer there, so the list follows the code), builds what the file
+belongs to, and runs the tests that guard it; the run passes only when every
+mutant makes those tests fail. The work happens in a private copy of the
+checkout under build/mutants/tree, so the checkout itself is never modified
+and later runs rebuild only what changed.
+
+  make mutants                      every mutant
+  python tests/mutants.py --list    the mutants, one a line
+  python tests/mutants.py ID ...    some of them
+
+The report (mutant, what it plants, the test that caught it) is printed and
+written to build/mutants/report.md and report.json."""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutants"
+TREE = WORK / "tree"
+
+BN_TESTS = ["tests/test_batch_norm.py"]
+ROW_TESTS = ["tests/test_layer_norm.py", "tests/test_rms_norm.py"]
+FOLD_TESTS = ["tests/test_fold.py"]
+EMULATED_TESTS = ["tests/test_cuda_emulated.py"]
+
+
+@dataclasses.dataclass
+class Mutant:
+    id: str
+    path: str
+    what: str
+    old: str
+    new: str
+    tests: list
+    env: dict = dataclasses.field(default_factory=dict)
+    level: str = ""  # a CPU level the faulty code runs at only
+
+
+KERNEL = "csrc/cpu/kernels/batch_norm_kernel.cpp"
+ROW_KERNEL = "csrc/cpu/kernels/row_norm_kernel.cpp"
+UTILS = "csrc/cpu/kernels/kernel_utils.h"
+CUDA_BN = "csrc/cuda/kernels/batch_norm.cuh"
+CUDA_ROWS = "csrc/cuda/kernels/row_norm.cuh"
+CUDA_COMMON = "csrc/cuda/kernels/device_common.cuh"
+FOLD = "csrc/fold.cpp"
+
+MUTANTS = [
+    # --- CUDA device code, through the emulator ---------------------------------
+    Mutant("cuda-missing-syncthreads", CUDA_COMMON, "block_merge reads the warps' partials without the barrier",
+           "  if (lane == 0) scratch[warp] = s;\n  __syncthreads();\n",
+           "  if (lane == 0) scratch[warp] = s;\n", EMULATED_TESTS),
+    Mutant("cuda-welford-merge", CUDA_COMMON, "Chan's merge drops the between-set term of m2",
+           "a.m2 + b.m2 + delta * delta * a.count * wb", "a.m2 + b.m2", EMULATED_TESTS),
+    Mutant("cuda-halved-m2", CUDA_BN, "batch_norm_stats returns half of m2",
+           "m2[c] = m.m2;", "m2[c] = 0.5 * m.m2;", EMULATED_TESTS),
+    Mutant("cuda-channels-last-stride", CUDA_BN, "channels-last reduction rows read with a stride of C - 1",
+           "const index_t offset = m * C + c0;", "const index_t offset = m * (C - 1) + c0;", EMULATED_TESTS),
+    Mutant("cuda-eps-twice", CUDA_ROWS, "LayerNorm's rstd adds eps twice",
+           "rstd = inverse_sqrt(st.m2 / A(D) + eps);", "rstd = inverse_sqrt(st.m2 / A(D) + eps + eps);",
+           EMULATED_TESTS),
+    Mutant("cuda-biased-running-var", CUDA_BN, "running_var updated with the biased variance",
+           "const double var = (1.0 / (invstd * invstd) - eps) * unbias;",
+           "const double var = (1.0 / (invstd * invstd) - eps);", EMULATED_TESTS),
+    Mutant("cuda-dropped-last-row", CUDA_ROWS, "row-norm parameter gradients skip the last row",
+           "r < rows; r += int64_t(count) * kParamRows", "r < rows - 1; r += int64_t(count) * kParamRows",
+           EMULATED_TESTS),
+    # --- folding arithmetic ---------------------------------------------------
+    Mutant("fold-transpose-axis", FOLD, "ConvTranspose folded along the input-channel axis, as a Conv",
+           "  if (transposed) {\n    std::vector<int64_t> grouped", "  if (false) {\n    std::vector<int64_t> grouped",
+           FOLD_TESTS),
+    Mutant("fold-no-eps", FOLD, "folding scale without eps: gamma / sqrt(var)",
+           "(running_var.to(at::kDouble) + eps).rsqrt()", "running_var.to(at::kDouble).rsqrt()", FOLD_TESTS),
+    Mutant("fold-unscaled-bias", FOLD, "the layer's own bias not multiplied by the BatchNorm scale",
+           "bias_like(b * scale + shift, weight, bias)", "bias_like(b + shift, weight, bias)", FOLD_TESTS),
+    Mutant("fold-shift-sign", FOLD, "BatchNorm before a Conv: the shift enters the bias with the wrong sign",
+           "bias_like(b + shift_contribution, weight, bias)", "bias_like(b - shift_contribution, weight, bias)",
+           FOLD_TESTS),
+    # --- CPU kernels ----------------------------------------------------------
+    Mutant("cpu-zeroed-sum-dy", KERNEL, "BatchNorm backward: sum(dy) zeroed",
+           "sum_dy[c] = s.dy;", "sum_dy[c] = 0.0;", BN_TESTS),
+    Mutant("cpu-halved-m2", KERNEL, "BatchNorm forward: the variance from half of m2",
+           "return 1.0 / std::sqrt(m.m2 / static_cast<double>(m.count) + eps);",
+           "return 1.0 / std::sqrt(0.5 * m.m2 / static_cast<double>(m.count) + eps);", BN_TESTS),
+    Mutant("cpu-dropped-tail", UTILS, "run_sums drops a run's last partial vector",
+           "for (int64_t i = steps * 2 * W; i < n; i += W) {", "for (int64_t i = steps * 2 * W; i + W <= n; i += W) {",
+           BN_TESTS + ROW_TESTS),
+    Mutant("cpu-channels-last-stride", KERNEL, "channels-last gradient sums read rows with a stride of C - 1",
+           "const int64_t offset = (r0 + s) * g.C + j;", "const int64_t offset = (r0 + s) * (g.C - 1) + j;",
+           BN_TESTS),
+    Mutant("cpu-eps-twice", "csrc/cpu/batch_norm.cpp", "BatchNorm eval: invstd adds eps twice",
+           "invstd[c] = 1.0 / std::sqrt(var[c] + eps);", "invstd[c] = 1.0 / std::sqrt(var[c] + eps + eps);",
+           BN_TESTS),
+    Mutant("cpu-biased-running-var", "csrc/cpu/batch_norm.cpp", "running_var updated with the biased variance",
+           "static_cast<double>(count) / static_cast<double>(count - 1) : 1.0", "1.0 : 1.0", BN_TESTS),
+    Mutant("cpu-gradient-sign", KERNEL, "BatchNorm backward: the mean(dy) term with the wrong sign",
+           "proj * (mean - static_cast<double>(k.center[c])) - sum_dy / M",
+           "proj * (mean - static_cast<double>(k.center[c])) + sum_dy / M", BN_TESTS),
+    Mutant("cpu-bf16-truncated-avx512", UTILS, "AVX512 float to bfloat16 truncates instead of rounding to nearest even",
+           "  return at::vec::cvtfp32_bf16(v);\n}",
+           "  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));\n}",
+           BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX512"}, level="AVX512"),
+    Mutant("cpu-bf16-truncated-avx2", UTILS, "AVX2 float to bfloat16 truncates instead of rounding to nearest even",
+           "    const __m128i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))\n"
+           "                                                            : at::vec::cvtfp32_fp16(__m256(v));\n"
+           "    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
+           "    const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(__m256(v)), 16);\n"
+           "    const __m128i packed = std::is_same_v<T, at::BFloat16>\n"
+           "        ? _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1))\n"
+           "        : at::vec::cvtfp32_fp16(__m256(v));\n"
+           "    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
+           BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
+    # (Channels-first stripes are merged in float64 and rarely change a bit
+    # when their count does; channels-last stripes sum rows in float32.)
+    Mutant("cpu-thread-count-split", KERNEL, "channels-last row stripes counted from the thread count",
+           "std::max(kChunkRows, kMinStripe / std::max<int64_t>(g.C, 1)),\n                      kMaxReductionTasks);",
+           "std::max(kChunkRows, kMinStripe / std::max<int64_t>(g.C, 1)),\n                      at::get_num_threads());",
+           BN_TESTS),
+    Mutant("cpu-row-blocks-from-threads", ROW_KERNEL, "row-norm parameter-gradient row blocks counted from the "
+           "thread count", "                               kMaxRowBlocks);", "                               "
+           "at::get_num_threads());", ROW_TESTS),
+    Mutant("cpu-layer-norm-unbiased", ROW_KERNEL, "LayerNorm's variance divided by D - 1",
+           "const double rstd = 1.0 / std::sqrt(m.m2 / static_cast<double>(D) + eps);",
+           "const double rstd = 1.0 / std::sqrt(m.m2 / static_cast<double>(D - 1) + eps);", ROW_TESTS),
+    Mutant("cpu-layer-norm-zeroed-bias-grad", ROW_KERNEL, "LayerNorm's grad_bias column sums never added to",
+           "(Vec::loadu(sums + D + j, count) + dyv).store(sums + D + j, count);",
+           "Vec::loadu(sums + D + j, count).store(sums + D + j, count);", ROW_TESTS),
+    Mutant("cpu-rms-norm-gradient-sign", ROW_KERNEL, "RMSNorm backward: the mean(g * x_hat) term with the wrong sign",
+           "row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), mean_gx);",
+           "row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), -mean_gx);",
+           ROW_TESTS),
+]
+
+
+def sync_tree():
+    """Copy the checkout's files (tracked and untracked, not ignored) into the
+    tree, rewriting only those whose content differs, so builds stay incremental."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src, dst = ROOT / name, TREE / name
+        if not src.is_file():
+            continue
+        if dst.exists() and dst.read_bytes() == src.read_bytes():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def build_env(extra=None):
+    # The CUDA kernels are checked through the emulator: no nvcc build here.
+    return dict(os.environ, BN_EXT_WITH_CUDA="0", PYTHONDONTWRITEBYTECODE="1", **(extra or {}))
+
+
+def build(log):
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=build_env(),
+                          stdout=log, stderr=subprocess.STDOUT)
+    return done.returncode == 0
+
+
+def run_tests(mutant, log):
+    """The mutant's tests, stopping at the first failure: (failed, first failing test)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+                          cwd=TREE, env=build_env(mutant.env), capture_output=True, text=True)
+    log.write(done.stdout[-20000:] + done.stderr[-5000:])
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", done.stdout, re.M)
+    if done.returncode == 0:
+        return False, ""
+    if failed:
+        return True, failed[0]
+    # A crash (a signal) fails the run without a summary line.
+    return True, f"(pytest exited with {done.returncode})"
+
+
+def cpu_levels():
+    out = subprocess.run([sys.executable, "-c", "import bn_ext; print(*bn_ext.cpu_capabilities())"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    return set(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Planted faults the tests must catch.")
+    parser.add_argument("ids", nargs="*", help="mutant ids (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.id:34} {m.path:40} {m.what}")
+        return 0
+    unknown = set(args.ids) - {m.id for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutant id(s): {', '.join(sorted(unknown))}")
+    chosen = [m for m in MUTANTS if not args.ids or m.id in args.ids]
+    levels = cpu_levels()
+    WORK.mkdir(parents=True, exist_ok=True)
+    sync_tree()
+    for m in chosen:
+        count = (TREE / m.path).read_text().count(m.old)
+        if count != 1:
+            print(f"{m.id}: the piece to replace occurs {count} times in {m.path}, not once")
+            return 2
+    results = []
+    with open(WORK / "log.txt", "w") as log:
+        log.write("clean build\n")
+        log.flush()
+        if not build(log):
+            print(f"the unmutated tree does not build; see {WORK / 'log.txt'}")
+            return 2
+        for m in chosen:
+            start = time.monotonic()
+            if m.level and m.level not in levels:
+                results.append({"id": m.id, "what": m.what, "file": m.path, "caught": None,
+                                "by": f"not run: this CPU has no {m.level} level"})
+                continue
+            path = TREE / m.path
+            original = path.read_text()
+            log.write(f"\n=== {m.id}\n")
+            log.flush()
+            try:
+                path.write_text(original.replace(m.old, m.new))
+                if m.path.startswith("csrc/cuda/"):
+                    # The emulated operators are one translation unit built by
+                    # the tests' fixture; start it afresh.
+                    shutil.rmtree(TREE / "build" / "emulated_ops", ignore_errors=True)
+                    caught, by = run_tests(m, log)
+                elif not build(log):
+                    caught, by = True, "(does not compile)"
+                else:
+                    caught, by = run_tests(m, log)
+            finally:
+                path.write_text(original)
+                if m.path.startswith("csrc/cuda/"):
+                    shutil.rmtree(TREE / "build" / "emulated_ops", ignore_errors=True)
+            seconds = round(time.monotonic() - start, 1)
+            results.append({"id": m.id, "what": m.what, "file": m.path, "caught": caught, "by": by,
+                            "seconds": seconds})
+            print(f"{'caught ' if caught else 'MISSED '} {m.id:34} {by}  ({seconds} s)", flush=True)
+    lines = ["| mutant | file | fault | caught by |", "|---|---|---|---|"]
+    for r in results:
+        mark = {True: "", False: "**not caught** ", None: ""}[r["caught"]]
+        lines.append(f"| {r['id']} | {r['file']} | {r['what']} | {mark}{r['by']} |")
+    (WORK / "report.md").write_text("\n".join(lines) + "\n")
+    (WORK / "report.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(lines))
+    missed = [r["id"] for r in results if r["caught"] is False]
+    print(f"{sum(r['caught'] is True for r in results)} caught, {len(missed)} missed, "
+          f"{sum(r['caught'] is None for r in results)} not run; report in {WORK / 'report.md'}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
