@@ -19,8 +19,13 @@ $(STAMP): requirements.txt
 
 venv: $(STAMP)
 
+# Built in place, and installed into the venv as an editable package once, so
+# .venv/bin/python imports this checkout's bn_ext from any folder (the
+# editable install reuses the in-place build's objects).
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
+	@(cd / && $(abspath $(PY)) -c "import bn_ext, sys; sys.exit(bn_ext.__file__ != '$(CURDIR)/bn_ext/__init__.py')" 2>/dev/null) \
+		|| $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 # The operator tests of the CPU kernels, repeated at every lower SIMD level
 # this CPU runs (the whole suite runs at the best one).

@@ -21,6 +21,8 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -112,6 +114,14 @@ def kernel_build_ext(base):
     """build_ext that compiles the kernel files once per level and links them in."""
 
     class BuildWithCpuLevels(base):
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # pip's editable install builds in a fresh temporary folder:
+                # build where `build_ext --inplace` does instead, so its
+                # objects are reused and only what changed is compiled.
+                self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
         def build_extension(self, ext):
             # The extension's own C++ flags at this point hold everything torch
             # adds (C++ standard, ABI); each level adds its own.
@@ -133,6 +143,23 @@ def kernel_build_ext(base):
             super().build_extension(ext)
 
     return BuildWithCpuLevels
+
+
+def write_build_info(torch, levels, cuda_archs):
+    """bn_ext/_build_info.py: what `import bn_ext` checks before it loads the
+    extension (the torch it was built against) and `python -m bn_ext info`
+    prints. Rewritten only when it changes."""
+    text = (
+        '"""Written by setup.py when bn_ext is built."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"CPU_LEVELS = {tuple(levels)!r}\n"
+        f"CUDA_VERSION = {torch.version.cuda if cuda_archs else None!r}\n"
+        f"CUDA_ARCHS = {cuda_archs!r}\n"
+    )
+    path = os.path.join(ROOT, "bn_ext", "_build_info.py")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
 
 
 def extensions():
@@ -165,6 +192,7 @@ def extensions():
     else:
         extension = cpp_extension.CppExtension(**kwargs)
     extension.cpu_levels = levels
+    write_build_info(torch, levels, os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)
     # setup.py rebuilds the extension only when one of these is newer than it.
     extension.depends = KERNEL_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     return [extension], kernel_build_ext(cpp_extension.BuildExtension)

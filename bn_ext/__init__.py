@@ -1,5 +1,19 @@
 """bn_ext: BatchNorm, LayerNorm and RMSNorm kernels for PyTorch."""
 
+# Before the extension loads: one built against another torch fails with an
+# undefined symbol, which names neither version.
+try:
+    from bn_ext import _build_info
+except ImportError as error:
+    raise ImportError("bn_ext is not built: run `make` in its checkout, or install it with "
+                      "`pip install --no-build-isolation .`") from error
+import torch as _torch
+
+if _torch.__version__ != _build_info.TORCH_VERSION:
+    raise ImportError(f"bn_ext was built against torch {_build_info.TORCH_VERSION}, but torch {_torch.__version__} "
+                      "is installed: rebuild bn_ext under this torch (`make`, or "
+                      "`pip install --no-build-isolation .`), or install torch " + _build_info.TORCH_VERSION)
+
 from bn_ext import nn
 from bn_ext.cpu import cpu_capabilities, cpu_capability
 from bn_ext.fold import (

@@ -1,4 +1,4 @@
-"""Command line: python -m bn_ext {demo,fold,bench} ..."""
+"""Command line: python -m bn_ext {demo,fold,bench,info} ..."""
 
 from __future__ import annotations
 
@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     # The child process that times kernel against kernel (see bn_ext/bench.py).
     bench.add_argument("--kernel-timings", help=argparse.SUPPRESS)
 
+    commands.add_parser("info", help="how this bn_ext was built and what it runs with")
+
     args = parser.parse_args(argv)
+    if args.command == "info":
+        print(build_info())
+        return 0
     if args.command == "demo":
         from bn_ext.demo import run_demo
 
@@ -53,6 +58,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args, sys.argv[1:] if argv is None else argv)
     return 2
+
+
+def build_info() -> str:
+    """The build (versions, CPU levels, CUDA architectures, the emulated
+    operators) and the run-time settings, a line each."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    import bn_ext
+    from bn_ext import _build_info
+    from bn_ext.bench import has_cuda_kernels
+
+    package = Path(bn_ext.__file__).resolve().parent
+    emulated = sorted((package.parent / "build" / "emulated_ops").glob("bn_ext_emulated*.so"))
+    cache = bn_ext.cpu_output_cache_stats()
+    chosen = os.environ.get("BN_EXT_CPU_CAPABILITY")
+    lines = [
+        f"bn_ext {bn_ext.__version__} at {package}",
+        f"torch {torch.__version__} (built against {_build_info.TORCH_VERSION})",
+        f"CPU levels compiled: {', '.join(_build_info.CPU_LEVELS)}",
+        f"CPU level in use: {bn_ext.cpu_capability()}"
+        + (f" (BN_EXT_CPU_CAPABILITY={chosen})" if chosen else " (the best this CPU runs)"),
+        "CUDA kernels: " + (f"built for CUDA {_build_info.CUDA_VERSION}, architectures {_build_info.CUDA_ARCHS}"
+                            if has_cuda_kernels() else "not built")
+        + (f"; {torch.cuda.device_count()} device(s) present" if torch.cuda.is_available() else "; no device present"),
+        "emulated CUDA operators (tests): " + (f"built, {emulated[0]}" if emulated else "not built"),
+        f"CPU output cache: limit {cache.limit_bytes} bytes"
+        + (f" (BN_EXT_OUTPUT_CACHE_BYTES={os.environ['BN_EXT_OUTPUT_CACHE_BYTES']})"
+           if "BN_EXT_OUTPUT_CACHE_BYTES" in os.environ else " (default)")
+        + f", {cache.cached_bytes} bytes kept now",
+        f"threads: {torch.get_num_threads()}",
+    ]
+    return "\n".join(lines)
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
