@@ -189,6 +189,14 @@ def _batch_norm(
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
+    if input.dim() == 1 and input.numel() == 0:
+        # torch accepts an empty 1-D input (it has no channel dimension to
+        # check) and returns an empty copy, scaled and shifted by the first
+        # parameters; so does bn_ext::batch_norm in C++.
+        out = input.clone()
+        if weight is not None:
+            out = out * weight[0]
+        return out + bias[0] if bias is not None else out
     if _direct_call(input, running_mean, running_var, weight, bias, num_batches_tracked):
         return _C.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked

@@ -17,6 +17,15 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 using Optional = const std::optional<Tensor>&;
 
+// torch accepts an empty 1-D input (it has no channel dimension to check)
+// and returns an empty copy, scaled and shifted by the first parameters.
+Tensor empty_one_dim_batch_norm(const Tensor& input, Optional weight, Optional bias) {
+  Tensor out = input.clone();
+  if (weight.has_value() && weight->defined()) out = out * (*weight)[0];
+  if (bias.has_value() && bias->defined()) out = out + (*bias)[0];
+  return out;
+}
+
 }  // namespace
 
 std::string cpu_capability() { return cpu::cpu_kernels().level; }
@@ -50,6 +59,7 @@ void batch_norm_update_stats(Optional running_mean, Optional running_var, const 
 
 Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
                   bool training, std::optional<double> momentum, double eps, Optional num_batches_tracked) {
+  if (input.dim() == 1 && input.numel() == 0) return empty_one_dim_batch_norm(input, weight, bias);
   auto [out, save_mean, save_invstd] = batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
     const c10::AutoGradMode no_grad(false);  // running statistics are buffers
