@@ -21,8 +21,8 @@ using Optional = const std::optional<Tensor>&;
 // and returns an empty copy, scaled and shifted by the first parameters.
 Tensor empty_one_dim_batch_norm(const Tensor& input, Optional weight, Optional bias) {
   Tensor out = input.clone();
-  if (weight.has_value() && weight->defined()) out = out * (*weight)[0];
-  if (bias.has_value() && bias->defined()) out = out + (*bias)[0];
+  if (weight.has_value() && weight->defined()) out = out.mul((*weight)[0]);
+  if (bias.has_value() && bias->defined()) out = out.add((*bias)[0]);
   return out;
 }
 

@@ -19,7 +19,8 @@ cmake -S . -B build/cmake "${GENERATOR[@]}" -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" 
 cmake --build build/cmake -j "${MAX_JOBS:-2}"
 cmake --install build/cmake --prefix "$PREFIX" >/dev/null
 cmake -S tests/cpp -B build/cpp-consumer "${GENERATOR[@]}" \
-  -DCMAKE_PREFIX_PATH="$PWD/$PREFIX;$TORCH_PREFIX" >build/cpp-consumer-configure.log 2>&1 \
+  -DCMAKE_PREFIX_PATH="$PWD/$PREFIX;$TORCH_PREFIX" -DBN_EXT_TEST_PYTHON="$("$PY" -c 'import sys; print(sys.executable)')" \
+  >build/cpp-consumer-configure.log 2>&1 \
   || { cat build/cpp-consumer-configure.log; exit 1; }
 cmake --build build/cpp-consumer -j "${MAX_JOBS:-2}"
 ctest --test-dir build/cpp-consumer --output-on-failure

@@ -1,4 +1,5 @@
 // Normalises a batch with bn_ext from a project that declares C++17.
+#include <ATen/ATen.h>
 #include <bn_ext/bn_ext.h>
 
 #include <cstdio>
