@@ -18,6 +18,7 @@ from bn_ext import nn
 from bn_ext.cpu import cpu_capabilities, cpu_capability
 from bn_ext.fold import (
     FoldReport,
+    FoldVerificationError,
     fold_model,
     fuse_bn_conv,
     fuse_bn_linear,
@@ -36,6 +37,7 @@ from bn_ext.memory import (
 __all__ = [
     "CpuOutputCacheStats",
     "FoldReport",
+    "FoldVerificationError",
     "batch_norm",
     "cpu_capabilities",
     "cpu_capability",

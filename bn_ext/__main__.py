@@ -124,20 +124,58 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _fold(args: argparse.Namespace) -> int:
+    """Bad input (a missing or unreadable program, example inputs it does not
+    take, an output that cannot be written) is one line naming the argument
+    and exit code 2, with nothing written; a fold that fails verification
+    prints the report and exits 1, with nothing written."""
+    import logging
+    import os
+    import zipfile
+
     import torch
 
-    from bn_ext.fold import fold_exported_program
+    from bn_ext.fold import FoldVerificationError, fold_exported_program
 
-    program = torch.export.load(args.input)
+    def bad(argument: str, message: str) -> int:
+        print(f"python -m bn_ext fold: {argument}: {message}", file=sys.stderr)
+        return 2
+
+    if not os.path.isfile(args.input):
+        return bad("input", f"no such file: {args.input}")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if os.path.isdir(args.output) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return bad("--output", f"cannot write {args.output}")
+    if os.path.abspath(args.output) == os.path.abspath(args.input):
+        return bad("--output", "is the input file; write the folded program elsewhere")
+    # torch.export.load logs the error with its traceback before raising it.
+    export_log = logging.getLogger("torch.export")
+    level, export_log.level = export_log.level, logging.CRITICAL
+    try:
+        program = torch.export.load(args.input)
+    except (zipfile.BadZipFile, RuntimeError, ValueError, KeyError, EOFError) as error:
+        return bad("input", f"not a program saved with torch.export.save ({type(error).__name__}: {error})")
+    finally:
+        export_log.setLevel(level)
     inputs = None if args.example_shape is None else (torch.randn(args.example_shape),)
-    folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True)
+    if inputs is not None:
+        try:
+            program.module()(*inputs)
+        except Exception as error:  # noqa: BLE001  (whatever the program raises on the wrong shape)
+            return bad("--example-shape", f"the program does not take an input of shape {args.example_shape} "
+                       f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    try:
+        folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True)
+    except FoldVerificationError as error:
+        print(error.report)
+        print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
+        return 1
     torch.export.save(folded, args.output)
     if args.check:
         print(report)
     else:
         print(f"folded {len(report.folded)} of {report.batch_norms_before} BatchNorms; "
-              f"max error {report.max_abs_error:.3g}: {'PASS' if report.passed else 'FAIL'}; wrote {args.output}")
-    return 0 if report.passed else 1
+              f"max error {report.max_abs_error:.3g}: PASS; wrote {args.output}")
+    return 0
 
 
 if __name__ == "__main__":

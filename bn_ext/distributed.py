@@ -136,8 +136,20 @@ class SyncBatchNorm(_BatchNormForward, _BatchNorm):
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """Replace every BatchNorm*d (torch.nn's or bn_ext's) in `module` by a
-        bn_ext SyncBatchNorm with the same state; returns the converted module."""
+        bn_ext SyncBatchNorm with the same state; returns the converted module.
+        A BatchNorm subclass with a forward of its own (timm's BatchNormAct2d
+        applies an activation after normalising) is refused with ValueError:
+        replacing it would silently drop what that forward adds."""
+        from bn_ext.fold import _overrides_forward
+
         converted = module
+        if isinstance(module, _BatchNorm) and not isinstance(module, cls) and _overrides_forward(module):
+            raise ValueError(
+                f"SyncBatchNorm.convert_sync_batchnorm: {type(module).__module__}.{type(module).__qualname__} is a "
+                "BatchNorm subclass with its own forward; a SyncBatchNorm in its place would drop what that forward "
+                "does after normalising. Convert such models with their library's own converter (timm: "
+                "timm.layers.convert_sync_batchnorm)."
+            )
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group)

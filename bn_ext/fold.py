@@ -25,6 +25,7 @@ import bn_ext.functional  # noqa: F401  (registers the operators)
 
 __all__ = [
     "FoldReport",
+    "FoldVerificationError",
     "FrozenBatchNorm",
     "fold_exported_program",
     "fold_model",
@@ -290,6 +291,35 @@ class _Layer:
         return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
 
 
+# Reads of a tensor that see only its metadata, never its values: they do not
+# keep a producer's output from being replaced by a folded one of the same shape.
+_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "layout", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
+
+
+def _reads_values(user: torch.fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] not in _METADATA_ATTRIBUTES
+    if user.op == "call_method":
+        return user.target not in _METADATA_METHODS
+    return not (user.op == "call_function" and user.target is len)
+
+
+def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [u for u in node.users if _reads_values(u)]
+
+
+def _overrides_forward(bn: nn.Module) -> bool:
+    """Whether a BatchNorm module's class has a forward of its own (timm's
+    BatchNormAct2d applies an activation after normalising, say): replacing
+    such a module as a whole would drop what its forward adds."""
+    from bn_ext import nn as bn_nn
+    from bn_ext.distributed import SyncBatchNorm
+
+    known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward}
+    return type(bn).forward not in known
+
+
 def _node_label(node: torch.fx.Node) -> str:
     """The module path a functional node came from (torch.export records it), else its name."""
     stack = node.meta.get("nn_module_stack")
@@ -410,11 +440,16 @@ class _FoldTracer(torch.fx.Tracer):
 
 
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
-    modules = sum(isinstance(m, _BatchNorm) for m in model.modules())
-    functional = 0 if graph is None else sum(
-        n.op == "call_function" and n.target in _BN_FUNCTION_ARGS for n in graph.nodes
-    )
-    return modules + functional
+    """BatchNorm modules, plus functional batch_norm calls that are not a
+    traced BatchNorm module's own (a subclass's forward traced through)."""
+    modules = {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    functional = 0
+    for node in graph.nodes if graph is not None else ():
+        if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS:
+            stats = _arg(node, _BN_FUNCTION_ARGS[node.target], "running_mean")
+            owner = stats.target.rpartition(".")[0] if isinstance(stats, torch.fx.Node) and stats.op == "get_attr" else None
+            functional += owner not in modules
+    return len(modules) + functional
 
 
 def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -497,7 +532,7 @@ class _GraphFolder:
                 absorbed.add((layer.node.name, "after"))
                 return None
             reasons.append(why)
-        users = list(norm.node.users)
+        users = _value_users(norm.node)
         next_layer = _as_layer(self.root, users[0]) if len(users) == 1 else None
         if next_layer is not None:
             why = self.why_not_before(norm, next_layer, absorbed)
@@ -523,8 +558,9 @@ class _GraphFolder:
             return f"producer {name} is a functional call: folded only with inplace=False"
         if self.calls(layer.node) > 1:
             return f"producer {name} is called {self.calls(layer.node)} times (shared)"
-        if len(layer.node.users) > 1:
-            return f"output of {name} is also used by {len(layer.node.users) - 1} other node(s)"
+        readers = _value_users(layer.node)
+        if len(readers) > 1:
+            return f"output of {name} is also used by {len(readers) - 1} other node(s)"
         if (layer.node.name, "after") in absorbed:
             return f"{name} already absorbed a BatchNorm"
         shape = self.channels(layer.node)
@@ -612,7 +648,7 @@ def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.
 def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
     """Replace unfolded BatchNorm modules that have running statistics by their exact affine map."""
     for norm in folder.unfolded_norms:
-        if norm.module is not None and norm.running_mean is not None:
+        if norm.module is not None and norm.running_mean is not None and not _overrides_forward(norm.module):
             _replace_submodule(root, norm.name, FrozenBatchNorm(norm.module))
             folder.frozen.append(norm.name)
 
@@ -620,6 +656,17 @@ def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
 def _outputs(model: nn.Module, example_inputs: tuple) -> list[Tensor]:
     with torch.no_grad():
         return [t for t in _pytree.tree_leaves(model(*example_inputs)) if isinstance(t, Tensor)]
+
+
+class FoldVerificationError(RuntimeError):
+    """The folded model's outputs differ from the original's beyond the
+    tolerance; `report` holds the folding report and the measured error."""
+
+    def __init__(self, what: str, report: FoldReport):
+        super().__init__(f"{what}: the folded model's outputs differ from the original's by {report.max_abs_error:.3g} "
+                         f"(allowed atol {report.atol:.3g} + rtol {report.rtol:.3g} x |output|); the folded model is "
+                         "not returned (strict=False returns it anyway)\n" + str(report))
+        self.report = report
 
 
 def _verify(report: FoldReport, expected: list[Tensor], actual: list[Tensor], atol, rtol) -> None:
@@ -646,6 +693,7 @@ def fold_model(
     rtol: float | None = None,
     freeze_unfolded: bool = True,
     layer_norm: bool = False,
+    strict: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable eval-mode BatchNorm of `model` into its Conv/Linear.
 
@@ -657,6 +705,11 @@ def fold_model(
     (freeze_unfolded) and are listed with the reason. `layer_norm=True` also
     moves LayerNorm affine parameters into the Linears they alone feed.
     The caller's model is not changed unless inplace=True.
+
+    The folded model is checked against the original on the example inputs;
+    when they differ beyond atol/rtol, FoldVerificationError (with the report)
+    is raised, unless strict=False, which returns the model and a report whose
+    `passed` is False.
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
@@ -697,6 +750,8 @@ def fold_model(
         layer_norms_folded=layer_norms,
     )
     _verify(report, expected, _outputs(result, example_inputs), atol, rtol)
+    if strict and not report.passed:
+        raise FoldVerificationError("fold_model", report)
     return result.eval(), report
 
 
@@ -707,9 +762,12 @@ def fold_exported_program(
     atol: float | None = None,
     rtol: float | None = None,
     progress: bool = False,
+    strict: bool = True,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold the eval BatchNorms of a torch.export program (aten.batch_norm on
-    constants after aten.conv*/linear) and export the result again."""
+    constants after aten.conv*/linear) and export the result again. As
+    fold_model, raises FoldVerificationError when the result differs from the
+    program beyond the tolerance, unless strict=False."""
     if example_inputs is None:
         if program.example_inputs is None:
             raise ValueError("fold_exported_program: the program has no example inputs; pass example_inputs")
@@ -731,6 +789,8 @@ def fold_exported_program(
         left=folder.report_left,
     )
     _verify(report, expected, _outputs(gm, example_inputs), atol, rtol)
+    if strict and not report.passed:
+        raise FoldVerificationError("fold_exported_program", report)
     return torch.export.export(gm, example_inputs), report
 
 
@@ -819,6 +879,9 @@ class _RuntimeFolder:
             self.report_folded.append((name, layer_name, "after"))
 
     def why_not(self, bn, calls, layer_name, readers, modules) -> str | None:
+        if _overrides_forward(bn):
+            return (f"{type(bn).__module__}.{type(bn).__qualname__} has a forward of its own: removing the module "
+                    "would drop what it does after normalising (fx tracing folds such subclasses)")
         if bn.running_mean is None:
             return "does not track running statistics (uses batch statistics in eval)"
         if not calls:

@@ -85,3 +85,38 @@ def test_bench_runs_at_a_lower_capability(tmp_path):
 
     assert json.loads((tmp_path / "bench.json").read_text())["cpu_capability"] == "DEFAULT"
     assert "CPU kernels DEFAULT" in result.stdout
+
+
+def fold_command(*args):
+    return subprocess.run([sys.executable, "-m", "bn_ext", "fold", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_fold_command_bad_input_is_one_line_and_exit_code_2(exported_resnet, tmp_path):
+    path, _, _ = exported_resnet
+    before = path.read_bytes()
+    corrupt = tmp_path / "corrupt.pt2"
+    corrupt.write_bytes(b"not a zip file at all")
+    cases = [
+        ((tmp_path / "missing.pt2", "-o", tmp_path / "out.pt2"), "input: no such file"),
+        ((corrupt, "-o", tmp_path / "out.pt2"), "input: not a program saved with torch.export.save"),
+        ((path, "-o", tmp_path / "no" / "such" / "folder" / "out.pt2"), "--output: cannot write"),
+        ((path, "-o", path), "--output: is the input file"),
+        ((path, "-o", tmp_path / "out.pt2", "--example-shape", "1,5,32,32"),
+         "--example-shape: the program does not take an input of shape (1, 5, 32, 32)"),
+    ]
+    for args, message in cases:
+        done = fold_command(*args)
+        assert done.returncode == 2, (args, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, done.stderr[-2000:])
+        assert not (tmp_path / "out.pt2").exists()
+    assert path.read_bytes() == before
+
+
+def test_fold_command_that_fails_verification_writes_nothing(exported_resnet, tmp_path):
+    path, _, _ = exported_resnet
+    done = fold_command(path, "-o", tmp_path / "out.pt2", "--atol", "0", "--rtol", "0")
+    assert done.returncode == 1
+    assert "verification FAILED" in done.stderr and "BatchNorm folding report" in done.stdout
+    assert not (tmp_path / "out.pt2").exists()

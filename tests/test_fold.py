@@ -4,9 +4,11 @@ whole models, the cases other folders get wrong, and the report."""
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_ext
 from conftest import DTYPES, ROUNDOFF
@@ -491,3 +493,80 @@ def test_folded_model_exports_to_torch_export_and_onnx(tmp_path):
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- BatchNorm subclasses (timm's BatchNormAct2d) -------------------------------
+
+TIMM_MODELS = ["efficientnet_b0", "regnetx_002", "mobilenetv3_small_100", "cspresnet50", "ese_vovnet19b_dw",
+               "rexnet_100"]
+
+
+def randomised_statistics(model, seed=1):
+    """Random running statistics and affine parameters in every BatchNorm (no weights are loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.normal_(generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(generator=g)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_batch_norm_act_models_fold(name):
+    # BatchNormAct2d: the BatchNorm folds into its conv, its drop and
+    # activation stay; x.ndim in its forward reads no values.
+    torch.manual_seed(0)
+    model = randomised_statistics(timm.create_model(name, pretrained=False))
+    x = torch.randn(1, 3, 64, 64)
+    modules = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    folded, report = bn_ext.fold_model(model, x)
+    assert report.method == "torch.fx symbolic tracing"
+    assert report.batch_norms_before == modules  # per module, not per module and traced call
+    assert report.batch_norms_after <= 0.1 * modules, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4 * model(x).abs().max().item())
+
+
+class UntraceableBatchNormAct(nn.Module):
+    """fx cannot trace the data-dependent branch: the execution-trace fallback runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = timm.layers.BatchNormAct2d(8, act_layer=nn.ReLU)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_trace_fallback_keeps_a_subclass_with_its_own_forward():
+    folded, report = fold_and_check(UntraceableBatchNormAct(), torch.randn(2, 3, 6, 6))
+    assert report.method.startswith("execution")
+    assert "has a forward of its own" in dict(report.left)["bn"]
+    assert type(folded.bn).__name__ == "BatchNormAct2d"  # neither removed nor frozen without its activation
+
+
+def test_a_fold_that_fails_verification_raises_with_the_report():
+    model = calibrate(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    # No tolerance at all: the folded weights' rounding fails it.
+    with pytest.raises(bn_ext.FoldVerificationError, match="not returned") as caught:
+        bn_ext.fold_model(model, x, atol=0.0, rtol=0.0)
+    assert not caught.value.report.passed and caught.value.report.max_abs_error > 0
+    folded, report = bn_ext.fold_model(model, x, atol=0.0, rtol=0.0, strict=False)
+    assert not report.passed and isinstance(folded, nn.Module)
+    program = torch.export.export(model.eval(), (x,))
+    with pytest.raises(bn_ext.FoldVerificationError):
+        bn_ext.fold.fold_exported_program(program, (x,), atol=0.0, rtol=0.0)
+
+
+def test_sync_batch_norm_conversion_refuses_a_subclass_with_its_own_forward():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="BatchNorm subclass with its own forward"):
+        bn_ext.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    plain = bn_ext.nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
+    assert isinstance(plain[1], bn_ext.nn.SyncBatchNorm)
