@@ -44,6 +44,7 @@ __all__ = [
     "cpu_output_cache_stats",
     "empty_cpu_output_cache",
     "fold_model",
+    "fold_onnx",
     "fuse_bn_conv",
     "fuse_bn_linear",
     "fuse_conv_bn",
@@ -55,3 +56,12 @@ __all__ = [
     "set_cpu_output_cache_limit",
 ]
 __version__ = "0.1.0"
+
+
+def fold_onnx(model, **kwargs):
+    """Fold the eval BatchNormalization nodes of an ONNX model or file; see
+    bn_ext.onnx_fold.fold_onnx (imported on first use: onnx and onnxruntime
+    are needed only here)."""
+    from bn_ext.onnx_fold import fold_onnx as fold
+
+    return fold(model, **kwargs)

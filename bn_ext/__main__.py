@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--image-size", type=int, default=224)
     demo.add_argument("--repeats", type=int, default=20, help="timed runs per latency median")
 
-    fold = commands.add_parser("fold", help="fold the BatchNorms of a torch.export program (.pt2)")
-    fold.add_argument("input", help="program saved with torch.export.save")
+    fold = commands.add_parser("fold", help="fold the BatchNorms of a torch.export program (.pt2) or an ONNX file")
+    fold.add_argument("input", help="program saved with torch.export.save, or an ONNX model (.onnx)")
     fold.add_argument("-o", "--output", required=True, help="where to save the folded program")
     fold.add_argument("--check", action="store_true", help="print the full folding report")
     fold.add_argument("--example-shape", type=_shape, help="input shape for verification, e.g. 1,3,224,224 "
@@ -147,6 +147,8 @@ def _fold(args: argparse.Namespace) -> int:
         return bad("--output", f"cannot write {args.output}")
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         return bad("--output", "is the input file; write the folded program elsewhere")
+    if args.input.endswith(".onnx"):
+        return _fold_onnx_file(args, bad)
     # torch.export.load logs the error with its traceback before raising it.
     export_log = logging.getLogger("torch.export")
     level, export_log.level = export_log.level, logging.CRITICAL
@@ -170,6 +172,44 @@ def _fold(args: argparse.Namespace) -> int:
         print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
         return 1
     torch.export.save(folded, args.output)
+    if args.check:
+        print(report)
+    else:
+        print(f"folded {len(report.folded)} of {report.batch_norms_before} BatchNorms; "
+              f"max error {report.max_abs_error:.3g}: PASS; wrote {args.output}")
+    return 0
+
+
+def _fold_onnx_file(args: argparse.Namespace, bad) -> int:
+    import numpy as np
+    import onnx
+
+    from bn_ext.fold import FoldVerificationError
+    from bn_ext.onnx_fold import fold_onnx
+
+    try:
+        model = onnx.load(args.input)
+        onnx.checker.check_model(model)
+    except Exception as error:  # noqa: BLE001  (protobuf's and onnx's errors alike)
+        return bad("input", f"not a valid ONNX model ({type(error).__name__}: {str(error).splitlines()[0]})")
+    feeds = None
+    if args.example_shape is not None:
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = [v for v in model.graph.input if v.name not in initializers]
+        if len(inputs) != 1:
+            return bad("--example-shape", f"the model has {len(inputs)} inputs; the option gives one shape")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+        feeds = {inputs[0].name: np.random.default_rng(0).standard_normal(args.example_shape).astype(dtype)}
+    try:
+        folded, report = fold_onnx(model, example_inputs=feeds, atol=args.atol, rtol=args.rtol)
+    except FoldVerificationError as error:
+        print(error.report)
+        print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001  (onnxruntime rejecting the example shape, say)
+        return bad("--example-shape" if feeds is not None else "input",
+                   f"the model does not run ({type(error).__name__}: {str(error).splitlines()[0]})")
+    onnx.save(folded, args.output)
     if args.check:
         print(report)
     else:

@@ -1,0 +1,244 @@
+"""Eval BatchNormalization folding in ONNX files.
+
+A BatchNormalization whose statistics and affine parameters are constants
+folds into the Conv, ConvTranspose (any group count), Gemm (any transA,
+transB, alpha, beta) or 2-D MatMul with a constant weight that produces its
+input, when nothing else reads that output. The folded weights are computed
+in float64 and rounded once to the layer's type. A weight or bias that other
+nodes share is copied, never changed in place; a producer whose output has
+other readers is left alone with the reason. The result is checked with
+onnx.checker and run with onnxruntime on random inputs against the original,
+and described by the same FoldReport as fold_model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from bn_ext.fold import FoldReport, FoldVerificationError, _verify
+
+__all__ = ["fold_onnx"]
+
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class _Graph:
+    """The model's graph with its constants, producers and readers at hand."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.constant_nodes = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.readers = Counter(i for n in self.graph.node for i in n.input if i)
+        self.outputs = {o.name for o in self.graph.output}
+        self.names = {t for n in self.graph.node for t in (*n.input, *n.output)} | set(self.initializers)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
+                      for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+                      if v.type.tensor_type.HasField("shape")}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.constant_nodes.get(name)
+        if node is not None:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    return numpy_helper.to_array(attribute.t)
+        return None
+
+    def set_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray, like: str | None) -> None:
+        """Point input `index` of node at a new initializer holding value (in the
+        type of constant `like`, float32 if none); shared constants stay as they were."""
+        dtype = self.constant(like).dtype if like else np.float32
+        name = self.unique(f"{node.name or node.op_type}_bn_folded_{index}")
+        self.graph.initializer.append(numpy_helper.from_array(value.astype(dtype), name))
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    def unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def drop_unused_constants(self) -> None:
+        used = {i for n in self.graph.node for i in n.input} | self.outputs
+        kept = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept)
+        for node in [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+            self.graph.node.remove(node)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}->{node.output[0]}"
+
+
+def _batch_norm_affine(g: _Graph, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray] | str:
+    """(scale, shift) of an eval BatchNormalization, or why it has none."""
+    if len([o for o in bn.output if o]) > 1 or _attribute(bn, "training_mode", 0):
+        return "in training mode (outputs batch statistics)"
+    values = [g.constant(name) for name in bn.input[1:5]]
+    if any(v is None for v in values):
+        return "scale, bias, mean or variance is computed in the graph, not a constant"
+    gamma, beta, mean, var = (v.astype(np.float64) for v in values)
+    scale = gamma / np.sqrt(var + float(_attribute(bn, "epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def _fold_into(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    """Scale the layer's output channels and add the shift to its bias; why not, if it cannot."""
+    weight_name = layer.input[1]
+    weight = g.constant(weight_name)
+    if weight is None:
+        return f"the weight of {layer.op_type} {_label(layer)} is computed in the graph, not a constant"
+    w = weight.astype(np.float64)
+    bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+    bias = g.constant(bias_name) if bias_name else None
+    if bias_name and bias is None:
+        return f"the bias of {layer.op_type} {_label(layer)} is computed in the graph, not a constant"
+    channels = scale.shape[0]
+    if layer.op_type == "Conv":
+        if w.shape[0] != channels:
+            return f"Conv {_label(layer)} has {w.shape[0]} output channels, the BatchNorm {channels}"
+        fused = w * scale.reshape(-1, *[1] * (w.ndim - 1))
+        b = (bias.astype(np.float64) if bias is not None else 0.0) * scale + shift
+    elif layer.op_type == "ConvTranspose":
+        groups = int(_attribute(layer, "group", 1))
+        per_group = w.shape[1]  # weight (C_in, C_out / group, k...)
+        if per_group * groups != channels:
+            return f"ConvTranspose {_label(layer)} has {per_group * groups} output channels, the BatchNorm {channels}"
+        grouped = w.reshape(groups, w.shape[0] // groups, per_group, *w.shape[2:])
+        fused = (grouped * scale.reshape(groups, 1, per_group, *[1] * (w.ndim - 2))).reshape(w.shape)
+        b = (bias.astype(np.float64) if bias is not None else 0.0) * scale + shift
+    else:  # Gemm, or a 2-D MatMul made one: Y = alpha * A' B' + beta * C, features along B's output axis
+        if layer.op_type == "MatMul" and (g.ranks.get(layer.input[0]) != 2 or w.ndim != 2):
+            return (f"MatMul {_label(layer)} is not 2-D: BatchNormalization normalises dim 1, not the features "
+                    "the weight maps to")
+        trans_b = layer.op_type == "Gemm" and bool(_attribute(layer, "transB", 0))
+        features = w.shape[0] if trans_b else w.shape[1]
+        if features != channels:
+            return f"{layer.op_type} {_label(layer)} has {features} output features, the BatchNorm {channels}"
+        fused = w * (scale.reshape(-1, 1) if trans_b else scale.reshape(1, -1))
+        beta = float(_attribute(layer, "beta", 1.0)) if layer.op_type == "Gemm" else 1.0
+        c = beta * bias.astype(np.float64) if bias is not None else 0.0
+        b = np.asarray(c * scale + shift)  # beta C scaled per feature, then shifted; beta becomes 1
+        if layer.op_type == "MatMul":
+            layer.op_type = "Gemm"
+        _set_attribute(layer, "beta", 1.0)
+    g.set_constant(layer, 1, fused, weight_name)
+    g.set_constant(layer, 2, np.asarray(b), bias_name or weight_name)
+    return None
+
+
+def _fold_graph(g: _Graph) -> tuple[list, list]:
+    folded, left = [], []
+    for bn in [n for n in g.graph.node if n.op_type == "BatchNormalization"]:
+        affine = _batch_norm_affine(g, bn)
+        if isinstance(affine, str):
+            left.append((_label(bn), affine))
+            continue
+        layer = g.producer.get(bn.input[0])
+        if layer is None or layer.op_type not in _LAYERS:
+            source = f"{layer.op_type} {_label(layer)}" if layer is not None else "a graph input"
+            left.append((_label(bn), f"input from {source}: no Conv/ConvTranspose/Gemm/MatMul directly before it"))
+            continue
+        if g.readers[bn.input[0]] > 1 or bn.input[0] in g.outputs:
+            others = g.readers[bn.input[0]] - 1 + (bn.input[0] in g.outputs)
+            left.append((_label(bn), f"output of {layer.op_type} {_label(layer)} is also read by {others} other(s)"))
+            continue
+        why = _fold_into(g, layer, *affine)
+        if why is not None:
+            left.append((_label(bn), why))
+            continue
+        # The layer now writes the BatchNorm's output itself.
+        layer.output[0] = bn.output[0]
+        g.producer[bn.output[0]] = layer
+        g.graph.node.remove(bn)
+        folded.append((_label(bn), _label(layer), "after"))
+    g.drop_unused_constants()
+    return folded, left
+
+
+def _random_inputs(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[torch.Tensor]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    # Compare the graphs as written, not after onnxruntime's own fusions.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+
+def fold_onnx(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    example_inputs: dict[str, np.ndarray] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    strict: bool = True,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold the eval BatchNormalization nodes of an ONNX model (a ModelProto,
+    never changed, or a file path) into the layers before them.
+
+    Returns (folded ModelProto, FoldReport). The folded model passes
+    onnx.checker and is run with onnxruntime against the original on
+    example_inputs (default: random inputs of the graph's shapes, dynamic
+    dimensions 1); when they differ beyond atol/rtol, FoldVerificationError is
+    raised unless strict=False.
+    """
+    original = onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
+    folded_model = copy.deepcopy(original)
+    g = _Graph(folded_model)
+    before = sum(n.op_type == "BatchNormalization" for n in g.graph.node)
+    folded, left = _fold_graph(g)
+    onnx.checker.check_model(folded_model)
+    report = FoldReport(method="the ONNX graph", batch_norms_before=before, batch_norms_after=before - len(folded),
+                        folded=folded, left=left)
+    feeds = example_inputs if example_inputs is not None else _random_inputs(original, seed)
+    _verify(report, _run(original, feeds), _run(folded_model, feeds), atol, rtol)
+    if strict and not report.passed:
+        raise FoldVerificationError("fold_onnx", report)
+    return folded_model, report

@@ -1,0 +1,235 @@
+"""BatchNormalization folding in ONNX files (bn_ext.fold_onnx and the fold
+command): exported torch and timm models, Gemm in every transA/transB/alpha/
+beta form, 2-D MatMul, grouped ConvTranspose, shared initializers, outputs
+with other readers; every result checked by onnx.checker and against the
+original with onnxruntime."""
+
+import copy
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+import torchvision
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import bn_ext
+
+
+def randomised(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.normal_(generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(generator=g)
+    return model.eval()
+
+
+def export(model, x, path):
+    """The TorchScript exporter in eval mode, without constant folding: the BatchNormalization nodes stay."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL)
+    return onnx.load(path)
+
+
+def run(model, feeds):
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def assert_same_outputs(folded, original, feeds):
+    for a, e in zip(run(folded, feeds), run(original, feeds)):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(e).max())))
+
+
+def op_types(model):
+    return [n.op_type for n in model.graph.node]
+
+
+TORCH_CASES = {
+    "conv-relu-linear-bn1d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                                                    nn.Linear(8 * 6 * 6, 5), nn.BatchNorm1d(5)), (2, 3, 8, 8)),
+    "conv-transpose-groups-in-eq-out": (lambda: nn.Sequential(nn.ConvTranspose2d(6, 6, 3, groups=3, stride=2),
+                                                              nn.BatchNorm2d(6)), (2, 6, 5, 5)),
+    "conv-transpose-groups": (lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.BatchNorm2d(6)),
+                              (2, 4, 5, 5)),
+    "conv-transpose-3d": (lambda: nn.Sequential(nn.ConvTranspose3d(3, 4, 2), nn.BatchNorm3d(4)), (1, 3, 3, 3, 3)),
+    "depthwise-conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 4, 3, groups=4, bias=False), nn.BatchNorm1d(4)),
+                         (2, 4, 9)),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64)),
+    "timm-efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", pretrained=False), (1, 3, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_CASES))
+def test_exported_models_fold_completely(name, tmp_path):
+    factory, shape = TORCH_CASES[name]
+    torch.manual_seed(0)
+    model = randomised(factory())
+    original = export(model, torch.randn(shape), tmp_path / "model.onnx")
+    before = original.SerializeToString()
+    folded, report = bn_ext.fold_onnx(original)
+    assert original.SerializeToString() == before  # the caller's model is not changed
+    assert report.batch_norms_before == op_types(original).count("BatchNormalization") > 0
+    assert report.batch_norms_after == 0 and "BatchNormalization" not in op_types(folded), str(report)
+    assert report.passed, str(report)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {original.graph.input[0].name: np.random.default_rng(3).standard_normal(shape).astype(np.float32)}
+    assert_same_outputs(folded, original, feeds)
+
+
+def bn_nodes(prefix, channels, rng, input_name, output_name):
+    """A BatchNormalization with random constants: (node, initializers)."""
+    values = [rng.uniform(0.5, 1.5, channels), rng.standard_normal(channels), rng.standard_normal(channels),
+              rng.uniform(0.5, 2.0, channels)]
+    names = [f"{prefix}_{n}" for n in ("scale", "bias", "mean", "var")]
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(values, names)]
+    return helper.make_node("BatchNormalization", [input_name, *names], [output_name], name=prefix, epsilon=1e-3), inits
+
+
+def graph_model(nodes, inits, inputs, outputs):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 2.0), (1.5, 0.0)])
+@pytest.mark.parametrize("c_shape", [None, (6,), (1, 6), (4, 6), ()], ids=str)
+def test_gemm_in_every_form_folds(trans_a, trans_b, alpha, beta, c_shape):
+    rng = np.random.default_rng(0)
+    a_shape = (5, 4) if trans_a else (4, 5)
+    b = rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32)
+    inits = [numpy_helper.from_array(b, "B")]
+    gemm_inputs = ["A", "B"]
+    if c_shape is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(c_shape).astype(np.float32), "C"))
+        gemm_inputs.append("C")
+    gemm = helper.make_node("Gemm", gemm_inputs, ["Y"], name="gemm", transA=trans_a, transB=trans_b, alpha=alpha,
+                            beta=beta)
+    bn, bn_inits = bn_nodes("bn", 6, rng, "Y", "Z")
+    model = graph_model([gemm, bn], inits + bn_inits, [helper.make_tensor_value_info("A", TensorProto.FLOAT, a_shape)],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (4, 6))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.folded == [("bn", "gemm", "after")] and op_types(folded) == ["Gemm"], str(report)
+    feeds = {"A": rng.standard_normal(a_shape).astype(np.float32)}
+    assert_same_outputs(folded, model, feeds)
+
+
+def matmul_model(rank, rng):
+    shape = (4, 5) if rank == 2 else (4, 6, 5)
+    w = numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "W")
+    matmul = helper.make_node("MatMul", ["X", "W"], ["Y"], name="matmul")
+    channels = 6 if rank == 2 else shape[1]
+    bn, bn_inits = bn_nodes("bn", channels, rng, "Y", "Z")
+    out_shape = (4, 6) if rank == 2 else (4, 6, 6)
+    return graph_model([matmul, bn], [w, *bn_inits], [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)],
+                       [helper.make_tensor_value_info("Z", TensorProto.FLOAT, out_shape)]), shape
+
+
+def test_two_dim_matmul_with_a_constant_weight_folds_into_a_gemm():
+    rng = np.random.default_rng(1)
+    model, shape = matmul_model(2, rng)
+    folded, report = bn_ext.fold_onnx(model)
+    assert op_types(folded) == ["Gemm"] and report.batch_norms_after == 0
+    assert_same_outputs(folded, model, {"X": rng.standard_normal(shape).astype(np.float32)})
+
+
+def test_three_dim_matmul_is_left_with_the_reason():
+    # BatchNormalization of (N, T, F) normalises T; the weight maps F.
+    model, _ = matmul_model(3, np.random.default_rng(2))
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.folded == [] and "is not 2-D" in dict(report.left)["bn"]
+    assert op_types(folded) == op_types(model)
+
+
+def conv_node(name, weight, x, y, bias=None):
+    return helper.make_node("Conv", [x, weight] + ([bias] if bias else []), [y], name=name, kernel_shape=[3, 3])
+
+
+def test_a_shared_weight_is_copied_not_changed():
+    # Two Convs read one weight, each followed by its own BatchNorm: both
+    # fold, each into its own copy.
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    bn1, i1 = bn_nodes("bn1", 4, rng, "c1", "y1")
+    bn2, i2 = bn_nodes("bn2", 4, rng, "c2", "y2")
+    nodes = [conv_node("conv1", "W", "X", "c1", "b"), conv_node("conv2", "W", "X", "c2", "b"), bn1, bn2]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, (1, 4, 4, 4)) for n in ("y1", "y2")]
+    model = graph_model(nodes, inits + i1 + i2, [helper.make_tensor_value_info("X", TensorProto.FLOAT, (1, 3, 6, 6))],
+                        out)
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.batch_norms_after == 0
+    weights = [n.input[1] for n in folded.graph.node]
+    assert len(set(weights)) == 2 and "W" not in weights
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})
+
+
+def test_a_conv_output_with_other_readers_is_left():
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")]
+    bn, bn_inits = bn_nodes("bn", 4, rng, "c", "y")
+    add = helper.make_node("Add", ["y", "c"], ["z"], name="residual")
+    model = graph_model([conv_node("conv", "W", "X", "c"), bn, add], inits + bn_inits,
+                        [helper.make_tensor_value_info("X", TensorProto.FLOAT, (1, 3, 6, 6))],
+                        [helper.make_tensor_value_info("z", TensorProto.FLOAT, (1, 4, 4, 4))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.folded == [] and "also read by 1 other" in dict(report.left)["bn"]
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})
+
+
+def test_a_training_mode_batch_norm_is_left():
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")]
+    bn, bn_inits = bn_nodes("bn", 4, rng, "c", "y")
+    bn.output.extend(["running_mean", "running_var"])
+    bn.attribute.append(helper.make_attribute("training_mode", 1))
+    model = graph_model([conv_node("conv", "W", "X", "c"), bn], inits + bn_inits,
+                        [helper.make_tensor_value_info("X", TensorProto.FLOAT, (2, 3, 6, 6))],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 4, 4, 4))])
+    _, report = bn_ext.fold_onnx(model)
+    assert report.folded == [] and "training mode" in dict(report.left)["bn"]
+
+
+def test_fold_command_on_an_onnx_file(tmp_path):
+    torch.manual_seed(0)
+    model = randomised(torchvision.models.resnet18(num_classes=10))
+    path = tmp_path / "model.onnx"
+    export(model, torch.randn(1, 3, 32, 32), path)
+    before = path.read_bytes()
+    out = tmp_path / "folded.onnx"
+    done = subprocess.run([sys.executable, "-m", "bn_ext", "fold", str(path), "-o", str(out), "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "20 before, 0 left" in done.stdout
+    assert "BatchNormalization" not in op_types(onnx.load(out)) and path.read_bytes() == before
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    done = subprocess.run([sys.executable, "-m", "bn_ext", "fold", str(corrupt), "-o", str(tmp_path / "x.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "input: not a valid ONNX model" in done.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_input_model_object_is_never_changed():
+    model, _ = matmul_model(2, np.random.default_rng(7))
+    snapshot = copy.deepcopy(model)
+    bn_ext.fold_onnx(model)
+    assert model == snapshot
