@@ -27,6 +27,7 @@ __all__ = [
     "FoldReport",
     "FoldVerificationError",
     "FrozenBatchNorm",
+    "WeightQuantization",
     "fold_exported_program",
     "fold_model",
     "fuse_bn_conv",
@@ -381,6 +382,53 @@ def _describe(root: nn.Module, node: torch.fx.Node) -> str:
 
 
 @dataclasses.dataclass
+class WeightQuantization:
+    """How the int8 weights of one folded layer would fare. Folding multiplies
+    each output channel by gamma / sqrt(var + eps): a channel with a tiny
+    running_var or gamma gets huge or vanishing weights, which per-tensor int8
+    cannot hold and per-channel int8 holds at some cost."""
+
+    layer: str
+    channels: int
+    range_spread: float  # largest over smallest non-zero per-channel max |w|
+    dead_channels: int  # channels per-tensor int8 rounds to all zeros
+    per_tensor_error: float  # ||W - Q(W)|| / ||W||, symmetric int8, one scale
+    per_channel_error: float  # the same with one scale per output channel
+
+    def __str__(self) -> str:
+        flag = "  <- per-tensor int8 unsuitable" if self.dead_channels or self.range_spread > 100 else ""
+        return (f"{self.layer:<40} {self.channels} channels, range spread {self.range_spread:.3g}x, "
+                f"{self.dead_channels} dead per-tensor; int8 weight error per-tensor {self.per_tensor_error:.2e}, "
+                f"per-channel {self.per_channel_error:.2e}{flag}")
+
+
+def _int8_error(w: Tensor, absmax: Tensor) -> float:
+    """Relative error of symmetric int8 quantization of the rows of w with the given per-row max |w|."""
+    scale = (absmax / 127).clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    q = (w / scale).round().clamp(-127, 127) * scale
+    return ((w - q).norm() / w.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+
+
+def weight_quantization(layer: str, weight: Tensor, kind: str = "conv", groups: int = 1) -> WeightQuantization:
+    """The int8 readiness of a layer's weight (output channels: dim 0, or for a
+    ConvTranspose weight (in, out / groups, *k) the second dim within groups)."""
+    w = weight.detach().double()
+    if kind == "conv_transpose":
+        # (in, out / groups, *k) -> (groups, out / groups, in / groups, k): a row per output channel
+        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
+        rows = w.reshape(groups * w.shape[1], -1)
+    else:
+        rows = w.reshape(w.shape[0], -1)
+    channel_max = rows.abs().amax(1)
+    largest = channel_max.max()
+    nonzero = channel_max[channel_max > 0]
+    spread = (largest / nonzero.min()).item() if nonzero.numel() else float("inf")
+    dead = int((channel_max * 127 < 0.5 * largest).sum().item()) if largest > 0 else rows.shape[0]
+    return WeightQuantization(layer, rows.shape[0], spread, dead, _int8_error(rows, largest.expand(rows.shape[0])),
+                              _int8_error(rows, channel_max))
+
+
+@dataclasses.dataclass
 class FoldReport:
     """What fold_model did, and how the folded model compares on the example inputs."""
 
@@ -396,6 +444,11 @@ class FoldReport:
     atol: float = float("nan")
     rtol: float = float("nan")
     passed: bool = False
+    # int8 readiness of every folded layer's weight, and (quantization=True)
+    # the output error of the folded model through torch.ao's PT2E flow.
+    quantization: list[WeightQuantization] = dataclasses.field(default_factory=list)
+    pt2e_error: float | None = None
+    pt2e_failure: str | None = None  # why the PT2E flow did not take the folded model
 
     def __str__(self) -> str:
         lines = [
@@ -414,6 +467,14 @@ class FoldReport:
             lines.append("  not folded:")
             lines += [f"    {norm:<40} {reason}{' [frozen to affine]' if norm in self.frozen else ''}"
                       for norm, reason in self.left]
+        if self.quantization:
+            lines.append("  int8 weights of the folded layers:")
+            lines += [f"    {q}" for q in self.quantization]
+        if self.pt2e_error is not None:
+            lines.append(f"  PT2E int8 (X86InductorQuantizer) on the example inputs: output error {self.pt2e_error:.3g} "
+                         "relative to the output scale")
+        if self.pt2e_failure is not None:
+            lines.append(f"  PT2E int8 (X86InductorQuantizer) did not take the folded model: {self.pt2e_failure}")
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(
             f"  verification on the example inputs: max abs error {self.max_abs_error:.3g}, "
@@ -490,6 +551,7 @@ class _GraphFolder:
         self.report_left: list[tuple[str, str]] = []
         self.unfolded_norms: list[_Norm] = []
         self.frozen: list[str] = []
+        self.quantization: list[WeightQuantization] = []
         # True once a fold rewrote the graph itself (a functional BatchNorm or
         # layer), so the result must be a GraphModule of that graph.
         self.graph_rewritten = False
@@ -596,6 +658,7 @@ class _GraphFolder:
         self.remove(norm, layer.node)
         self.graph_rewritten |= layer.module is None
         self.report_folded.append((norm.name, layer.name, "after"))
+        self.quantization.append(weight_quantization(layer.name, weight, layer.kind, layer.groups()))
 
     def fold_before(self, norm: _Norm, layer: _Layer) -> None:
         weight, bias = _ops.fuse_bn_conv_weights(
@@ -605,6 +668,7 @@ class _GraphFolder:
         self.remove(norm, norm.node.args[0])
         self.graph_rewritten |= layer.module is None
         self.report_folded.append((norm.name, layer.name, "before"))
+        self.quantization.append(weight_quantization(layer.name, weight, layer.kind, layer.groups()))
 
     def remove(self, norm: _Norm, replacement: torch.fx.Node) -> None:
         norm.node.replace_all_uses_with(replacement)
@@ -684,6 +748,26 @@ def _verify(report: FoldReport, expected: list[Tensor], actual: list[Tensor], at
     report.passed = len(expected) == len(actual) and max_abs <= report.atol + report.rtol * scale
 
 
+def _pt2e_error(model: nn.Module, example_inputs: tuple) -> float:
+    """Output error, relative to the output scale, of `model` quantized to int8
+    by the PT2E flow with the X86 Inductor quantizer, calibrated on the inputs."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    except ImportError as error:
+        raise ImportError("fold_model(quantization=True) needs torchao (pip install torchao)") from error
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(torch.export.export(model, example_inputs).module(), quantizer)
+    with torch.no_grad():
+        prepared(*example_inputs)
+        quantized = convert_pt2e(prepared)
+        expected, actual = _outputs(model, example_inputs), _outputs(quantized, example_inputs)
+    scale = max(e.double().abs().max().item() for e in expected)
+    error = max((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected))
+    return error / scale if scale > 0 else error
+
+
 def fold_model(
     model: nn.Module,
     example_inputs: Tensor | Sequence[Any],
@@ -694,6 +778,7 @@ def fold_model(
     freeze_unfolded: bool = True,
     layer_norm: bool = False,
     strict: bool = True,
+    quantization: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable eval-mode BatchNorm of `model` into its Conv/Linear.
 
@@ -710,11 +795,22 @@ def fold_model(
     when they differ beyond atol/rtol, FoldVerificationError (with the report)
     is raised, unless strict=False, which returns the model and a report whose
     `passed` is False.
+
+    The report lists the int8 readiness of every folded layer's weights
+    (per-channel range spread, channels per-tensor int8 zeroes, weight error
+    per tensor and per channel). quantization=True also quantizes the folded
+    model with the PT2E flow (X86InductorQuantizer, calibrated on the example
+    inputs; needs torchao) and reports its output error.
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    expected = _outputs(target, example_inputs)
+    try:
+        expected = _outputs(target, example_inputs)
+    except Exception as error:  # noqa: BLE001  (whatever the model raises on them)
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise ValueError(f"fold_model: example_inputs: the model does not run on them ({type(error).__name__}: "
+                         f"{first_line})") from error
     try:
         graph = _FoldTracer().trace(target)
         method = "torch.fx symbolic tracing"
@@ -748,8 +844,16 @@ def fold_model(
         left=folder.report_left,
         frozen=folder.frozen,
         layer_norms_folded=layer_norms,
+        quantization=folder.quantization,
     )
     _verify(report, expected, _outputs(result, example_inputs), atol, rtol)
+    if quantization:
+        try:
+            report.pt2e_error = _pt2e_error(result.eval(), example_inputs)
+        except ImportError:
+            raise
+        except Exception as error:  # noqa: BLE001  (the flow's own failure is the finding)
+            report.pt2e_failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if strict and not report.passed:
         raise FoldVerificationError("fold_model", report)
     return result.eval(), report
@@ -787,6 +891,7 @@ def fold_exported_program(
         batch_norms_after=before - len(folder.report_folded),
         folded=folder.report_folded,
         left=folder.report_left,
+        quantization=folder.quantization,
     )
     _verify(report, expected, _outputs(gm, example_inputs), atol, rtol)
     if strict and not report.passed:
@@ -808,6 +913,7 @@ class _RuntimeFolder:
         self.report_left: list[tuple[str, str]] = []
         self.unfolded_norms: list[_Norm] = []
         self.frozen: list[str] = []
+        self.quantization: list[WeightQuantization] = []
         self.graph_rewritten = False
 
     def record(self) -> tuple[list, list[int], list[Tensor]]:
@@ -877,6 +983,8 @@ class _RuntimeFolder:
             _set_layer_weights(self.root, _Layer(None, layer_name, "module", layer), weight, bias)
             _replace_submodule(self.root, name, nn.Identity())
             self.report_folded.append((name, layer_name, "after"))
+            kind = "conv_transpose" if isinstance(layer, _CONV_TRANSPOSES) else "conv"
+            self.quantization.append(weight_quantization(layer_name, weight, kind, getattr(layer, "groups", 1)))
 
     def why_not(self, bn, calls, layer_name, readers, modules) -> str | None:
         if _overrides_forward(bn):

@@ -570,3 +570,54 @@ def test_sync_batch_norm_conversion_refuses_a_subclass_with_its_own_forward():
         bn_ext.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     plain = bn_ext.nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))
     assert isinstance(plain[1], bn_ext.nn.SyncBatchNorm)
+
+
+# --- int8 readiness of the folded weights --------------------------------------
+
+
+def int8_error(rows, absmax):
+    scale = (absmax / 127).clamp_min(1e-300).unsqueeze(1)
+    return ((rows - (rows / scale).round().clamp(-127, 127) * scale).norm() / rows.norm()).item()
+
+
+def tiny_variance_model():
+    # One channel with running_var 1e-14 (as torchvision's Inception-v3 has),
+    # one with gamma 0.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+        model[1].running_var[3] = 1e-14
+        model[4].weight[2] = 0.0
+    return model.eval()
+
+
+def test_the_report_states_the_int8_readiness_of_each_folded_layer():
+    model = tiny_variance_model()
+    folded, report = bn_ext.fold_model(model, torch.randn(2, 3, 16, 16))
+    first, second = report.quantization
+    assert (first.layer, first.channels, second.layer, second.channels) == ("0", 16, "3", 8)
+    for q, layer in ((first, folded[0]), (second, folded[3])):
+        rows = layer.weight.detach().double().reshape(q.channels, -1)
+        channel_max = rows.abs().amax(1)
+        assert q.per_tensor_error == pytest.approx(int8_error(rows, channel_max.max().expand(q.channels)), rel=1e-9)
+        assert q.per_channel_error == pytest.approx(int8_error(rows, channel_max), rel=1e-9)
+        assert q.per_channel_error < q.per_tensor_error
+    # The 1e-14 variance makes channel 3 about 300 times larger than the rest.
+    assert first.range_spread > 100 and first.dead_channels >= 1
+    assert second.dead_channels >= 1  # gamma = 0: all-zero weights
+    assert "per-tensor int8 unsuitable" in str(report)
+
+
+def test_quantization_runs_the_pt2e_flow_on_the_folded_model():
+    _, report = bn_ext.fold_model(tiny_variance_model(), torch.randn(2, 3, 16, 16), quantization=True)
+    assert report.pt2e_failure is None and 0 < report.pt2e_error < 0.1, str(report)
+    assert "PT2E int8 (X86InductorQuantizer)" in str(report)
+
+
+def test_example_inputs_the_model_does_not_take_are_a_value_error():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    with pytest.raises(ValueError, match=r"fold_model: example_inputs: the model does not run on them \(RuntimeError"):
+        bn_ext.fold_model(model, torch.randn(2, 5, 8, 8))
