@@ -916,16 +916,16 @@ class _RuntimeFolder:
         self.quantization: list[WeightQuantization] = []
         self.graph_rewritten = False
 
-    def record(self) -> tuple[list, list[int], list[Tensor]]:
+    def record(self) -> tuple[list, list[int], dict[int, Tensor]]:
         names = {m: n for n, m in self.root.named_modules()}
         watched = {m for m in names if isinstance(m, _BatchNorm | nn.Linear) or isinstance(m, _CONVS + _CONV_TRANSPOSES)}
         events: list[tuple[str, list[int], list[int]]] = []  # (who, input ids, output ids)
-        keep: list[Tensor] = []  # keeps recorded tensors alive so ids stay unique
+        keep: dict[int, Tensor] = {}  # the recorded tensors by id, alive so ids stay unique
         depth = [0]
 
         def ids(value) -> list[int]:
             leaves = [t for t in _pytree.tree_leaves(value) if isinstance(t, Tensor)]
-            keep.extend(leaves)
+            keep.update((id(t), t) for t in leaves)
             return [id(t) for t in leaves]
 
         class Recorder(torch.overrides.TorchFunctionMode):
@@ -952,7 +952,7 @@ class _RuntimeFolder:
         return events, ids(outputs), keep
 
     def run(self) -> None:
-        events, output_ids, _keep = self.record()
+        events, output_ids, self.tensors = self.record()
         self.module_calls = Counter(who for who, _, _ in events if not who.startswith("fn:"))
         readers: dict[int, list[str]] = {}
         producer: dict[int, str] = {}
@@ -1003,6 +1003,9 @@ class _RuntimeFolder:
         others = [r for r in readers.get(calls[0][0], []) if r != _name_of(modules, bn)]
         if others:
             return f"output of '{layer_name}' is also read by {', '.join(others)}"
+        rank = self.tensors[calls[0][0]].dim()
+        if isinstance(modules[layer_name], nn.Linear) and rank != 2:
+            return f"'{layer_name}' output is {rank}-D: BatchNorm1d normalises dim 1, not the Linear's features"
         return None
 
 

@@ -621,3 +621,22 @@ def test_example_inputs_the_model_does_not_take_are_a_value_error():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     with pytest.raises(ValueError, match=r"fold_model: example_inputs: the model does not run on them \(RuntimeError"):
         bn_ext.fold_model(model, torch.randn(2, 5, 8, 8))
+
+
+class UntraceableLinearBN(nn.Module):
+    """BatchNorm1d over dim 1 (T) of a Linear's (N, T, F) output, T == F: the
+    shapes fit, the fold would not. Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        y = self.bn(self.fc(x))
+        return y if y.sum() > -1e9 else -y
+
+
+def test_trace_fallback_refuses_a_linear_with_a_three_dim_output():
+    _, report = fold_and_check(UntraceableLinearBN(), torch.randn(2, 6, 6))
+    assert report.method.startswith("execution")
+    assert report.folded == [] and "output is 3-D" in dict(report.left)["bn"]
