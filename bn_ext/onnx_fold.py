@@ -3,7 +3,9 @@
 A BatchNormalization whose statistics and affine parameters are constants
 folds into the Conv, ConvTranspose (any group count), Gemm (any transA,
 transB, alpha, beta) or 2-D MatMul with a constant weight that produces its
-input, when nothing else reads that output. The folded weights are computed
+input, when nothing else reads that output; otherwise, where that is exact,
+into the Conv without zero padding, Gemm (transA=0) or 2-D MatMul that alone
+reads its output. The folded weights are computed
 in float64 and rounded once to the layer's type. A weight or bias that other
 nodes share is copied, never changed in place; a producer whose output has
 other readers is left alone with the reason. The result is checked with
@@ -158,31 +160,99 @@ def _fold_into(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.nd
     return None
 
 
+def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    """Fold a BatchNorm on the layer's input into it: the input channels'
+    weights scaled, the shift summed through the weights into the bias; why
+    not, if it cannot be done exactly."""
+    name = f"{layer.op_type} {_label(layer)}"
+    if layer.op_type == "ConvTranspose":
+        return f"precedes {name}: border outputs see fewer taps, so the shift does not fold"
+    weight_name = layer.input[1]
+    weight = g.constant(weight_name)
+    if weight is None:
+        return f"the weight of {name} is computed in the graph, not a constant"
+    w = weight.astype(np.float64)
+    bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
+    bias = g.constant(bias_name) if bias_name else None
+    if bias_name and bias is None:
+        return f"the bias of {name} is computed in the graph, not a constant"
+    channels = scale.shape[0]
+    if layer.op_type == "Conv":
+        pads = _attribute(layer, "pads", [])
+        if any(pads) or _attribute(layer, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+            return f"precedes zero-padded {name}: folding would change the border outputs"
+        groups = int(_attribute(layer, "group", 1))
+        if w.shape[1] * groups != channels:
+            return f"{name} has {w.shape[1] * groups} input channels, the BatchNorm {channels}"
+        grouped = w.reshape(groups, w.shape[0] // groups, w.shape[1], *w.shape[2:])
+        per_input = (groups, 1, w.shape[1], *[1] * (w.ndim - 2))
+        fused = (grouped * scale.reshape(per_input)).reshape(w.shape)
+        through = (grouped * shift.reshape(per_input)).sum(axis=tuple(range(2, grouped.ndim))).reshape(-1)
+        b = (bias.astype(np.float64) if bias is not None else 0.0) + through
+    else:  # Gemm or 2-D MatMul: A's columns are the normalised features
+        if layer.op_type == "Gemm" and _attribute(layer, "transA", 0):
+            return f"feeds {name} with transA=1: BatchNormalization's channels are then its rows"
+        if layer.op_type == "MatMul" and (g.ranks.get(layer.input[0]) != 2 or w.ndim != 2):
+            return f"feeds {name}, which is not 2-D: the BatchNorm's channels are not the features the weight reads"
+        trans_b = layer.op_type == "Gemm" and bool(_attribute(layer, "transB", 0))
+        k = w.shape[1] if trans_b else w.shape[0]
+        if k != channels:
+            return f"{name} reads {k} input features, the BatchNorm has {channels}"
+        fused = w * (scale.reshape(1, -1) if trans_b else scale.reshape(-1, 1))
+        alpha = float(_attribute(layer, "alpha", 1.0)) if layer.op_type == "Gemm" else 1.0
+        beta = float(_attribute(layer, "beta", 1.0)) if layer.op_type == "Gemm" else 1.0
+        through = alpha * (shift @ (w.T if trans_b else w))
+        b = (beta * bias.astype(np.float64) if bias is not None else 0.0) + through
+        if layer.op_type == "MatMul":
+            layer.op_type = "Gemm"
+        _set_attribute(layer, "beta", 1.0)
+    g.set_constant(layer, 1, fused, weight_name)
+    g.set_constant(layer, 2, np.asarray(b), bias_name or weight_name)
+    return None
+
+
 def _fold_graph(g: _Graph) -> tuple[list, list]:
+    """Each BatchNorm into the layer before it, else (where exact) the one after it."""
     folded, left = [], []
     for bn in [n for n in g.graph.node if n.op_type == "BatchNormalization"]:
         affine = _batch_norm_affine(g, bn)
         if isinstance(affine, str):
             left.append((_label(bn), affine))
             continue
+        reasons = []
         layer = g.producer.get(bn.input[0])
-        if layer is None or layer.op_type not in _LAYERS:
-            source = f"{layer.op_type} {_label(layer)}" if layer is not None else "a graph input"
-            left.append((_label(bn), f"input from {source}: no Conv/ConvTranspose/Gemm/MatMul directly before it"))
-            continue
-        if g.readers[bn.input[0]] > 1 or bn.input[0] in g.outputs:
-            others = g.readers[bn.input[0]] - 1 + (bn.input[0] in g.outputs)
-            left.append((_label(bn), f"output of {layer.op_type} {_label(layer)} is also read by {others} other(s)"))
-            continue
-        why = _fold_into(g, layer, *affine)
-        if why is not None:
-            left.append((_label(bn), why))
-            continue
-        # The layer now writes the BatchNorm's output itself.
-        layer.output[0] = bn.output[0]
-        g.producer[bn.output[0]] = layer
-        g.graph.node.remove(bn)
-        folded.append((_label(bn), _label(layer), "after"))
+        if layer is not None and layer.op_type in _LAYERS:
+            if g.readers[bn.input[0]] > 1 or bn.input[0] in g.outputs:
+                others = g.readers[bn.input[0]] - 1 + (bn.input[0] in g.outputs)
+                reasons.append(f"output of {layer.op_type} {_label(layer)} is also read by {others} other(s)")
+            elif (why := _fold_into(g, layer, *affine)) is not None:
+                reasons.append(why)
+            else:
+                # The layer now writes the BatchNorm's output itself.
+                layer.output[0] = bn.output[0]
+                g.producer[bn.output[0]] = layer
+                g.graph.node.remove(bn)
+                folded.append((_label(bn), _label(layer), "after"))
+                continue
+        readers = [n for n in g.graph.node if bn.output[0] in n.input]
+        after = readers[0] if len(readers) == 1 and bn.output[0] not in g.outputs else None
+        if after is not None and after.op_type in _LAYERS:
+            if after.input[0] != bn.output[0]:
+                reasons.append(f"feeds {after.op_type} {_label(after)} other than as its input")
+            elif (why := _fold_ahead_of(g, after, *affine)) is not None:
+                reasons.append(why)
+            else:
+                after.input[0] = bn.input[0]
+                g.readers[bn.input[0]] += 1
+                g.graph.node.remove(bn)
+                folded.append((_label(bn), _label(after), "before"))
+                continue
+        if not reasons:
+            source = g.producer.get(bn.input[0])
+            source = f"{source.op_type} {_label(source)}" if source is not None else "a graph input"
+            targets = ", ".join(f"{n.op_type} {_label(n)}" for n in readers) or "the graph output"
+            reasons.append(f"input from {source}, output to {targets}: no adjacent Conv/Gemm/MatMul to fold into")
+        left.append((_label(bn), "; ".join(reasons)))
     g.drop_unused_constants()
     return folded, left
 

@@ -244,3 +244,68 @@ def test_every_case_of_the_comparison_table_folds_exactly():
         feeds = {"X": np.random.default_rng(5).standard_normal(shape).astype(np.float32)}
         left, error = measure("bn_ext", model, feeds)
         assert left == 0 and error < 1e-5, (name, left, error)
+
+
+# --- a BatchNorm ahead of the layer that alone reads it -----------------------
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta,with_c", [(1.0, 1.0, True), (0.5, 2.0, True), (2.0, 1.0, False)])
+def test_batch_norm_ahead_of_a_gemm_folds(trans_b, alpha, beta, with_c):
+    rng = np.random.default_rng(10)
+    bn, bn_inits = bn_nodes("bn", 5, rng, "X", "A")
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32), "B")]
+    inputs = ["A", "B"]
+    if with_c:
+        inits.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "C"))
+        inputs.append("C")
+    gemm = helper.make_node("Gemm", inputs, ["Z"], name="gemm", transB=trans_b, alpha=alpha, beta=beta)
+    model = graph_model([bn, gemm], bn_inits + inits, [helper.make_tensor_value_info("X", TensorProto.FLOAT, (4, 5))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (4, 6))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.folded == [("bn", "gemm", "before")] and op_types(folded) == ["Gemm"], str(report)
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((4, 5)).astype(np.float32)})
+
+
+def test_batch_norm_ahead_of_a_matmul_folds_into_a_gemm():
+    rng = np.random.default_rng(11)
+    bn, bn_inits = bn_nodes("bn", 5, rng, "X", "A")
+    w = numpy_helper.from_array(rng.standard_normal((5, 6)).astype(np.float32), "W")
+    model = graph_model([bn, helper.make_node("MatMul", ["A", "W"], ["Z"], name="mm")], [*bn_inits, w],
+                        [helper.make_tensor_value_info("X", TensorProto.FLOAT, (4, 5))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (4, 6))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.folded == [("bn", "mm", "before")] and op_types(folded) == ["Gemm"]
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((4, 5)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("groups,pads,folds", [(1, [0, 0, 0, 0], True), (2, [0, 0, 0, 0], True),
+                                              (1, [1, 1, 1, 1], False)])
+def test_batch_norm_ahead_of_a_conv_folds_only_without_zero_padding(groups, pads, folds):
+    rng = np.random.default_rng(12)
+    bn, bn_inits = bn_nodes("bn", 4, rng, "X", "A")
+    w = numpy_helper.from_array(rng.standard_normal((6, 4 // groups, 3, 3)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")
+    conv = helper.make_node("Conv", ["A", "W", "b"], ["Z"], name="conv", kernel_shape=[3, 3], group=groups, pads=pads)
+    out = 6 if not any(pads) else 8
+    model = graph_model([bn, conv], [*bn_inits, w, b], [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                                         (2, 4, 8, 8))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (2, 6, out, out))])
+    folded, report = bn_ext.fold_onnx(model)
+    if folds:
+        assert report.folded == [("bn", "conv", "before")] and op_types(folded) == ["Conv"]
+    else:
+        assert report.folded == [] and "precedes zero-padded Conv" in dict(report.left)["bn"]
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)})
+
+
+def test_batch_norm_ahead_of_a_conv_transpose_is_left():
+    rng = np.random.default_rng(13)
+    bn, bn_inits = bn_nodes("bn", 4, rng, "X", "A")
+    w = numpy_helper.from_array(rng.standard_normal((4, 6, 3, 3)).astype(np.float32), "W")
+    deconv = helper.make_node("ConvTranspose", ["A", "W"], ["Z"], name="deconv", kernel_shape=[3, 3])
+    model = graph_model([bn, deconv], [*bn_inits, w], [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                                      (2, 4, 5, 5))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (2, 6, 7, 7))])
+    _, report = bn_ext.fold_onnx(model)
+    assert report.folded == [] and "border outputs see fewer taps" in dict(report.left)["bn"]
