@@ -306,6 +306,14 @@ def _reads_values(user: torch.fx.Node) -> bool:
     return not (user.op == "call_function" and user.target is len)
 
 
+def _reads_metadata_only(func) -> bool:
+    """The execution trace's counterpart of _reads_values: x.shape, x.size(), len(x)..."""
+    descriptor = getattr(getattr(func, "__self__", None), "__name__", None)
+    if getattr(func, "__name__", None) == "__get__":
+        return descriptor in _METADATA_ATTRIBUTES
+    return getattr(func, "__name__", None) in _METADATA_METHODS | {"__len__"}
+
+
 def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if _reads_values(u)]
 
@@ -537,6 +545,85 @@ def _set_layer_weights(root: nn.Module, layer: _Layer, weight: Tensor, bias: Ten
         _set_attr_tensor(root, layer, "bias", bias)
 
 
+# ---------------------------------------------------------------------------
+# The folding rules, one set for both views of a model: the fx graph and the
+# execution trace. Each view describes a BatchNorm's neighbours the same way.
+
+
+@dataclasses.dataclass
+class _Neighbour:
+    """A Conv, ConvTranspose or Linear next to a BatchNorm, as a view sees it."""
+
+    key: str  # identifies the layer across folds (a layer absorbs one BatchNorm a side)
+    label: str  # for the report
+    kind: str  # "conv", "conv_transpose" or "linear"
+    calls: int  # times the layer runs
+    readers: int  # value readers of the tensor between the pair (the pair's own read included)
+    rank: int | None  # rank of that tensor, where known
+    feeds_input: bool = True  # (a following layer) whether that tensor is its input
+    zero_padded: bool = False  # (a following layer) whether it pads its input with zeros
+    blocked: str | None = None  # a reason of the view's own (a functional call folded in place)
+    layer: Any = None  # what the view needs to apply the fold
+
+
+def _why_not_fold_norm(tracks_stats: bool, training: bool, calls: int) -> str | None:
+    if not tracks_stats:
+        return "does not track running statistics (uses batch statistics in eval)"
+    if training:
+        return "called in training mode (batch statistics)"
+    if calls > 1:
+        return f"module called {calls} times (shared): no single call site to fold into"
+    return None
+
+
+def _why_not_after(producer: _Neighbour, absorbed: set) -> str | None:
+    name = producer.label
+    if producer.blocked:
+        return producer.blocked
+    if producer.calls > 1:
+        return f"producer {name} is called {producer.calls} times (shared)"
+    if producer.readers > 1:
+        return f"output of {name} is also used by {producer.readers - 1} other node(s)"
+    if (producer.key, "after") in absorbed:
+        return f"{name} already absorbed a BatchNorm"
+    if producer.kind == "linear" and producer.rank not in (None, 2):
+        return f"{name} output is {producer.rank}-D: BatchNorm1d normalises dim 1, not the Linear's features"
+    return None
+
+
+def _why_not_before(consumer: _Neighbour, absorbed: set) -> str | None:
+    name = consumer.label
+    if consumer.blocked:
+        return consumer.blocked
+    if consumer.kind == "conv_transpose":
+        return f"precedes ConvTranspose {name}: border outputs see fewer taps, so the shift does not fold"
+    if consumer.calls > 1:
+        return f"consumer {name} is called {consumer.calls} times (shared)"
+    if not consumer.feeds_input:
+        return f"feeds {name} other than as its input"
+    if consumer.zero_padded:
+        return f"precedes zero-padded {name}: folding would change the border outputs"
+    if (consumer.key, "before") in absorbed:
+        return f"{name} already absorbed a preceding BatchNorm"
+    if consumer.kind == "linear" and consumer.rank not in (None, 2):
+        return f"output is {consumer.rank}-D: the following Linear mixes the last dim, not the channels"
+    return None
+
+
+def _choose_fold(producer: _Neighbour | None, consumer: _Neighbour | None,
+                 absorbed: set) -> tuple[str, _Neighbour] | list[str]:
+    """("after", producer) or ("before", consumer) to fold into, else the reasons against each."""
+    reasons = []
+    for side, neighbour, why_not in (("after", producer, _why_not_after), ("before", consumer, _why_not_before)):
+        if neighbour is not None:
+            why = why_not(neighbour, absorbed)
+            if why is None:
+                absorbed.add((neighbour.key, side))
+                return side, neighbour
+            reasons.append(why)
+    return reasons
+
+
 class _GraphFolder:
     """Finds and applies the folds of one fx graph over `root`'s modules."""
 
@@ -576,78 +663,43 @@ class _GraphFolder:
                 self.unfolded_norms.append(norm)
 
     def try_fold(self, norm: _Norm, absorbed: set) -> str | None:
-        if norm.running_mean is None or norm.running_var is None:
-            return "does not track running statistics (uses batch statistics in eval)"
-        if norm.training:
-            return "called in training mode (batch statistics)"
-        if self.calls(norm.node) > 1:
-            return f"module called {self.calls(norm.node)} times (shared): no single call site to fold into"
+        why = _why_not_fold_norm(norm.running_mean is not None and norm.running_var is not None, norm.training,
+                                 self.calls(norm.node))
+        if why is not None:
+            return why
         if norm.module is None and not self.rewrite_graph:
             return "functional batch_norm call: folded only with inplace=False (the result is a GraphModule)"
         source = norm.node.args[0]
         layer = _as_layer(self.root, source) if isinstance(source, torch.fx.Node) else None
-        reasons = []
-        if layer is not None:
-            why = self.why_not_after(norm, layer, absorbed)
-            if why is None:
-                self.fold_after(norm, layer)
-                absorbed.add((layer.node.name, "after"))
-                return None
-            reasons.append(why)
         users = _value_users(norm.node)
         next_layer = _as_layer(self.root, users[0]) if len(users) == 1 else None
+        producer = self.neighbour(layer, layer.node, "producer") if layer is not None else None
+        consumer = None
         if next_layer is not None:
-            why = self.why_not_before(norm, next_layer, absorbed)
-            if why is None:
-                self.fold_before(norm, next_layer)
-                absorbed.add((next_layer.node.name, "before"))
-                return None
-            reasons.append(why)
-        if not reasons:
+            consumer = self.neighbour(next_layer, norm.node, "consumer")
+            consumer.feeds_input = next_layer.node.args[0] is norm.node
+            consumer.zero_padded = next_layer.zero_padded()
+        choice = _choose_fold(producer, consumer, absorbed)
+        if isinstance(choice, tuple):
+            side, neighbour = choice
+            (self.fold_after if side == "after" else self.fold_before)(norm, neighbour.layer)
+            return None
+        if not choice:
             consumers = ", ".join(_describe(self.root, u) for u in users) or "nothing"
-            reasons.append(
+            choice.append(
                 f"input from {_describe(self.root, source) if isinstance(source, torch.fx.Node) else 'a constant'}, "
                 f"output to {consumers}: no adjacent Conv/Linear to fold into"
             )
-        return "; ".join(reasons)
+        return "; ".join(choice)
 
-    def channels(self, node: torch.fx.Node) -> torch.Size | None:
-        return self.shapes.get(node.name)
-
-    def why_not_after(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
+    def neighbour(self, layer: _Layer, between: torch.fx.Node, role: str) -> _Neighbour:
+        """The rules' view of a layer next to a BatchNorm; `between` is the tensor joining them."""
         name = _describe(self.root, layer.node)
-        if layer.module is None and not self.rewrite_graph:
-            return f"producer {name} is a functional call: folded only with inplace=False"
-        if self.calls(layer.node) > 1:
-            return f"producer {name} is called {self.calls(layer.node)} times (shared)"
-        readers = _value_users(layer.node)
-        if len(readers) > 1:
-            return f"output of {name} is also used by {len(readers) - 1} other node(s)"
-        if (layer.node.name, "after") in absorbed:
-            return f"{name} already absorbed a BatchNorm"
-        shape = self.channels(layer.node)
-        if layer.kind == "linear" and shape is not None and len(shape) != 2:
-            return f"{name} output is {len(shape)}-D: BatchNorm1d normalises dim 1, not the Linear's features"
-        return None
-
-    def why_not_before(self, norm: _Norm, layer: _Layer, absorbed: set) -> str | None:
-        name = _describe(self.root, layer.node)
-        if layer.module is None and not self.rewrite_graph:
-            return f"consumer {name} is a functional call: folded only with inplace=False"
-        if layer.kind == "conv_transpose":
-            return f"precedes ConvTranspose {name}: border outputs see fewer taps, so the shift does not fold"
-        if self.calls(layer.node) > 1:
-            return f"consumer {name} is called {self.calls(layer.node)} times (shared)"
-        if layer.node.args[0] is not norm.node:
-            return f"feeds {name} other than as its input"
-        if layer.zero_padded():
-            return f"precedes zero-padded {name}: folding would change the border outputs"
-        if (layer.node.name, "before") in absorbed:
-            return f"{name} already absorbed a preceding BatchNorm"
-        shape = self.channels(norm.node)
-        if layer.kind == "linear" and shape is not None and len(shape) != 2:
-            return f"output is {len(shape)}-D: the following Linear mixes the last dim, not the channels"
-        return None
+        shape = self.shapes.get(between.name)
+        blocked = (f"{role} {name} is a functional call: folded only with inplace=False"
+                   if layer.module is None and not self.rewrite_graph else None)
+        return _Neighbour(layer.node.name, name, layer.kind, self.calls(layer.node), len(_value_users(between)),
+                          None if shape is None else len(shape), blocked=blocked, layer=layer)
 
     def fold_after(self, norm: _Norm, layer: _Layer) -> None:
         weight, bias = _ops.fuse_conv_bn_weights(
@@ -931,7 +983,7 @@ class _RuntimeFolder:
         class Recorder(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
-                if depth[0] == 0:
+                if depth[0] == 0 and not _reads_metadata_only(func):
                     events.append((f"fn:{getattr(func, '__name__', func)}", ids((args, kwargs)), ids(out)))
                 return out
 
@@ -956,58 +1008,76 @@ class _RuntimeFolder:
         self.module_calls = Counter(who for who, _, _ in events if not who.startswith("fn:"))
         readers: dict[int, list[str]] = {}
         producer: dict[int, str] = {}
+        first_inputs: dict[str, int] = {}  # each layer call's input tensor
         for who, inputs, outputs in events:
             for i in inputs:
                 readers.setdefault(i, []).append(who)
             for o in outputs:
                 producer.setdefault(o, who)
+            if inputs:
+                first_inputs.setdefault(who, inputs[0])
         for out in output_ids:
             readers.setdefault(out, []).append("model output")
         modules = dict(self.root.named_modules())
+        absorbed: set[tuple[str, str]] = set()
         for name, bn in list(modules.items()):
             if not isinstance(bn, _BatchNorm):
                 continue
             norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False)
-            calls = [inputs for who, inputs, _ in events if who == name]
-            layer_name = producer.get(calls[0][0]) if len(calls) == 1 and calls[0] else None
-            reason = self.why_not(bn, calls, layer_name, readers, modules)
+            calls = [(inputs, outputs) for who, inputs, outputs in events if who == name]
+            reason = self.try_fold(norm, calls, readers, producer, first_inputs, modules, absorbed)
             if reason is not None:
                 self.report_left.append((name, reason))
                 self.unfolded_norms.append(norm)
-                continue
-            layer = modules[layer_name]
-            weight, bias = _ops.fuse_conv_bn_weights(
-                layer.weight.detach(), _detach(layer.bias), *norm.affine_args(),
-                isinstance(layer, _CONV_TRANSPOSES), getattr(layer, "groups", 1),
-            )
-            _set_layer_weights(self.root, _Layer(None, layer_name, "module", layer), weight, bias)
-            _replace_submodule(self.root, name, nn.Identity())
-            self.report_folded.append((name, layer_name, "after"))
-            kind = "conv_transpose" if isinstance(layer, _CONV_TRANSPOSES) else "conv"
-            self.quantization.append(weight_quantization(layer_name, weight, kind, getattr(layer, "groups", 1)))
 
-    def why_not(self, bn, calls, layer_name, readers, modules) -> str | None:
+    def neighbour(self, name: str, between: int, readers: dict, modules: dict) -> _Neighbour | None:
+        """The rules' view of module `name`, joined to the BatchNorm by tensor `between`."""
+        layer = modules.get(name)
+        if layer is None or not isinstance(layer, _CONVS + _CONV_TRANSPOSES + (nn.Linear,)):
+            return None
+        kind = "conv_transpose" if isinstance(layer, _CONV_TRANSPOSES) else "linear" if isinstance(
+            layer, nn.Linear) else "conv"
+        return _Neighbour(name, f"'{name}'", kind, self.module_calls[name], len(readers.get(between, [])),
+                          self.tensors[between].dim(),
+                          zero_padded=isinstance(layer, _CONVS) and _has_zero_padding(layer), layer=layer)
+
+    def try_fold(self, norm, calls, readers, producer, first_inputs, modules, absorbed) -> str | None:
+        bn = norm.module
         if _overrides_forward(bn):
             return (f"{type(bn).__module__}.{type(bn).__qualname__} has a forward of its own: removing the module "
                     "would drop what it does after normalising (fx tracing folds such subclasses)")
-        if bn.running_mean is None:
-            return "does not track running statistics (uses batch statistics in eval)"
         if not calls:
-            return "not called on the example inputs"
-        if len(calls) > 1:
-            return f"module called {len(calls)} times (shared): no single call site to fold into"
-        if layer_name is None or not isinstance(modules.get(layer_name), _CONVS + _CONV_TRANSPOSES + (nn.Linear,)):
-            return f"input comes from {layer_name or 'the model input'}: no Conv/Linear directly before it"
-        if self.module_calls[layer_name] > 1:
-            return f"producer '{layer_name}' is called {self.module_calls[layer_name]} times (shared)"
-        others = [r for r in readers.get(calls[0][0], []) if r != _name_of(modules, bn)]
-        if others:
-            return f"output of '{layer_name}' is also read by {', '.join(others)}"
-        rank = self.tensors[calls[0][0]].dim()
-        if isinstance(modules[layer_name], nn.Linear) and rank != 2:
-            return f"'{layer_name}' output is {rank}-D: BatchNorm1d normalises dim 1, not the Linear's features"
+            return "not called on the example inputs" if bn.running_mean is not None else _why_not_fold_norm(
+                False, False, 0)
+        why = _why_not_fold_norm(bn.running_mean is not None, False, len(calls))
+        if why is not None:
+            return why
+        (inputs, outputs), = calls
+        if not inputs or not outputs:
+            return "called without a tensor input"
+        before = self.neighbour(producer.get(inputs[0], ""), inputs[0], readers, modules)
+        out_readers = readers.get(outputs[0], [])
+        after = self.neighbour(out_readers[0], outputs[0], readers, modules) if len(out_readers) == 1 else None
+        if after is not None:
+            after.feeds_input = first_inputs.get(after.key) == outputs[0]
+        choice = _choose_fold(before, after, absorbed)
+        if not isinstance(choice, tuple):
+            source = producer.get(inputs[0], "the model input")
+            return "; ".join(choice) or (f"input from {source}, output to {', '.join(out_readers) or 'nothing'}: "
+                                         "no adjacent Conv/Linear to fold into")
+        side, neighbour = choice
+        layer = neighbour.layer
+        if side == "after":
+            weight, bias = _ops.fuse_conv_bn_weights(
+                layer.weight.detach(), _detach(layer.bias), *norm.affine_args(), neighbour.kind == "conv_transpose",
+                getattr(layer, "groups", 1),
+            )
+        else:
+            weight, bias = _ops.fuse_bn_conv_weights(layer.weight.detach(), _detach(layer.bias), *norm.affine_args(),
+                                                     getattr(layer, "groups", 1))
+        _set_layer_weights(self.root, _Layer(None, neighbour.key, "module", layer), weight, bias)
+        _replace_submodule(self.root, norm.name, nn.Identity())
+        self.report_folded.append((norm.name, neighbour.key, side))
+        self.quantization.append(weight_quantization(neighbour.key, weight, neighbour.kind,
+                                                     getattr(layer, "groups", 1)))
         return None
-
-
-def _name_of(modules: dict[str, nn.Module], module: nn.Module) -> str:
-    return next(n for n, m in modules.items() if m is module)

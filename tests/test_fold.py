@@ -640,3 +640,28 @@ def test_trace_fallback_refuses_a_linear_with_a_three_dim_output():
     _, report = fold_and_check(UntraceableLinearBN(), torch.randn(2, 6, 6))
     assert report.method.startswith("execution")
     assert report.folded == [] and "output is 3-D" in dict(report.left)["bn"]
+
+
+class UntraceableWithNeighbours(nn.Module):
+    """The execution-trace fallback applies the fx path's rules: a BatchNorm
+    folds into the Conv before it despite reads of that output's shape, and
+    into the Linear after it when nothing precedes it to fold into."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.bn2, self.fc = nn.BatchNorm1d(16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        assert y.shape[1] == 4 and y.dim() == 4
+        y = torch.relu(self.bn1(y)).flatten(1)
+        out = self.fc(self.bn2(y))
+        return out if out.sum() > -1e9 else -out
+
+
+def test_trace_fallback_folds_the_same_pairs_as_the_graph_path():
+    folded, report = fold_and_check(UntraceableWithNeighbours(), torch.randn(4, 3, 4, 4))
+    assert report.method.startswith("execution")
+    assert sorted(report.folded) == [("bn1", "conv", "after"), ("bn2", "fc", "before")], str(report)
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
