@@ -4,8 +4,9 @@ A BatchNormalization whose statistics and affine parameters are constants
 folds into the Conv, ConvTranspose (any group count), Gemm (any transA,
 transB, alpha, beta) or 2-D MatMul with a constant weight that produces its
 input, when nothing else reads that output; otherwise, where that is exact,
-into the Conv without zero padding, Gemm (transA=0) or 2-D MatMul that alone
-reads its output. The folded weights are computed
+into the Conv without zero padding, Gemm (transA=0) or MatMul that alone
+reads its output, also through Flatten, Reshape and Transpose nodes whose
+shapes prove where the channels go. The folded weights are computed
 in float64 and rounded once to the layer's type. A weight or bias that other
 nodes share is copied, never changed in place; a producer whose output has
 other readers is left alone with the reason. The result is checked with
@@ -29,6 +30,8 @@ from bn_ext.fold import FoldReport, FoldVerificationError, _verify
 __all__ = ["fold_onnx"]
 
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Nodes a BatchNorm's channels may pass through on the way to the layer it folds into.
+_CHANNEL_MOVERS = ("Flatten", "Reshape", "Transpose")
 
 
 class _Graph:
@@ -44,9 +47,65 @@ class _Graph:
         self.outputs = {o.name for o in self.graph.output}
         self.names = {t for n in self.graph.node for t in (*n.input, *n.output)} | set(self.initializers)
         inferred = onnx.shape_inference.infer_shapes(model)
-        self.ranks = {v.name: len(v.type.tensor_type.shape.dim)
-                      for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
-                      if v.type.tensor_type.HasField("shape")}
+        # Each tensor's shape where inference knows it: a size per dim, None where unknown.
+        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                                for d in v.type.tensor_type.shape.dim]
+                       for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+                       if v.type.tensor_type.HasField("shape")}
+        self.ranks = {name: len(shape) for name, shape in self.shapes.items()}
+
+    def single_reader_path(self, name: str) -> list[onnx.NodeProto]:
+        """The nodes from tensor `name` on while each output has one reader and
+        is no graph output: through Flatten, Reshape and Transpose to the first
+        other node."""
+        path = []
+        while name not in self.outputs:
+            readers = [n for n in self.graph.node if name in n.input]
+            if len(readers) != 1:
+                break
+            path.append(readers[0])
+            if readers[0].op_type not in _CHANNEL_MOVERS:
+                break
+            name = readers[0].output[0]
+        return path if path and path[-1].op_type not in _CHANNEL_MOVERS else []
+
+    def channels_moved_last(self, name: str, path: list[onnx.NodeProto]) -> bool:
+        """Whether Transposes alone take dim 1 of tensor `name` to the last axis."""
+        rank = self.ranks.get(name)
+        if not path or rank is None or any(n.op_type != "Transpose" for n in path):
+            return False
+        axis = 1
+        for node in path:
+            perm = list(_attribute(node, "perm", list(reversed(range(rank)))))
+            axis = perm.index(axis)
+        return axis == rank - 1
+
+    def add_bias_after(self, layer: onnx.NodeProto, bias: np.ndarray) -> None:
+        """An Add of a new bias constant after layer, writing layer's output."""
+        output = layer.output[0]
+        layer.output[0] = self.unique(f"{output}_before_bias")
+        bias_name = self.unique(f"{layer.name or layer.op_type}_bn_folded_bias")
+        self.graph.initializer.append(numpy_helper.from_array(bias, bias_name))
+        add = helper.make_node("Add", [layer.output[0], bias_name], [output], name=self.unique(f"{layer.name}_bias"))
+        position = list(self.graph.node).index(layer) + 1
+        self.graph.node.insert(position, add)
+        self.producer[output] = add
+
+    def flattened_channels(self, name: str, path: list[onnx.NodeProto]) -> int | None:
+        """How many features each channel (dim 1) of tensor `name` becomes
+        after the Flatten/Reshape nodes of `path` (1 for none), where the
+        shapes prove it: neither reorders elements, so (N, C, *S) ending as
+        (N, C * prod(S)) puts channel c at features [c * S, (c + 1) * S)."""
+        if not path:
+            return 1
+        if any(n.op_type == "Transpose" for n in path):
+            return None
+        shape = self.shapes.get(name)
+        end = self.shapes.get(path[-1].output[0])
+        if shape is None or end is None or len(shape) < 2 or None in shape or None in end:
+            return None
+        spatial = int(np.prod(shape[2:]))
+        return spatial if end == [shape[0], shape[1] * spatial] else None
 
     def constant(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
@@ -160,10 +219,12 @@ def _fold_into(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.nd
     return None
 
 
-def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | None:
+def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray,
+                   channels_last: bool = False) -> str | None:
     """Fold a BatchNorm on the layer's input into it: the input channels'
     weights scaled, the shift summed through the weights into the bias; why
-    not, if it cannot be done exactly."""
+    not, if it cannot be done exactly. channels_last: the channels reach the
+    layer on the input's last axis (through Transposes), as MatMul reads it."""
     name = f"{layer.op_type} {_label(layer)}"
     if layer.op_type == "ConvTranspose":
         return f"precedes {name}: border outputs see fewer taps, so the shift does not fold"
@@ -192,8 +253,11 @@ def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: n
     else:  # Gemm or 2-D MatMul: A's columns are the normalised features
         if layer.op_type == "Gemm" and _attribute(layer, "transA", 0):
             return f"feeds {name} with transA=1: BatchNormalization's channels are then its rows"
-        if layer.op_type == "MatMul" and (g.ranks.get(layer.input[0]) != 2 or w.ndim != 2):
+        rank = g.ranks.get(layer.input[0])
+        if layer.op_type == "MatMul" and (w.ndim != 2 or (rank != 2 and not channels_last)):
             return f"feeds {name}, which is not 2-D: the BatchNorm's channels are not the features the weight reads"
+        if layer.op_type == "Gemm" and channels_last and rank != 2:
+            return f"reaches {name} through Transposes that leave it no 2-D input"
         trans_b = layer.op_type == "Gemm" and bool(_attribute(layer, "transB", 0))
         k = w.shape[1] if trans_b else w.shape[0]
         if k != channels:
@@ -203,6 +267,11 @@ def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: n
         beta = float(_attribute(layer, "beta", 1.0)) if layer.op_type == "Gemm" else 1.0
         through = alpha * (shift @ (w.T if trans_b else w))
         b = (beta * bias.astype(np.float64) if bias is not None else 0.0) + through
+        if layer.op_type == "MatMul" and rank != 2:
+            # An N-D MatMul has no bias input: the shift becomes an Add after it.
+            g.set_constant(layer, 1, fused, weight_name)
+            g.add_bias_after(layer, b.astype(weight.dtype))
+            return None
         if layer.op_type == "MatMul":
             layer.op_type = "Gemm"
         _set_attribute(layer, "beta", 1.0)
@@ -234,19 +303,28 @@ def _fold_graph(g: _Graph) -> tuple[list, list]:
                 g.graph.node.remove(bn)
                 folded.append((_label(bn), _label(layer), "after"))
                 continue
-        readers = [n for n in g.graph.node if bn.output[0] in n.input]
-        after = readers[0] if len(readers) == 1 and bn.output[0] not in g.outputs else None
+        readers = g.single_reader_path(bn.output[0])
+        after = readers[-1] if readers else None
         if after is not None and after.op_type in _LAYERS:
-            if after.input[0] != bn.output[0]:
+            between = readers[-2].output[0] if len(readers) > 1 else bn.output[0]
+            moved_last = g.channels_moved_last(bn.input[0], readers[:-1])
+            repeat = 1 if moved_last else g.flattened_channels(bn.input[0], readers[:-1])
+            if after.input[0] != between:
                 reasons.append(f"feeds {after.op_type} {_label(after)} other than as its input")
-            elif (why := _fold_ahead_of(g, after, *affine)) is not None:
+            elif repeat is None:
+                reasons.append(f"reaches {after.op_type} {_label(after)} through "
+                               f"{', '.join(n.op_type for n in readers[:-1])} that do not provably keep channels")
+            elif repeat > 1 and after.op_type not in ("Gemm", "MatMul"):
+                reasons.append(f"reaches {after.op_type} {_label(after)} through a flattening")
+            elif (why := _fold_ahead_of(g, after, *(np.repeat(a, repeat) for a in affine), moved_last)) is not None:
                 reasons.append(why)
             else:
-                after.input[0] = bn.input[0]
+                readers[0].input[list(readers[0].input).index(bn.output[0])] = bn.input[0]
                 g.readers[bn.input[0]] += 1
                 g.graph.node.remove(bn)
                 folded.append((_label(bn), _label(after), "before"))
                 continue
+        readers = [n for n in g.graph.node if bn.output[0] in n.input]
         if not reasons:
             source = g.producer.get(bn.input[0])
             source = f"{source.op_type} {_label(source)}" if source is not None else "a graph input"

@@ -35,11 +35,11 @@ def randomised(model, seed=1):
     return model.eval()
 
 
-def export(model, x, path):
-    """The TorchScript exporter in eval mode, without constant folding: the BatchNormalization nodes stay."""
+def export(model, x, path, constant_folding=False):
+    """The TorchScript exporter in eval mode: the BatchNormalization nodes stay."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, do_constant_folding=False,
+        torch.onnx.export(model, (x,), path, dynamo=False, do_constant_folding=constant_folding,
                           training=torch.onnx.TrainingMode.EVAL)
     return onnx.load(path)
 
@@ -309,3 +309,75 @@ def test_batch_norm_ahead_of_a_conv_transpose_is_left():
                         [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (2, 6, 7, 7))])
     _, report = bn_ext.fold_onnx(model)
     assert report.folded == [] and "border outputs see fewer taps" in dict(report.left)["bn"]
+
+
+def test_batch_norm_through_a_flatten_into_a_gemm_folds(tmp_path):
+    torch.manual_seed(0)
+    model = randomised(nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)))
+    original = export(model, torch.randn(2, 4, 3, 3), tmp_path / "m.onnx")
+    assert op_types(original) == ["BatchNormalization", "Flatten", "Gemm"]
+    folded, report = bn_ext.fold_onnx(original)
+    assert report.batch_norms_after == 0 and report.folded[0][2] == "before", str(report)
+    assert op_types(folded) == ["Flatten", "Gemm"]
+    assert_same_outputs(folded, original, {original.graph.input[0].name:
+                                           np.random.default_rng(1).standard_normal((2, 4, 3, 3)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("target,folds", [((2, 36), True), ((2, 9, 4), False), ((8, 9), False)], ids=str)
+def test_batch_norm_through_a_reshape_folds_only_where_channels_stay_grouped(target, folds):
+    # (2, 4, 3, 3) -> (2, 36): channel c is features [9c, 9c + 9); other
+    # reshapes mix channels into the rows or the batch.
+    rng = np.random.default_rng(14)
+    bn, bn_inits = bn_nodes("bn", 4, rng, "X", "A")
+    shape = numpy_helper.from_array(np.array(target, dtype=np.int64), "shape")
+    w = numpy_helper.from_array(rng.standard_normal((target[-1], 5)).astype(np.float32), "W")
+    nodes = [bn, helper.make_node("Reshape", ["A", "shape"], ["R"], name="reshape"),
+             helper.make_node("MatMul", ["R", "W"], ["Z"], name="mm")]
+    model = graph_model(nodes, [*bn_inits, shape, w],
+                        [helper.make_tensor_value_info("X", TensorProto.FLOAT, (2, 4, 3, 3))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (*target[:-1], 5))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert (report.batch_norms_after == 0) == folds, str(report)
+    if not folds:
+        assert "do not provably keep channels" in dict(report.left)["bn"]
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((2, 4, 3, 3)).astype(np.float32)})
+
+
+class BatchNormThenTransposedLinear(nn.Module):
+    """BatchNorm1d over (N, C, L), then (N, L, C) into a Linear: the channels
+    reach the Linear's features through a Transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(x).transpose(1, 2))
+
+
+@pytest.mark.parametrize("perm,folds", [([0, 2, 1], True), ([2, 0, 1], True), ([1, 0, 2], False)])
+def test_batch_norm_through_a_transpose_into_a_matmul(perm, folds):
+    # perm [1, 0, 2] leaves the channels on axis 0, not the features MatMul reads.
+    rng = np.random.default_rng(15)
+    bn, bn_inits = bn_nodes("bn", 6, rng, "X", "A")
+    transposed = [(2, 6, 4)[i] for i in perm]
+    w = numpy_helper.from_array(rng.standard_normal((transposed[-1], 3)).astype(np.float32), "W")
+    nodes = [bn, helper.make_node("Transpose", ["A"], ["T"], name="transpose", perm=perm),
+             helper.make_node("MatMul", ["T", "W"], ["Z"], name="mm")]
+    model = graph_model(nodes, [*bn_inits, w], [helper.make_tensor_value_info("X", TensorProto.FLOAT, (2, 6, 4))],
+                        [helper.make_tensor_value_info("Z", TensorProto.FLOAT, (*transposed[:-1], 3))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert (report.batch_norms_after == 0) == folds, str(report)
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((2, 6, 4)).astype(np.float32)})
+
+
+def test_an_exported_batch_norm_then_transpose_then_linear_folds(tmp_path):
+    torch.manual_seed(0)
+    model = randomised(BatchNormThenTransposedLinear())
+    # With constant folding the Linear's transposed weight is a constant.
+    original = export(model, torch.randn(2, 6, 4), tmp_path / "m.onnx", constant_folding=True)
+    assert op_types(original) == ["BatchNormalization", "Transpose", "MatMul", "Add"]
+    folded, report = bn_ext.fold_onnx(original)
+    assert report.batch_norms_after == 0, str(report)
+    assert_same_outputs(folded, original, {original.graph.input[0].name:
+                                           np.random.default_rng(2).standard_normal((2, 6, 4)).astype(np.float32)})
