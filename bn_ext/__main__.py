@@ -168,10 +168,18 @@ def _fold(args: argparse.Namespace) -> int:
     try:
         folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True)
     except FoldVerificationError as error:
-        print(error.report)
-        print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
-        return 1
+        return _verification_failed(error)
     torch.export.save(folded, args.output)
+    return _folded(report, args)
+
+
+def _verification_failed(error) -> int:
+    print(error.report)
+    print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
+    return 1
+
+
+def _folded(report, args: argparse.Namespace) -> int:
     if args.check:
         print(report)
     else:
@@ -203,19 +211,12 @@ def _fold_onnx_file(args: argparse.Namespace, bad) -> int:
     try:
         folded, report = fold_onnx(model, example_inputs=feeds, atol=args.atol, rtol=args.rtol)
     except FoldVerificationError as error:
-        print(error.report)
-        print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
-        return 1
+        return _verification_failed(error)
     except Exception as error:  # noqa: BLE001  (onnxruntime rejecting the example shape, say)
         return bad("--example-shape" if feeds is not None else "input",
                    f"the model does not run ({type(error).__name__}: {str(error).splitlines()[0]})")
     onnx.save(folded, args.output)
-    if args.check:
-        print(report)
-    else:
-        print(f"folded {len(report.folded)} of {report.batch_norms_before} BatchNorms; "
-              f"max error {report.max_abs_error:.3g}: PASS; wrote {args.output}")
-    return 0
+    return _folded(report, args)
 
 
 if __name__ == "__main__":

@@ -174,17 +174,26 @@ def _batch_norm_affine(g: _Graph, bn: onnx.NodeProto) -> tuple[np.ndarray, np.nd
     return scale, beta - mean * scale
 
 
-def _fold_into(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | None:
-    """Scale the layer's output channels and add the shift to its bias; why not, if it cannot."""
+def _layer_constants(g: _Graph, layer: onnx.NodeProto):
+    """(weight name, weight, bias name or None, bias or None) of a layer, or why they are not constants."""
     weight_name = layer.input[1]
     weight = g.constant(weight_name)
     if weight is None:
         return f"the weight of {layer.op_type} {_label(layer)} is computed in the graph, not a constant"
-    w = weight.astype(np.float64)
     bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
     bias = g.constant(bias_name) if bias_name else None
     if bias_name and bias is None:
         return f"the bias of {layer.op_type} {_label(layer)} is computed in the graph, not a constant"
+    return weight_name, weight, bias_name, bias
+
+
+def _fold_into(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    """Scale the layer's output channels and add the shift to its bias; why not, if it cannot."""
+    constants = _layer_constants(g, layer)
+    if isinstance(constants, str):
+        return constants
+    weight_name, weight, bias_name, bias = constants
+    w = weight.astype(np.float64)
     channels = scale.shape[0]
     if layer.op_type == "Conv":
         if w.shape[0] != channels:
@@ -228,15 +237,11 @@ def _fold_ahead_of(g: _Graph, layer: onnx.NodeProto, scale: np.ndarray, shift: n
     name = f"{layer.op_type} {_label(layer)}"
     if layer.op_type == "ConvTranspose":
         return f"precedes {name}: border outputs see fewer taps, so the shift does not fold"
-    weight_name = layer.input[1]
-    weight = g.constant(weight_name)
-    if weight is None:
-        return f"the weight of {name} is computed in the graph, not a constant"
+    constants = _layer_constants(g, layer)
+    if isinstance(constants, str):
+        return constants
+    weight_name, weight, bias_name, bias = constants
     w = weight.astype(np.float64)
-    bias_name = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
-    bias = g.constant(bias_name) if bias_name else None
-    if bias_name and bias is None:
-        return f"the bias of {name} is computed in the graph, not a constant"
     channels = scale.shape[0]
     if layer.op_type == "Conv":
         pads = _attribute(layer, "pads", [])

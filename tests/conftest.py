@@ -89,6 +89,22 @@ def assert_error_within(actual, reference, peer, k=ERROR_RATIO, msg="", dtype=No
                            f"allowed {limit:.3g} (largest value {magnitude:.3g})")
 
 
+def randomise_batch_norms(model, seed=1):
+    """Random running statistics and affine parameters in every BatchNorm of
+    a model built without weights; returns it in eval mode."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.normal_(generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(generator=g)
+    return model.eval()
+
+
 @pytest.fixture
 def threads():
     """Restore the thread count a test changes."""

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import bn_ext
+from conftest import randomise_batch_norms
 
 FOLDERS = ["bn_ext", "onnxoptimizer", "onnxruntime", "onnxscript"]
 WRONG = 1e-4  # relative error above which a folded model is wrong
@@ -101,14 +102,7 @@ def matmul_case(rng):
 
 
 def torch_case(module, shape):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(generator=g)
+    randomise_batch_norms(module)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(tmp, "m.onnx")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_ext
-from conftest import DTYPES, ROUNDOFF
+from conftest import DTYPES, ROUNDOFF, randomise_batch_norms
 
 
 def calibrated_bn(bn_cls, channels, affine=True, dtype=torch.float32, seed=0):
@@ -501,25 +501,12 @@ TIMM_MODELS = ["efficientnet_b0", "regnetx_002", "mobilenetv3_small_100", "cspre
                "rexnet_100"]
 
 
-def randomised_statistics(model, seed=1):
-    """Random running statistics and affine parameters in every BatchNorm (no weights are loaded)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.running_mean.normal_(generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(generator=g)
-    return model.eval()
-
-
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_batch_norm_act_models_fold(name):
     # BatchNormAct2d: the BatchNorm folds into its conv, its drop and
     # activation stay; x.ndim in its forward reads no values.
     torch.manual_seed(0)
-    model = randomised_statistics(timm.create_model(name, pretrained=False))
+    model = randomise_batch_norms(timm.create_model(name, pretrained=False))
     x = torch.randn(1, 3, 64, 64)
     modules = sum(isinstance(m, _BatchNorm) for m in model.modules())
     folded, report = bn_ext.fold_model(model, x)

@@ -18,21 +18,9 @@ import torch
 import torchvision
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_ext
-
-
-def randomised(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm):
-                m.running_mean.normal_(generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(generator=g)
-    return model.eval()
+from conftest import randomise_batch_norms
 
 
 def export(model, x, path, constant_folding=False):
@@ -79,7 +67,7 @@ TORCH_CASES = {
 def test_exported_models_fold_completely(name, tmp_path):
     factory, shape = TORCH_CASES[name]
     torch.manual_seed(0)
-    model = randomised(factory())
+    model = randomise_batch_norms(factory())
     original = export(model, torch.randn(shape), tmp_path / "model.onnx")
     before = original.SerializeToString()
     folded, report = bn_ext.fold_onnx(original)
@@ -210,7 +198,7 @@ def test_a_training_mode_batch_norm_is_left():
 
 def test_fold_command_on_an_onnx_file(tmp_path):
     torch.manual_seed(0)
-    model = randomised(torchvision.models.resnet18(num_classes=10))
+    model = randomise_batch_norms(torchvision.models.resnet18(num_classes=10))
     path = tmp_path / "model.onnx"
     export(model, torch.randn(1, 3, 32, 32), path)
     before = path.read_bytes()
@@ -313,7 +301,7 @@ def test_batch_norm_ahead_of_a_conv_transpose_is_left():
 
 def test_batch_norm_through_a_flatten_into_a_gemm_folds(tmp_path):
     torch.manual_seed(0)
-    model = randomised(nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)))
+    model = randomise_batch_norms(nn.Sequential(nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5)))
     original = export(model, torch.randn(2, 4, 3, 3), tmp_path / "m.onnx")
     assert op_types(original) == ["BatchNormalization", "Flatten", "Gemm"]
     folded, report = bn_ext.fold_onnx(original)
@@ -373,7 +361,7 @@ def test_batch_norm_through_a_transpose_into_a_matmul(perm, folds):
 
 def test_an_exported_batch_norm_then_transpose_then_linear_folds(tmp_path):
     torch.manual_seed(0)
-    model = randomised(BatchNormThenTransposedLinear())
+    model = randomise_batch_norms(BatchNormThenTransposedLinear())
     # With constant folding the Linear's transposed weight is a constant.
     original = export(model, torch.randn(2, 6, 4), tmp_path / "m.onnx", constant_folding=True)
     assert op_types(original) == ["BatchNormalization", "Transpose", "MatMul", "Add"]
