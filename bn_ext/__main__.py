@@ -134,7 +134,7 @@ def _fold(args: argparse.Namespace) -> int:
 
     import torch
 
-    from bn_ext.fold import FoldVerificationError, fold_exported_program
+    from bn_ext.fold import FoldVerificationError, fold_exported_program, training_batch_norms
 
     def bad(argument: str, message: str) -> int:
         print(f"python -m bn_ext fold: {argument}: {message}", file=sys.stderr)
@@ -158,6 +158,10 @@ def _fold(args: argparse.Namespace) -> int:
         return bad("input", f"not a program saved with torch.export.save ({type(error).__name__}: {error})")
     finally:
         export_log.setLevel(level)
+    training = training_batch_norms(program.graph)
+    if training:
+        return bad("input", f"the program was exported in training mode ({len(training)} BatchNorms use batch "
+                   "statistics); export model.eval() to fold")
     inputs = None if args.example_shape is None else (torch.randn(args.example_shape),)
     if inputs is not None:
         try:
@@ -193,13 +197,17 @@ def _fold_onnx_file(args: argparse.Namespace, bad) -> int:
     import onnx
 
     from bn_ext.fold import FoldVerificationError
-    from bn_ext.onnx_fold import fold_onnx
+    from bn_ext.onnx_fold import fold_onnx, training_batch_norms
 
     try:
         model = onnx.load(args.input)
         onnx.checker.check_model(model)
     except Exception as error:  # noqa: BLE001  (protobuf's and onnx's errors alike)
         return bad("input", f"not a valid ONNX model ({type(error).__name__}: {str(error).splitlines()[0]})")
+    training = training_batch_norms(model)
+    if training:
+        return bad("input", f"the model has {len(training)} BatchNormalization nodes in training mode (batch "
+                   "statistics); export model.eval() to fold")
     feeds = None
     if args.example_shape is not None:
         initializers = {t.name for t in model.graph.initializer}

@@ -508,6 +508,12 @@ class _FoldTracer(torch.fx.Tracer):
         return type(m).__module__.startswith("bn_ext") or super().is_leaf_module(m, qualname)
 
 
+def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
+    """The batch_norm calls of a graph in training mode (batch statistics)."""
+    return [_node_label(n) for n in graph.nodes if n.op == "call_function" and n.target in _BN_FUNCTION_ARGS
+            and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
+
+
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
     """BatchNorm modules, plus functional batch_norm calls that are not a
     traced BatchNorm module's own (a subclass's forward traced through)."""

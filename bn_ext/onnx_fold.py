@@ -340,6 +340,12 @@ def _fold_graph(g: _Graph) -> tuple[list, list]:
     return folded, left
 
 
+def training_batch_norms(model: onnx.ModelProto) -> list[str]:
+    """The BatchNormalization nodes in training mode (batch statistics)."""
+    return [_label(n) for n in model.graph.node
+            if n.op_type == "BatchNormalization" and _attribute(n, "training_mode", 0)]
+
+
 def _random_inputs(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     initializers = {t.name for t in model.graph.initializer}

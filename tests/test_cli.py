@@ -120,3 +120,13 @@ def test_fold_command_that_fails_verification_writes_nothing(exported_resnet, tm
     assert done.returncode == 1
     assert "verification FAILED" in done.stderr and "BatchNorm folding report" in done.stdout
     assert not (tmp_path / "out.pt2").exists()
+
+
+def test_fold_command_refuses_a_program_exported_in_training_mode(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    path = tmp_path / "train.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 32, 32),)), path)
+    done = fold_command(path, "-o", tmp_path / "out.pt2")
+    assert done.returncode == 2 and "input: the program was exported in training mode" in done.stderr
+    assert not (tmp_path / "out.pt2").exists()

@@ -183,17 +183,29 @@ def test_a_conv_output_with_other_readers_is_left():
     assert_same_outputs(folded, model, {"X": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})
 
 
-def test_a_training_mode_batch_norm_is_left():
+def training_mode_model():
     rng = np.random.default_rng(6)
     inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W")]
     bn, bn_inits = bn_nodes("bn", 4, rng, "c", "y")
     bn.output.extend(["running_mean", "running_var"])
     bn.attribute.append(helper.make_attribute("training_mode", 1))
-    model = graph_model([conv_node("conv", "W", "X", "c"), bn], inits + bn_inits,
-                        [helper.make_tensor_value_info("X", TensorProto.FLOAT, (2, 3, 6, 6))],
-                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 4, 4, 4))])
-    _, report = bn_ext.fold_onnx(model)
+    return graph_model([conv_node("conv", "W", "X", "c"), bn], inits + bn_inits,
+                       [helper.make_tensor_value_info("X", TensorProto.FLOAT, (2, 3, 6, 6))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, (2, 4, 4, 4))])
+
+
+def test_a_training_mode_batch_norm_is_left():
+    _, report = bn_ext.fold_onnx(training_mode_model())
     assert report.folded == [] and "training mode" in dict(report.left)["bn"]
+
+
+def test_fold_command_refuses_an_onnx_model_in_training_mode(tmp_path):
+    path = tmp_path / "train.onnx"
+    onnx.save(training_mode_model(), path)
+    done = subprocess.run([sys.executable, "-m", "bn_ext", "fold", str(path), "-o", str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "BatchNormalization nodes in training mode" in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_fold_command_on_an_onnx_file(tmp_path):
