@@ -652,3 +652,22 @@ def test_trace_fallback_folds_the_same_pairs_as_the_graph_path():
     assert report.method.startswith("execution")
     assert sorted(report.folded) == [("bn1", "conv", "after"), ("bn2", "fc", "before")], str(report)
     assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+
+
+@pytest.mark.parametrize("config", ["yolov5nu.yaml", "yolov8n.yaml", "yolov9t.yaml", "yolov10n.yaml", "yolo11n.yaml",
+                                    "yolo11n-seg.yaml"])
+def test_ultralytics_yolo_models_fold_completely(config, tmp_path, monkeypatch):
+    # Built from ultralytics' own model definitions, no weights; fx cannot
+    # trace them, so the execution-trace fallback folds them.
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+
+    torch.manual_seed(0)
+    model = randomise_batch_norms((SegmentationModel if "seg" in config else DetectionModel)(config, verbose=False))
+    x = torch.randn(1, 3, 64, 64)
+    modules = sum(isinstance(m, _BatchNorm) for m in model.modules())
+    folded, report = bn_ext.fold_model(model, x)
+    assert report.batch_norms_before == modules and report.batch_norms_after == 0, str(report)
+    assert report.passed and report.max_rel_error < 1e-5, str(report)
+    assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
