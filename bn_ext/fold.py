@@ -479,8 +479,8 @@ class FoldReport:
             lines.append("  int8 weights of the folded layers:")
             lines += [f"    {q}" for q in self.quantization]
         if self.pt2e_error is not None:
-            lines.append(f"  PT2E int8 (X86InductorQuantizer) on the example inputs: output error {self.pt2e_error:.3g} "
-                         "relative to the output scale")
+            lines.append("  PT2E int8 (X86InductorQuantizer) on the example inputs: output error "
+                         f"{self.pt2e_error:.3g} relative to the output scale")
         if self.pt2e_failure is not None:
             lines.append(f"  PT2E int8 (X86InductorQuantizer) did not take the folded model: {self.pt2e_failure}")
         verdict = "PASS" if self.passed else "FAIL"
@@ -522,7 +522,8 @@ def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) ->
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS:
             stats = _arg(node, _BN_FUNCTION_ARGS[node.target], "running_mean")
-            owner = stats.target.rpartition(".")[0] if isinstance(stats, torch.fx.Node) and stats.op == "get_attr" else None
+            on_attribute = isinstance(stats, torch.fx.Node) and stats.op == "get_attr"
+            owner = stats.target.rpartition(".")[0] if on_attribute else None
             functional += owner not in modules
     return len(modules) + functional
 
@@ -1052,12 +1053,11 @@ class _RuntimeFolder:
         if _overrides_forward(bn):
             return (f"{type(bn).__module__}.{type(bn).__qualname__} has a forward of its own: removing the module "
                     "would drop what it does after normalising (fx tracing folds such subclasses)")
-        if not calls:
-            return "not called on the example inputs" if bn.running_mean is not None else _why_not_fold_norm(
-                False, False, 0)
         why = _why_not_fold_norm(bn.running_mean is not None, False, len(calls))
         if why is not None:
             return why
+        if not calls:
+            return "not called on the example inputs"
         (inputs, outputs), = calls
         if not inputs or not outputs:
             return "called without a tensor input"

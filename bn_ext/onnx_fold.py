@@ -324,8 +324,9 @@ def _fold_graph(g: _Graph) -> tuple[list, list]:
             elif (why := _fold_ahead_of(g, after, *(np.repeat(a, repeat) for a in affine), moved_last)) is not None:
                 reasons.append(why)
             else:
+                # The first node after the BatchNorm reads its input instead
+                # (one reader for another: the input's reader count stays).
                 readers[0].input[list(readers[0].input).index(bn.output[0])] = bn.input[0]
-                g.readers[bn.input[0]] += 1
                 g.graph.node.remove(bn)
                 folded.append((_label(bn), _label(after), "before"))
                 continue

@@ -35,6 +35,16 @@ ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.
 ERROR_RATIO = 8.0
 
 
+def in_float64(args):
+    """Operator arguments with every floating tensor in float64 (the reference's)."""
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def op_math(dtype):
+    """The type a kernel computes in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def param_dtype(dtype):
     """Parameters of a half-precision model are float32 here (mixed precision)."""
     return torch.float32 if dtype in HALF_DTYPES else dtype

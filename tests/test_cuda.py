@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import bn_ext
 from bn_ext.bench import has_cuda_kernels
-from conftest import DTYPES, assert_error_within, param_dtype
+from conftest import DTYPES, assert_error_within, in_float64, op_math, param_dtype
 
 pytestmark = [
     pytest.mark.cuda,
@@ -28,10 +28,6 @@ def to(args, convert):
     return [convert(a) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def in_float64(args):
-    return to(args, lambda t: t.double() if t.is_floating_point() else t)
-
-
 def check(op, *args, torch_results=None, what=""):
     """bn_ext's CUDA operator `op` on CUDA copies of args: every output's
     error against the float64 reference at most ERROR_RATIO times the CPU
@@ -41,10 +37,10 @@ def check(op, *args, torch_results=None, what=""):
     got = getattr(ops, op)(*to(args, torch.Tensor.cuda))
     cpu = getattr(ops, op)(*args)
     exact = getattr(ops, op)(*in_float64(args))
-    op_math = torch.float64 if args[0].dtype == torch.float64 else torch.float32
+    computed_in = op_math(args[0].dtype)
     for i, (g, c, e) in enumerate(zip(got, cpu, exact)):
         assert g.device.type == "cuda" and g.dtype == c.dtype and g.shape == c.shape, f"{op} {what}[{i}]"
-        dtype = op_math if g.dtype == torch.float64 else None
+        dtype = computed_in if g.dtype == torch.float64 else None
         assert_error_within(g.cpu(), e, c, msg=f"{op} {what}[{i}] against the CPU operator", dtype=dtype)
         if torch_results is not None and torch_results[i] is not None:
             assert_error_within(g.cpu(), e, torch_results[i].cpu(), msg=f"{op} {what}[{i}] against torch", dtype=dtype)
@@ -63,7 +59,7 @@ def bn_case(shape, channels_last, dtype, seed=0):
         x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
     C = shape[1]
     p = param_dtype(dtype)
-    w, b = torch.randn(C, generator=g, dtype=torch.float64).to(p), torch.randn(C, generator=g, dtype=torch.float64).to(p)
+    w, b = (torch.randn(C, generator=g, dtype=torch.float64).to(p) for _ in range(2))
     rm = torch.randn(C, generator=g, dtype=torch.float64).to(p)
     rv = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(p)
     return x, dy, w, b, rm, rv
@@ -98,7 +94,7 @@ def row_case(rows, D, dtype, seed=1):
     x = (torch.randn(rows, D, generator=g, dtype=torch.float64) + 1).to(dtype)
     dy = torch.randn(rows, D, generator=g, dtype=torch.float64).to(dtype)
     p = param_dtype(dtype)
-    w, b = torch.randn(D, generator=g, dtype=torch.float64).to(p), torch.randn(D, generator=g, dtype=torch.float64).to(p)
+    w, b = (torch.randn(D, generator=g, dtype=torch.float64).to(p) for _ in range(2))
     return x, dy, w, b
 
 

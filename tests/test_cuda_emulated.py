@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, param_dtype
+from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, in_float64, op_math, param_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDERS = ["forward", "reverse", "random"]
@@ -53,11 +53,6 @@ def misaligned(t):
     return out
 
 
-def in_float64(args):
-    """The arguments with every floating tensor in float64."""
-    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
 def compare(emu, op, *args, what, magnitudes=None):
     """The emulated CUDA operator against the float64 reference (the CPU
     operator on float64 copies of the arguments): its error at most
@@ -69,12 +64,11 @@ def compare(emu, op, *args, what, magnitudes=None):
     exact = getattr(cpu_ops, op)(*in_float64(args))
     # Float64 outputs of a float32 or half input (batch_norm_stats) hold
     # float32 op-math sums.
-    x = args[0]
-    op_math = torch.float64 if x.dtype == torch.float64 else torch.float32
+    computed_in = op_math(args[0].dtype)
     for i, (a, w, e) in enumerate(zip(got, want, exact)):
         assert a.shape == w.shape and a.dtype == w.dtype, f"{what}[{i}]: {a.shape} {a.dtype} vs {w.shape} {w.dtype}"
         assert a.numel() <= 1 or a.stride() == w.stride(), f"{what}[{i}]: strides {a.stride()} vs {w.stride()}"
-        assert_error_within(a, e, w, msg=f"{op} {what}[{i}]", dtype=op_math if a.dtype == torch.float64 else None,
+        assert_error_within(a, e, w, msg=f"{op} {what}[{i}]", dtype=computed_in if a.dtype == torch.float64 else None,
                             magnitude=(magnitudes or {}).get(i))
     return want
 
