@@ -39,6 +39,24 @@ TORCH_LIBRARY(bn_ext, m) {
       "rms_norm_backward(Tensor grad_out, Tensor input, SymInt[] normalized_shape, Tensor rstd, Tensor? weight, "
       "float? eps, bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // GroupNorm over groups of adjacent channels of an (N, C, *) input, with an
+  // optional activation of the output (None, 'relu' or 'silu'); statistics
+  // (N, num_groups). InstanceNorm is num_groups = C.
+  m.def(
+      "group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps, str? activation)"
+      " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "group_norm_backward(Tensor grad_out, Tensor input, int num_groups, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, float eps, str? activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // LayerNorm over the channels (dim 1) of an (N, C, *) input, as ConvNeXt's
+  // LayerNorm2d, in either memory format; statistics (N, 1, *).
+  m.def(
+      "layer_norm_channels_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "layer_norm_channels_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+      "Tensor? bias, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
   // Eval-mode BatchNorm folding (csrc/fold.cpp): the folded layer's (weight, bias).
   // Layer then BatchNorm; `transposed` for ConvTranspose weights.
   m.def(

@@ -2,6 +2,7 @@
 // running-statistics update; the kernels are in kernels/batch_norm_kernel.cpp.
 #include "batch_norm_common.h"
 #include "cpu/dispatch.h"
+#include "cpu/host_values.h"
 #include "cpu/output_memory.h"
 
 #include <ATen/Dispatch.h>
@@ -17,28 +18,6 @@ namespace bn_ext::cpu {
 namespace {
 
 using at::Tensor;
-
-// A per-channel tensor (optional) read as doubles.
-std::vector<double> channel_values(const std::optional<Tensor>& t, int64_t C, double fill) {
-  std::vector<double> v(C, fill);
-  if (!has(t)) return v;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "channel_values", [&] {
-    const scalar_t* p = t->const_data_ptr<scalar_t>();
-    const int64_t stride = t->dim() == 0 ? 0 : t->stride(0);
-    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * stride]);
-  });
-  return v;
-}
-
-// Tensor of `dtype` holding `values`.
-Tensor channel_tensor(const std::vector<double>& values, at::ScalarType dtype) {
-  Tensor t = at::empty({static_cast<int64_t>(values.size())}, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "channel_tensor", [&] {
-    scalar_t* p = t.data_ptr<scalar_t>();
-    for (size_t c = 0; c < values.size(); ++c) p[c] = static_cast<scalar_t>(values[c]);
-  });
-  return t;
-}
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, const std::optional<Tensor>& weight,
                                                           const std::optional<Tensor>& bias,

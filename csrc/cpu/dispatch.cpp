@@ -17,6 +17,7 @@ namespace bn_ext::cpu {
   namespace LEVEL {                                   \
   extern const BatchNormKernels batch_norm_kernels;  \
   extern const RowNormKernels row_norm_kernels;       \
+  extern const GroupNormKernels group_norm_kernels;   \
   }
 
 BN_EXT_DECLARE_LEVEL(DEFAULT)
@@ -32,7 +33,7 @@ BN_EXT_DECLARE_LEVEL(AVX512_BF16)
 
 namespace {
 
-#define BN_EXT_LEVEL_TABLES(LEVEL) CpuKernels{#LEVEL, &LEVEL::batch_norm_kernels, &LEVEL::row_norm_kernels}
+#define BN_EXT_LEVEL_TABLES(LEVEL) CpuKernels{#LEVEL, &LEVEL::batch_norm_kernels, &LEVEL::row_norm_kernels, &LEVEL::group_norm_kernels}
 
 // Every level of this build, lowest first.
 const CpuKernels kLevels[] = {

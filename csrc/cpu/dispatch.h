@@ -16,6 +16,7 @@
 #pragma once
 
 #include "batch_norm_common.h"
+#include "group_norm_common.h"
 #include "row_norm_common.h"
 
 #include <ATen/core/Tensor.h>
@@ -61,11 +62,36 @@ struct RowNormKernels {
                                            const at::Tensor& dx, const RowGeometry& g, bool weight_grad);
 };
 
+// GroupNorm (InstanceNorm: groups = channels) with statistics per (sample,
+// group) as float64 arrays of N * G values; per-channel parameters are
+// float64 arrays of C values (ones and zeros when absent).
+struct GroupNormKernels {
+  // mean and rstd per (n, group), and y = act(normalised x * weight + bias).
+  void (*forward)(const at::Tensor& x, const at::Tensor& y, const GroupNormGeometry& g, const double* weight,
+                  const double* bias, double eps, Activation act, double* mean, double* rstd);
+  // dx when defined, and dweight, dbias per channel when `param_grads`; the
+  // activation's gradient is taken at the output recomputed from x.
+  void (*backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const GroupNormGeometry& g,
+                   const double* mean, const double* rstd, const double* weight, const double* bias, Activation act,
+                   bool param_grads, double* dweight, double* dbias);
+  // LayerNorm over the channels of a contiguous (N, C, *) input: mean and
+  // rstd per (n, position) in the op-math type.
+  void (*layer_norm_channels_forward)(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, const at::Tensor& y,
+                                      const at::Tensor& mean, const at::Tensor& rstd, double eps);
+  // dx when defined; per-channel float64 totals dweight then dbias when `param_grads`.
+  std::vector<double> (*layer_norm_channels_backward)(const at::Tensor& dy, const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      const at::Tensor& mean, const at::Tensor& rstd,
+                                                      const at::Tensor& dx, bool param_grads);
+};
+
 // The tables of one level.
 struct CpuKernels {
   const char* level;
   const BatchNormKernels* batch_norm;
   const RowNormKernels* row_norm;
+  const GroupNormKernels* group_norm;
 };
 
 // The tables in use, chosen on the first call.

@@ -11,6 +11,9 @@
 #error "kernel files are compiled with CPU_CAPABILITY set to their level (setup.py, CMakeLists.txt)"
 #endif
 
+#include "norm_common.h"
+
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -417,6 +420,37 @@ inline int64_t part_count(int64_t n, int64_t min_part, int64_t max_parts) {
 
 inline int64_t part_begin(int64_t part, int64_t parts, int64_t n) {
   return n / parts * part + std::min(part, n % parts);
+}
+
+// Input and parameter dtypes of the row-norm and group-norm kernels.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<input type>, TypeTag<parameter type>): parameters have the
+// input's type, or float32 beside a half-precision input.
+template <typename Fn>
+void dispatch_input_and_param(at::ScalarType input_type, at::ScalarType param_type, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_type, "norm_kernel", [&] {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      if (param_type == at::kFloat) return fn(TypeTag<scalar_t>{}, TypeTag<float>{});
+    }
+    fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+  });
+}
+
+// The parameters' dtype: the weight's, else the bias's, else the input's.
+inline at::ScalarType param_dtype_of(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  if (has(weight)) return weight->scalar_type();
+  if (has(bias)) return bias->scalar_type();
+  return input.scalar_type();
+}
+
+template <typename P>
+const P* data_or_null(const std::optional<at::Tensor>& t) {
+  return has(t) ? t->const_data_ptr<P>() : nullptr;
 }
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY

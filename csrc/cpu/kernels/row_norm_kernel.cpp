@@ -17,36 +17,6 @@ namespace {
 
 using at::Tensor;
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<input type>, TypeTag<parameter type>): parameters have the
-// input's type, or float32 beside a half-precision input.
-template <typename Fn>
-void dispatch_input_and_param(at::ScalarType input_type, at::ScalarType param_type, const Fn& fn) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input_type, "row_norm", [&] {
-    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      if (param_type == at::kFloat) return fn(TypeTag<scalar_t>{}, TypeTag<float>{});
-    }
-    fn(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
-  });
-}
-
-// The parameters' dtype: the weight's, else the bias's, else the input's.
-inline at::ScalarType param_dtype_of(const Tensor& input, const std::optional<Tensor>& weight,
-                                     const std::optional<Tensor>& bias) {
-  if (has(weight)) return weight->scalar_type();
-  if (has(bias)) return bias->scalar_type();
-  return input.scalar_type();
-}
-
-template <typename P>
-const P* data_or_null(const std::optional<at::Tensor>& t) {
-  return has(t) ? t->const_data_ptr<P>() : nullptr;
-}
-
 // Fixed split of rows into blocks for parameter-gradient partials: at most
 // kMaxRowBlocks blocks (memory is blocks x cols accumulators), at least
 // kCacheChunk * 8 elements each. Depends on the shape only.

@@ -1,0 +1,528 @@
+// GroupNorm (and InstanceNorm, G = C) and LayerNorm over the channels of an
+// (N, C, *) input: CPU kernels, built once per SIMD level (cpu/dispatch.h).
+//
+// GroupNorm reuses BatchNorm's walks (channel_kernels.h) through two views
+// of the same memory. Channels-first, the values of group g of sample n
+// are one contiguous run, so the statistics are BatchNorm's per-channel
+// moments of a (1, N*G, C/G * S) input, and the elementwise passes are
+// BatchNorm's over a (1, N*C, S) input with one coefficient per (n, c).
+// Channels-last, each sample is an (S, C) block of rows, reduced down its
+// rows with vectors across channels; a group's moments are its channels'
+// merged by Chan's formula (never E[x^2] - E[x]^2).
+#include "cpu/dispatch.h"
+#include "cpu/kernels/channel_kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
+
+#include <cmath>
+#include <vector>
+
+namespace bn_ext::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::Tensor;
+
+// ---------------------------------------------------------------------------
+// Activations of the normalised value z, with their gradients dy * act'(z),
+// in the forms torch's own kernels compute them.
+
+struct NoActivation {
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return z;
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec&) {
+    return dy;
+  }
+};
+
+struct Relu {
+  // max(z, 0), NaN kept; the gradient passes where z > 0 (torch's
+  // threshold_backward on the output).
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return at::vec::maximum(z, Vec(0));
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec& z) {
+    return Vec::blendv(Vec(0), dy, z > Vec(0));
+  }
+};
+
+struct Silu {
+  // z * sigmoid(z) = z / (1 + exp(-z)); gradient sigmoid(z) * (1 + z * (1 - sigmoid(z))).
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return z / (Vec(1) + z.neg().exp());
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec& z) {
+    const Vec s = Vec(1) / (Vec(1) + z.neg().exp());
+    return dy * s * (Vec(1) + z * (Vec(1) - s));
+  }
+};
+
+template <typename Fn>
+void with_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::kNone:
+      return fn(NoActivation{});
+    case Activation::kRelu:
+      return fn(Relu{});
+    case Activation::kSilu:
+      return fn(Silu{});
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
+// Elementwise forms (channel_kernels.h): act(affine value of x), and the
+// gradient through the activation, dy * act'(affine value of x).
+template <typename Act>
+struct ActivatedAffine {
+  static constexpr bool kUsesDy = false, kUsesX = true;
+  template <typename Vec>
+  static Vec apply(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
+                   const Vec& center) {
+    return Act::value(Affine<false, true>::apply(dy, x, alpha, beta, gamma, center));
+  }
+};
+
+template <typename Act>
+struct ActivationGradient {
+  static constexpr bool kUsesDy = true, kUsesX = true;
+  template <typename Vec>
+  static Vec apply(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
+                   const Vec& center) {
+    return Act::grad(dy, Affine<false, true>::apply(dy, x, alpha, beta, gamma, center));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Views and coefficient layout.
+
+// Channels-first: one "channel" per (n, group), and one per (n, c).
+BatchNormGeometry group_rows(const GroupNormGeometry& g) {
+  return {false, 1, g.N * g.G, g.group_channels() * g.S};
+}
+BatchNormGeometry channel_planes(const GroupNormGeometry& g) { return {false, 1, g.N * g.C, g.S}; }
+// Channels-last: one sample's (S, C) rows, and all N * S rows.
+BatchNormGeometry sample_rows(const GroupNormGeometry& g) { return {true, 1, g.C, g.S}; }
+BatchNormGeometry all_rows(const GroupNormGeometry& g) { return {true, g.N, g.C, g.S}; }
+
+// Coefficients per (n, c): channels-first one set of N * C entries,
+// channels-last a set of C per sample (rows r of sample r / S).
+template <typename T>
+ChannelCoefficients<T> sample_coefficients(const GroupNormGeometry& g) {
+  return g.channels_last ? ChannelCoefficients<T>(g.C, g.N) : ChannelCoefficients<T>(g.N * g.C);
+}
+
+template <typename T>
+int64_t coefficient_index(const ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t n, int64_t c) {
+  return g.channels_last ? n * k.stride + c : n * g.C + c;
+}
+
+// The elementwise pass of Form over the whole input.
+template <typename T, typename Form>
+void sample_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const GroupNormGeometry& g) {
+  if (g.channels_last) {
+    channel_form_pass<T, Form>(out, dy, x, k, all_rows(g), g.S);
+  } else {
+    channel_form_pass<T, Form>(out, dy, x, k, channel_planes(g));
+  }
+}
+
+// Forward coefficients of every channel of group r = n * G + group.
+template <typename T>
+void set_group_forward_coefficients(ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t r, double mean,
+                                    double rstd, const double* w, const double* b) {
+  const int64_t n = r / g.G, Cg = g.group_channels();
+  for (int64_t c = r % g.G * Cg; c < (r % g.G + 1) * Cg; ++c) {
+    set_forward_coefficients(k, coefficient_index(k, g, n, c), mean, rstd, w[c], b[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Channels-last reductions: tasks of (sample, stripe of rows), each walking
+// its stripe in chunks of rows; per-channel partials merged in stripe order.
+
+template <typename ChunkFn>
+void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, const ChunkFn& fn) {
+  at::parallel_for(0, g.N * stripes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / stripes, stripe = task % stripes;
+      const int64_t lo = part_begin(stripe, stripes, g.S), hi = part_begin(stripe + 1, stripes, g.S);
+      for (int64_t r = lo; r < hi; r += kChunkRows) fn(n, task, r, std::min(hi, r + kChunkRows));
+    }
+  });
+}
+
+// Moments of every (n, group) of a channels-last input, merged channel by
+// channel in order.
+template <typename T>
+std::vector<Moments> channels_last_group_moments(const T* x, const GroupNormGeometry& g) {
+  const int64_t stripes = stripe_count(sample_rows(g));
+  std::vector<Moments> partial(g.N * stripes * g.C);
+  for_each_sample_chunk(g, stripes, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
+    add_rows_moments(x + n * g.S * g.C, g.C, g.C, r0, r1,
+                     [&](int64_t c, const Moments& m) { chan_merge(partial[task * g.C + c], m); });
+  });
+  std::vector<Moments> groups(g.N * g.G);
+  const int64_t Cg = g.group_channels();
+  at::parallel_for(0, g.N * g.G, grain_for(8 * stripes * Cg), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.G;
+      for (int64_t c = r % g.G * Cg; c < (r % g.G + 1) * Cg; ++c) {
+        Moments channel;
+        for (int64_t s = 0; s < stripes; ++s) chan_merge(channel, partial[(n * stripes + s) * g.C + c]);
+        chan_merge(groups[r], channel);
+      }
+    }
+  });
+  return groups;
+}
+
+// Per (n, c) gradient sums of a channels-last input about k's centers.
+template <typename T>
+std::vector<GradSums> channels_last_sample_grad_sums(const T* dy, const T* x, const ChannelCoefficients<T>& k,
+                                                     const GroupNormGeometry& g) {
+  const int64_t stripes = stripe_count(sample_rows(g));
+  std::vector<GradSums> partial(g.N * stripes * g.C);
+  for_each_sample_chunk(g, stripes, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
+    const int64_t offset = n * g.S * g.C;
+    add_rows_grad_sums(dy + offset, x + offset, k.center.data() + n * k.stride, sample_rows(g), r0, r1,
+                       [&](int64_t c, double sum_dy, double sum_dyx) {
+                         add_grad_sums(partial[task * g.C + c], sum_dy, sum_dyx);
+                       });
+  });
+  std::vector<GradSums> total(g.N * g.C);
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t s = 0; s < stripes; ++s) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        const GradSums& p = partial[(n * stripes + s) * g.C + c];
+        add_grad_sums(total[n * g.C + c], p.dy, p.dy_xc);
+      }
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm forward.
+
+// Whether each channels-first group reduces in one task, so its statistics
+// and its normalisation can share one visit of its data (still in cache).
+template <typename T>
+bool fused_groups(const GroupNormGeometry& g) {
+  return !g.channels_last && !short_planes<T>(group_rows(g)) && stripe_count(group_rows(g)) == 1;
+}
+
+template <typename T, typename Act>
+void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, const double* w, const double* b,
+                               double eps, double* mean, double* rstd) {
+  using Form = ActivatedAffine<Act>;
+  ChannelCoefficients<T> k = sample_coefficients<T>(g);
+  auto set_group = [&](int64_t r, const Moments& m) {
+    mean[r] = m.mean;
+    rstd[r] = invstd_of(m, eps);
+    set_group_forward_coefficients(k, g, r, mean[r], rstd[r], w, b);
+  };
+  if (fused_groups<T>(g)) {
+    const BatchNormGeometry rows = group_rows(g);
+    const int64_t Cg = g.group_channels();
+    for_each_channel_block(rows, channels_per_block(rows, sizeof(T)), 2, [&](int64_t r0, int64_t r1) {
+      Moments m[kMaxBlockChannels];
+      add_block_moments(x, rows, r0, r1, 0, rows.S, m);
+      for (int64_t r = r0; r < r1; ++r) set_group(r, m[r - r0]);
+      block_form_pass<T, Form>(y, nullptr, x, k, channel_planes(g), r0 * Cg, r1 * Cg);
+    });
+    return;
+  }
+  const auto moments = g.channels_last ? channels_last_group_moments(x, g) : channel_moments(x, group_rows(g));
+  for (int64_t r = 0; r < g.N * g.G; ++r) set_group(r, moments[r]);
+  sample_form_pass<T, Form>(y, nullptr, x, k, g);
+}
+
+// ---------------------------------------------------------------------------
+// GroupNorm backward. With x_hat = (x - mean) * rstd over a group of
+// D = C/G * S values and A = sum(w * dy), B = sum(w * dy * (x - mean)) over it:
+//   dx = rstd * w * dy - rstd * A / D - (x - mean) * rstd^3 * B / D
+//   dweight[c] = sum_n rstd * sum(dy * (x - mean)),  dbias[c] = sum(dy)
+
+template <typename T>
+void set_group_backward_coefficients(ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t r, double mean,
+                                     double rstd, const double* w, const std::vector<GradSums>& sums) {
+  using Op = opmath_t<T>;
+  const int64_t n = r / g.G, Cg = g.group_channels();
+  const int64_t c0 = r % g.G * Cg, c1 = c0 + Cg;
+  double A = 0.0, B = 0.0;
+  for (int64_t c = c0; c < c1; ++c) {
+    A += w[c] * sums[n * g.C + c].dy;
+    B += w[c] * sums[n * g.C + c].dy_xc;
+  }
+  const double D = static_cast<double>(Cg * g.S);
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t i = coefficient_index(k, g, n, c);
+    const double beta = -rstd * rstd * rstd * B / D;
+    k.alpha[i] = static_cast<Op>(rstd * w[c]);
+    k.beta[i] = static_cast<Op>(beta);
+    k.gamma[i] = static_cast<Op>(-rstd * A / D - beta * (mean - static_cast<double>(k.center[i])));
+  }
+}
+
+template <typename T>
+void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormGeometry& g, const double* mean,
+                                const double* rstd, const double* w, bool param_grads, double* dweight,
+                                double* dbias) {
+  using Op = opmath_t<T>;
+  const int64_t Cg = g.group_channels();
+  ChannelCoefficients<T> k = sample_coefficients<T>(g);
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) k.center[coefficient_index(k, g, n, c)] = static_cast<Op>(mean[n * g.G + c / Cg]);
+  }
+  // Per (n, c): sum(dy) and sum(dy * (x - mean)), from the sum about the rounded center.
+  std::vector<GradSums> sums(g.N * g.C);
+  auto set_sums = [&](int64_t n, int64_t c, const GradSums& s) {
+    const double off = mean[n * g.G + c / Cg] - static_cast<double>(k.center[coefficient_index(k, g, n, c)]);
+    sums[n * g.C + c] = {s.dy, s.dy_xc - off * s.dy};
+  };
+  if (dx != nullptr && fused_groups<T>(g)) {
+    // A block of groups' sums and their dx in one task, dy and x still in cache.
+    const BatchNormGeometry rows = group_rows(g), planes = channel_planes(g);
+    for_each_channel_block(rows, channels_per_block(rows, 2 * sizeof(T)), 3, [&](int64_t r0, int64_t r1) {
+      std::vector<GradSums> block((r1 - r0) * Cg);
+      add_block_grad_sums(dy, x, k.center.data(), planes, r0 * Cg, r1 * Cg, 0, g.S, block.data());
+      for (int64_t i = 0; i < (r1 - r0) * Cg; ++i) set_sums((r0 * Cg + i) / g.C, (r0 * Cg + i) % g.C, block[i]);
+      for (int64_t r = r0; r < r1; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      block_form_pass<T, Affine<true, true>>(dx, dy, x, k, planes, r0 * Cg, r1 * Cg);
+    });
+  } else {
+    const auto raw = g.channels_last ? channels_last_sample_grad_sums(dy, x, k, g)
+                                     : channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
+    for (int64_t i = 0; i < g.N * g.C; ++i) set_sums(i / g.C, i % g.C, raw[i]);
+    if (dx != nullptr) {
+      for (int64_t r = 0; r < g.N * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      sample_form_pass<T, Affine<true, true>>(dx, dy, x, k, g);
+    }
+  }
+  if (!param_grads) return;
+  for (int64_t c = 0; c < g.C; ++c) {
+    double dw = 0.0, db = 0.0;
+    for (int64_t n = 0; n < g.N; ++n) {
+      dw += rstd[n * g.G + c / Cg] * sums[n * g.C + c].dy_xc;
+      db += sums[n * g.C + c].dy;
+    }
+    dweight[c] = dw;
+    dbias[c] = db;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// LayerNorm over the channels of a channels-first (N, C, S) input: per
+// sample, C rows of S values, reduced down the rows with vectors across
+// positions, a tile of positions at a time so the tile's C rows stay in
+// cache for the normalising sweep. Tiles depend on the shape only.
+
+constexpr int64_t kTileBytes = 128 * 1024;
+
+template <typename T>
+int64_t tile_width(int64_t C, int64_t S) {
+  const int64_t width = kTileBytes / std::max<int64_t>(C * static_cast<int64_t>(sizeof(T)), 1) / 64 * 64;
+  return std::clamp<int64_t>(width, 64, std::max<int64_t>(S, 1));
+}
+
+// fn(n, tile, s0, s1) for every tile [s0, s1) of every sample, in parallel.
+template <typename TileFn>
+void for_each_tile(int64_t N, int64_t C, int64_t S, int64_t width, const TileFn& fn) {
+  const int64_t tiles = (S + width - 1) / width;
+  at::parallel_for(0, N * tiles, grain_for(C * width), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s0 = task % tiles * width;
+      fn(task / tiles, task, s0, std::min(S, s0 + width));
+    }
+  });
+}
+
+template <typename T, typename P>
+void layer_norm_channels_forward_kernel(const T* x, T* y, int64_t N, int64_t C, int64_t S, const P* w, const P* b,
+                                        double eps, opmath_t<T>* mean_out, opmath_t<T>* rstd_out) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  for_each_tile(N, C, S, tile_width<T>(C, S), [&](int64_t n, int64_t, int64_t s0, int64_t s1) {
+    const T* xt = x + n * C * S + s0;
+    T* yt = y + n * C * S + s0;
+    const int64_t width = s1 - s0;
+    auto center = column_array<Op>(width), remainder = column_array<Op>(width), rstd = column_array<Op>(width);
+    add_rows_moments(xt, width, S, 0, C, [&](int64_t j, const Moments& m) {
+      const double rs = 1.0 / std::sqrt(m.m2 / static_cast<double>(C) + eps);
+      center[j] = static_cast<Op>(m.mean);
+      remainder[j] = static_cast<Op>(m.mean - static_cast<double>(center[j]));
+      rstd[j] = static_cast<Op>(rs);
+      mean_out[n * S + s0 + j] = static_cast<Op>(m.mean);
+      rstd_out[n * S + s0 + j] = static_cast<Op>(rs);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      const Vec vw(w ? static_cast<Op>(w[c]) : Op(1)), vb(b ? static_cast<Op>(b[c]) : Op(0));
+      for (int64_t j = 0; j < width; j += W) {
+        const int64_t count = std::min(W, width - j);
+        const Vec xhat =
+            ((load_op_n(xt + c * S + j, count) - Vec::loadu(center.data() + j)) - Vec::loadu(remainder.data() + j)) *
+            Vec::loadu(rstd.data() + j);
+        const Vec v = at::vec::fmadd(xhat, vw, vb);
+        if (count == W) {
+          store_op(yt + c * S + j, v);
+        } else {
+          store_op_partial(yt + c * S + j, v, count);
+        }
+      }
+    }
+  });
+}
+
+// Per position: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) over
+// the channels, g = dy * w; per channel dweight = sum(dy * x_hat), dbias =
+// sum(dy), from per-tile partials added in tile order (returned as dweight
+// then dbias).
+template <typename T, typename P>
+std::vector<double> layer_norm_channels_backward_kernel(const T* dy, const T* x, T* dx, int64_t N, int64_t C,
+                                                        int64_t S, const P* w, const opmath_t<T>* mean,
+                                                        const opmath_t<T>* rstd, bool param_grads) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t width = tile_width<T>(C, S), tiles = (S + width - 1) / width;
+  std::vector<double> partial(param_grads ? N * tiles * 2 * C : 0, 0.0);
+  for_each_tile(N, C, S, width, [&](int64_t n, int64_t task, int64_t s0, int64_t s1) {
+    const int64_t offset = n * C * S + s0, tw = s1 - s0;
+    auto mu = column_array<Op>(tw), rs = column_array<Op>(tw);
+    for (int64_t j = 0; j < tw; ++j) mu[j] = mean[n * S + s0 + j], rs[j] = rstd[n * S + s0 + j];
+    auto xhat_of = [&](int64_t c, int64_t j, int64_t count) {
+      return (load_op_n(x + offset + c * S + j, count) - Vec::loadu(mu.data() + j)) * Vec::loadu(rs.data() + j);
+    };
+    auto weight = [&](int64_t c) { return Vec(w ? static_cast<Op>(w[c]) : Op(1)); };
+    auto mean_g = column_array<Op>(tw), mean_gx = column_array<Op>(tw);
+    if (dx != nullptr) {
+      // Lanes past a tile's end load dy = 0, so g = 0 there.
+      column_cascade_sums<true, Vec>(
+          C, tw,
+          [&](int64_t c, int64_t j, int64_t count, Vec& a, Vec& b) {
+            a = load_op_n(dy + offset + c * S + j, count) * weight(c);
+            b = xhat_of(c, j, count);
+          },
+          mean_g.data(), mean_gx.data());
+      for (int64_t j = 0; j < tw; j += W) {
+        (Vec::loadu(mean_g.data() + j) / Vec(static_cast<Op>(C))).store(mean_g.data() + j);
+        (Vec::loadu(mean_gx.data() + j) / Vec(static_cast<Op>(C))).store(mean_gx.data() + j);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      Vec sum_dyx(0), sum_dy(0);
+      for (int64_t j = 0; j < tw; j += W) {
+        const int64_t count = std::min(W, tw - j);
+        const Vec dyv = load_op_n(dy + offset + c * S + j, count);
+        const Vec xhat = xhat_of(c, j, count);
+        if (dx != nullptr) {
+          const Vec v = (dyv * weight(c) - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j)) *
+                        Vec::loadu(rs.data() + j);
+          if (count == W) {
+            store_op(dx + offset + c * S + j, v);
+          } else {
+            store_op_partial(dx + offset + c * S + j, v, count);
+          }
+        }
+        if (param_grads) {
+          // Lanes past count hold dy = 0: they add nothing.
+          sum_dyx = at::vec::fmadd(dyv, xhat, sum_dyx);
+          sum_dy += dyv;
+        }
+      }
+      if (param_grads) {
+        partial[task * 2 * C + c] = reduce_add(sum_dyx);
+        partial[task * 2 * C + C + c] = reduce_add(sum_dy);
+      }
+    }
+  });
+  std::vector<double> total(2 * C, 0.0);
+  for (int64_t task = 0; task < N * tiles && param_grads; ++task) {
+    for (int64_t i = 0; i < 2 * C; ++i) total[i] += partial[task * 2 * C + i];
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Table entries.
+
+void forward(const Tensor& x, const Tensor& y, const GroupNormGeometry& g, const double* w, const double* b,
+             double eps, Activation act, double* mean, double* rstd) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_forward", [&] {
+    with_activation(act, [&](auto activation) {
+      group_norm_forward_kernel<scalar_t, decltype(activation)>(x.const_data_ptr<scalar_t>(),
+                                                                y.mutable_data_ptr<scalar_t>(), g, w, b, eps, mean,
+                                                                rstd);
+    });
+  });
+}
+
+void backward(const Tensor& dy, const Tensor& x, const Tensor& dx, const GroupNormGeometry& g, const double* mean,
+              const double* rstd, const double* w, const double* b, Activation act, bool param_grads,
+              double* dweight, double* dbias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_backward", [&] {
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    // The gradient through the activation, dy * act'(z) with z recomputed
+    // from the statistics, in a buffer of its own (one more elementwise pass).
+    Tensor through;
+    if (act != Activation::kNone) {
+      through = at::empty_like(x);
+      ChannelCoefficients<scalar_t> k = sample_coefficients<scalar_t>(g);
+      for (int64_t r = 0; r < g.N * g.G; ++r) set_group_forward_coefficients(k, g, r, mean[r], rstd[r], w, b);
+      with_activation(act, [&](auto activation) {
+        sample_form_pass<scalar_t, ActivationGradient<decltype(activation)>>(through.mutable_data_ptr<scalar_t>(),
+                                                                             pdy, px, k, g);
+      });
+      pdy = through.const_data_ptr<scalar_t>();
+    }
+    group_norm_backward_kernel<scalar_t>(pdy, px, dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr, g, mean,
+                                         rstd, w, param_grads, dweight, dbias);
+  });
+}
+
+void layer_norm_channels_forward(const Tensor& x, const std::optional<Tensor>& weight,
+                                 const std::optional<Tensor>& bias, const Tensor& y, const Tensor& mean,
+                                 const Tensor& rstd, double eps) {
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
+  dispatch_input_and_param(x.scalar_type(), param_dtype_of(x, weight, bias), [&](auto t, auto p) {
+    using T = typename decltype(t)::type;
+    using P = typename decltype(p)::type;
+    layer_norm_channels_forward_kernel<T, P>(x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), N, C, S,
+                                             data_or_null<P>(weight), data_or_null<P>(bias), eps,
+                                             mean.mutable_data_ptr<opmath_t<T>>(),
+                                             rstd.mutable_data_ptr<opmath_t<T>>());
+  });
+}
+
+std::vector<double> layer_norm_channels_backward(const Tensor& dy, const Tensor& x,
+                                                 const std::optional<Tensor>& weight, const Tensor& mean,
+                                                 const Tensor& rstd, const Tensor& dx, bool param_grads) {
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
+  std::vector<double> sums;
+  dispatch_input_and_param(x.scalar_type(), param_dtype_of(x, weight, std::nullopt), [&](auto t, auto p) {
+    using T = typename decltype(t)::type;
+    using P = typename decltype(p)::type;
+    sums = layer_norm_channels_backward_kernel<T, P>(
+        dy.const_data_ptr<T>(), x.const_data_ptr<T>(), dx.defined() ? dx.mutable_data_ptr<T>() : nullptr, N, C, S,
+        data_or_null<P>(weight), mean.const_data_ptr<opmath_t<T>>(), rstd.const_data_ptr<opmath_t<T>>(),
+        param_grads);
+  });
+  return sums;
+}
+
+}  // namespace
+
+extern const GroupNormKernels group_norm_kernels = {&forward, &backward, &layer_norm_channels_forward,
+                                                    &layer_norm_channels_backward};
+
+}  // namespace bn_ext::cpu::CPU_CAPABILITY
