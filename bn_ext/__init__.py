@@ -1,4 +1,4 @@
-"""bn_ext: BatchNorm, LayerNorm and RMSNorm kernels for PyTorch."""
+"""bn_ext: BatchNorm, LayerNorm, RMSNorm, GroupNorm and InstanceNorm kernels for PyTorch."""
 
 # Before the extension loads: one built against another torch fails with an
 # undefined symbol, which names neither version.
@@ -26,7 +26,7 @@ from bn_ext.fold import (
     fuse_layer_norm_linear,
     fuse_linear_bn,
 )
-from bn_ext.functional import batch_norm, layer_norm, rms_norm
+from bn_ext.functional import batch_norm, group_norm, instance_norm, layer_norm, layer_norm_channels, rms_norm
 from bn_ext.memory import (
     CpuOutputCacheStats,
     cpu_output_cache_stats,
@@ -50,7 +50,10 @@ __all__ = [
     "fuse_conv_bn",
     "fuse_layer_norm_linear",
     "fuse_linear_bn",
+    "group_norm",
+    "instance_norm",
     "layer_norm",
+    "layer_norm_channels",
     "nn",
     "rms_norm",
     "set_cpu_output_cache_limit",

@@ -14,7 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 import bn_ext._C as _C  # registers the operators; direct bindings of the functional calls
 
-__all__ = ["batch_norm", "layer_norm", "rms_norm"]
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "layer_norm_channels", "rms_norm"]
 
 _ops = torch.ops.bn_ext
 # Overloads resolved once: the per-call lookup is measurable on small inputs.
@@ -398,3 +398,286 @@ def rms_norm(
     if _direct_call(input, weight):
         return _C.rms_norm(input, _as_shape(normalized_shape), weight, eps)
     return _rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm, InstanceNorm (GroupNorm with one channel per group) and
+# LayerNorm over the channels of an (N, C, *) input.
+
+_group_norm_forward = _ops.group_norm_forward.default
+_group_norm_backward = _ops.group_norm_backward.default
+_layer_norm_channels_forward = _ops.layer_norm_channels_forward.default
+_layer_norm_channels_backward = _ops.layer_norm_channels_backward.default
+_ACTIVATIONS = (None, "none", "relu", "silu")
+
+
+def _family_memory_format(x: Tensor) -> torch.memory_format:
+    # The kernels keep channels_last(_3d) where torch suggests it (csrc/group_norm_common.h).
+    return suggest_memory_format(x) if x.dim() >= 4 else torch.contiguous_format
+
+
+def _like_input(x: Tensor, asked: bool = True) -> Tensor:
+    return torch.empty_like(x, memory_format=_family_memory_format(x)) if asked else x.new_empty((0,))
+
+
+def _channel_grad_fake(x: Tensor, param: Tensor | None, asked: bool) -> Tensor:
+    return x.new_empty((x.shape[1] if asked else 0,), dtype=x.dtype if param is None else param.dtype)
+
+
+@torch.library.register_fake("bn_ext::group_norm_forward")
+def _group_norm_forward_fake(input, num_groups, weight, bias, eps, activation):
+    _check_same_device(input, weight=weight, bias=bias)
+    stat = _stat_dtype(input.dtype)
+    shape = (input.shape[0], num_groups)
+    return _like_input(input), input.new_empty(shape, dtype=stat), input.new_empty(shape, dtype=stat)
+
+
+@torch.library.register_fake("bn_ext::group_norm_backward")
+def _group_norm_backward_fake(grad_out, input, num_groups, mean, rstd, weight, bias, eps, activation, output_mask):
+    return (
+        _like_input(input, output_mask[0]),
+        _channel_grad_fake(input, weight, output_mask[1]),
+        _channel_grad_fake(input, bias, output_mask[2]),
+    )
+
+
+@torch.library.register_fake("bn_ext::layer_norm_channels_forward")
+def _layer_norm_channels_forward_fake(input, weight, bias, eps):
+    _check_same_device(input, weight=weight, bias=bias)
+    stat = _stat_dtype(input.dtype)
+    shape = (input.shape[0], 1, *input.shape[2:])
+    return _like_input(input), input.new_empty(shape, dtype=stat), input.new_empty(shape, dtype=stat)
+
+
+@torch.library.register_fake("bn_ext::layer_norm_channels_backward")
+def _layer_norm_channels_backward_fake(grad_out, input, mean, rstd, weight, bias, eps, output_mask):
+    return (
+        _like_input(input, output_mask[0]),
+        _channel_grad_fake(input, weight, output_mask[1]),
+        _channel_grad_fake(input, bias, output_mask[2]),
+    )
+
+
+def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
+    """dy * act'(z), as torch's relu and silu backward kernels compute it."""
+    if activation == "relu":
+        return dy * (z > 0)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return dy * s * (1 + z * (1 - s))
+    return dy
+
+
+def _group_norm_grads_reference(grad_out, input, num_groups, weight, bias, eps, activation):
+    """GroupNorm's first derivatives (after the activation, if any) as a
+    composite of torch ops, statistics recomputed from `input`: differentiating
+    it gives the exact second derivatives (double backward)."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x, dy = input.to(compute), grad_out.to(compute)
+    N, C = x.shape[:2]
+    shape = _channel_shape(x)
+    groups = x.reshape(N, num_groups, -1)
+    mean = groups.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(groups.var(-1, correction=0, keepdim=True) + eps)
+    x_hat = ((groups - mean) * rstd).reshape(x.shape)
+    w = torch.ones((), dtype=compute) if weight is None else weight.to(compute).view(shape)
+    b = torch.zeros((), dtype=compute) if bias is None else bias.to(compute).view(shape)
+    dy = _activation_grad(dy, x_hat * w + b, activation)
+    dims = _reduction_dims(x)
+    g = (dy * w).reshape(N, num_groups, -1)
+    h = x_hat.reshape(N, num_groups, -1)
+    grad_input = (rstd * (g - g.mean(-1, keepdim=True) - h * (g * h).mean(-1, keepdim=True))).reshape(x.shape)
+    return grad_input.to(input.dtype), (dy * x_hat).sum(dims), dy.sum(dims)
+
+
+def _layer_norm_channels_grads_reference(grad_out, input, weight, bias, eps):
+    """LayerNorm-over-channels' first derivatives: LayerNorm's over the channel dim moved last."""
+    grad_input, grad_weight, grad_bias = _layer_norm_grads_reference(
+        grad_out.movedim(1, -1), input.movedim(1, -1), (input.shape[1],), weight, eps
+    )
+    return grad_input.movedim(-1, 1), grad_weight, grad_bias
+
+
+def _params_double_backward(reference, grad_out, input, weight, bias, grads_of_grads, output_mask):
+    """Gradients of a backward op's outputs (dx, dweight, dbias) with respect
+    to grad_out, input, weight and bias, through its composite reference."""
+    def first_derivatives(dy, x, w, b):
+        return reference(dy, x, w, b)
+
+    primals = (grad_out, input, weight, bias)
+    present = [p is not None for p in primals]
+    args = [p if p is not None else torch.zeros((), dtype=input.dtype, device=input.device) for p in primals]
+
+    def call(*xs):
+        return first_derivatives(*[x if keep else None for x, keep in zip(xs, present)])
+
+    outputs, vjp = torch.func.vjp(call, *args)
+    cotangents = tuple(
+        g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
+        for g, o, asked in zip(grads_of_grads, outputs, output_mask)
+    )
+    grads = vjp(cotangents)
+    return tuple(g.to(p.dtype) if p is not None else None for g, p in zip(grads, primals))
+
+
+def _group_norm_forward_setup(ctx, inputs, output):
+    input, num_groups, weight, bias, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
+
+
+def _asked_grads(ctx, weight, bias) -> list[bool]:
+    return [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+            bias is not None and ctx.needs_input_grad[3]]
+
+
+def _group_norm_forward_backward(ctx, grad_out, grad_mean, grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = _asked_grads(ctx, weight, bias)
+    if grad_out is None or not any(mask):
+        return None, None, None, None, None, None
+    gi, gw, gb = _group_norm_backward(
+        grad_out, input, ctx.num_groups, mean, rstd, weight, bias, ctx.eps, ctx.activation, mask
+    )
+    return gi if mask[0] else None, None, gw if mask[1] else None, gb if mask[2] else None, None, None
+
+
+def _group_norm_backward_setup(ctx, inputs, output):
+    grad_out, input, num_groups, mean, rstd, weight, bias, eps, activation, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight, bias)
+    ctx.num_groups, ctx.eps, ctx.activation, ctx.output_mask = num_groups, eps, activation, list(output_mask)
+
+
+def _group_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
+    grad_out, input, weight, bias = ctx.saved_tensors
+    d_grad_out, d_input, d_weight, d_bias = _params_double_backward(
+        lambda dy, x, w, b: _group_norm_grads_reference(dy, x, ctx.num_groups, w, b, ctx.eps, ctx.activation),
+        grad_out, input, weight, bias, (gg_input, gg_weight, gg_bias), ctx.output_mask,
+    )
+    return d_grad_out, d_input, None, None, None, d_weight, d_bias, None, None, None
+
+
+def _layer_norm_channels_forward_setup(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.eps = eps
+
+
+def _layer_norm_channels_forward_backward(ctx, grad_out, grad_mean, grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2]]
+    if grad_out is None or not any(mask):
+        return None, None, None, None
+    gi, gw, gb = _layer_norm_channels_backward(grad_out, input, mean, rstd, weight, bias, ctx.eps, mask)
+    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
+
+
+def _layer_norm_channels_backward_setup(ctx, inputs, output):
+    grad_out, input, mean, rstd, weight, bias, eps, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, weight, bias)
+    ctx.eps, ctx.output_mask = eps, list(output_mask)
+
+
+def _layer_norm_channels_backward_backward(ctx, gg_input, gg_weight, gg_bias):
+    grad_out, input, weight, bias = ctx.saved_tensors
+    d_grad_out, d_input, d_weight, _ = _params_double_backward(
+        lambda dy, x, w, b: _layer_norm_channels_grads_reference(dy, x, w, b, ctx.eps),
+        grad_out, input, weight, bias, (gg_input, gg_weight, gg_bias), ctx.output_mask,
+    )
+    return d_grad_out, d_input, None, None, d_weight, None, None, None
+
+
+for _name, _backward, _setup in [
+    ("group_norm_forward", _group_norm_forward_backward, _group_norm_forward_setup),
+    ("group_norm_backward", _group_norm_backward_backward, _group_norm_backward_setup),
+    ("layer_norm_channels_forward", _layer_norm_channels_forward_backward, _layer_norm_channels_forward_setup),
+    ("layer_norm_channels_backward", _layer_norm_channels_backward_backward, _layer_norm_channels_backward_setup),
+]:
+    torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> Tensor:
+    """Group Normalization over groups of adjacent channels of an (N, C, *) input.
+
+    Same signature and behaviour as torch.nn.functional.group_norm, plus
+    `activation` (None, "relu" or "silu"), applied to the normalised output in
+    the same pass: exactly act(group_norm(...)), with its backward.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"group_norm: activation must be None, 'relu' or 'silu', got {activation!r}")
+    if input.dim() >= 2 and num_groups > 0:
+        # torch.nn.functional.group_norm's own check, with its words.
+        size = [input.shape[0] * input.shape[1] // num_groups, num_groups, *input.shape[2:]]
+        values = size[0]
+        for s in size[2:]:
+            values *= s
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    return _group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance Normalization: each (sample, channel) normalised over its own values.
+
+    Same signature and behaviour as torch.nn.functional.instance_norm: with
+    use_input_stats the instance statistics normalise the input and, when
+    given, running_mean and running_var are moved towards their averages over
+    the batch (running_var with the unbiased variance); without, the running
+    statistics normalise it (BatchNorm in eval mode). Channels-last inputs
+    give channels-last outputs.
+    """
+    if not use_input_stats:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if input.dim() >= 2:
+        spatial = 1
+        for size in input.shape[2:]:
+            spatial *= size
+        if spatial == 1:
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    out, mean, rstd = _group_norm_forward(input, input.shape[1], weight, bias, eps, None)
+    if (running_mean is not None or running_var is not None) and input.numel() > 0:
+        _instance_norm_update_stats(running_mean, running_var, mean, rstd, momentum, eps, input.numel() // mean.numel())
+    return out
+
+
+def _instance_norm_update_stats(running_mean, running_var, mean, rstd, momentum, eps, count):
+    """torch's update: each sample's statistics move its own copy of the running
+    statistics by `momentum`, and the copies are averaged over the batch."""
+    with torch.no_grad():
+        if running_mean is not None:
+            batch_mean = mean.to(torch.float64).mean(0)
+            running_mean.copy_(running_mean.to(torch.float64) * (1 - momentum) + batch_mean * momentum)
+        if running_var is not None:
+            var = (rstd.to(torch.float64).pow(-2) - eps) * (count / (count - 1) if count > 1 else 1.0)
+            running_var.copy_(running_var.to(torch.float64) * (1 - momentum) + var.mean(0) * momentum)
+
+
+def layer_norm_channels(
+    input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
+    """LayerNorm over the channels (dim 1) of an (N, C, *) input, each position
+    normalised over its C values: what ConvNeXt's LayerNorm2d computes by
+    permute -> layer_norm -> permute, without the copies, in either memory
+    format (the output keeps the input's)."""
+    return _layer_norm_channels_forward(input, weight, bias, eps)[0]
