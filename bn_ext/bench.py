@@ -49,6 +49,14 @@ _aten = torch.ops.aten
 RESNET50_BN = [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7), (2048, 7)]
 RESNET50_BN_N256 = [(256, 14), (1024, 14), (512, 7), (2048, 7)]
 ROW_LENGTHS = [(64, 65536), (768, 16384), (1024, 16384), (4096, 4096), (16384, 4096)]
+# GroupNorm (32 groups): Stable Diffusion U-Net blocks at batch 2 (N, C, side),
+# and ResNet-50-GN's stages at batch 16.
+GROUP_NORM_SHAPES = [(2, 320, 64), (2, 640, 32), (2, 1280, 16), (16, 256, 56), (16, 512, 28), (16, 1024, 14),
+                     (16, 2048, 7)]
+# InstanceNorm: style-transfer networks (N, C, side).
+INSTANCE_NORM_SHAPES = [(1, 32, 256), (4, 64, 128), (4, 128, 64)]
+# LayerNorm2d: ConvNeXt-T's stages at batch 32.
+LAYER_NORM_2D_SHAPES = [(32, 96, 56), (32, 192, 28), (32, 384, 14), (32, 768, 7)]
 
 # The child process of the kernel timings: glibc keeps freed memory, so
 # outputs of every size come from memory already faulted in.
@@ -150,6 +158,121 @@ def _layer_norm_backward(dy, x, mean, rstd, w, b):
 
 def _rms_norm(x, w):
     return F.rms_norm(x, (x.shape[-1],), w)
+
+
+def _group_norm(x, w, b):
+    return F.group_norm(x, 32, w, b)
+
+
+def _group_norm_silu(x, w, b):
+    return F.silu(F.group_norm(x, 32, w, b))
+
+
+def _group_norm_backward(dy, x, mean, rstd, w):
+    n, c = x.shape[:2]
+    return _aten.native_group_norm_backward(dy, x, mean, rstd, w, n, c, x.numel() // (n * c), 32, [True, True, True])
+
+
+def _instance_norm(x, w, b):
+    return F.instance_norm(x, weight=w, bias=b)
+
+
+def _permute_layer_norm(x, w, b):
+    """ConvNeXt's LayerNorm2d as timm and torchvision write it."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), w, b, 1e-6).permute(0, 3, 1, 2)
+
+
+def _autograd_backward(torch_fn, ours_fn, x, params):
+    """Backward of both through autograd (torch has no kernel of its own for
+    the op's backward, or runs it as several)."""
+    x.requires_grad_()
+    for p in params:
+        p.requires_grad_()
+    y_torch, y_ours = torch_fn(), ours_fn()
+    dy = torch.randn_like(y_torch)
+    inputs = (x, *params)
+    return (lambda: torch.autograd.grad(y_torch, inputs, dy, retain_graph=True),
+            lambda: torch.autograd.grad(y_ours, inputs, dy, retain_graph=True))
+
+
+def _group_norm_family_cases(quick) -> list[Case]:
+    cases = []
+    gn_shapes = GROUP_NORM_SHAPES[::3] if quick else GROUP_NORM_SHAPES
+    in_shapes = INSTANCE_NORM_SHAPES[1:2] if quick else INSTANCE_NORM_SHAPES
+    ln_shapes = LAYER_NORM_2D_SHAPES[::2] if quick else LAYER_NORM_2D_SHAPES
+    for dtype in (torch.float32, torch.bfloat16):
+        dname = str(dtype).removeprefix("torch.")
+        for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            def inputs(n, c, s, fmt=fmt, dtype=dtype):
+                torch.manual_seed(0)
+                x = torch.randn(n, c, s, s, dtype=dtype).to(memory_format=fmt)
+                return x, torch.rand(c) + 0.5, torch.randn(c)
+
+            for n, c, s in gn_shapes:
+                tag = f"N{n} C{c} {s}x{s} {fmt_name} {dname}"
+
+                def forward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    compiled = _compiled(_group_norm)
+                    return Calls(lambda: _group_norm(x, w, b), lambda: bn_ext.group_norm(x, 32, w, b),
+                                 2 * _nbytes(x), lambda: compiled(x, w, b))
+
+                def forward_silu(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    compiled = _compiled(_group_norm_silu)
+                    return Calls(lambda: _group_norm_silu(x, w, b),
+                                 lambda: bn_ext.group_norm(x, 32, w, b, activation="silu"), 2 * _nbytes(x),
+                                 lambda: compiled(x, w, b))
+
+                def backward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    dy = torch.randn_like(x)
+                    _, mt, rt = _aten.native_group_norm(x, w, b, shape[0], shape[1], shape[2] ** 2, 32, 1e-5)
+                    _, mo, ro = _ops.group_norm_forward(x, 32, w, b, 1e-5, None)
+                    mask = [True, True, True]
+                    compiled = _compiled(_group_norm_backward)
+                    return Calls(lambda: _group_norm_backward(dy, x, mt, rt, w),
+                                 lambda: _ops.group_norm_backward(dy, x, 32, mo, ro, w, b, 1e-5, None, mask),
+                                 3 * _nbytes(x), lambda: compiled(dy, x, mt, rt, w))
+
+                cases += [Case("GroupNorm forward", tag, forward), Case("GroupNorm backward", tag, backward)]
+                if n == 2:
+                    cases.append(Case("GroupNorm + SiLU forward", tag, forward_silu))
+            for n, c, s in in_shapes:
+                tag = f"N{n} C{c} {s}x{s} {fmt_name} {dname}"
+
+                def in_forward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    compiled = _compiled(_instance_norm)
+                    return Calls(lambda: _instance_norm(x, w, b), lambda: bn_ext.instance_norm(x, weight=w, bias=b),
+                                 2 * _nbytes(x), lambda: compiled(x, w, b))
+
+                def in_backward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    torch_call, ours_call = _autograd_backward(
+                        lambda: _instance_norm(x, w, b), lambda: bn_ext.instance_norm(x, weight=w, bias=b), x, (w, b))
+                    return Calls(torch_call, ours_call, 3 * _nbytes(x))
+
+                cases += [Case("InstanceNorm2d forward", tag, in_forward),
+                          Case("InstanceNorm2d backward", tag, in_backward)]
+            for n, c, s in ln_shapes:
+                tag = f"N{n} C{c} {s}x{s} {fmt_name} {dname}"
+
+                def ln_forward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    compiled = _compiled(_permute_layer_norm)
+                    return Calls(lambda: _permute_layer_norm(x, w, b), lambda: bn_ext.layer_norm_channels(x, w, b),
+                                 2 * _nbytes(x), lambda: compiled(x, w, b))
+
+                def ln_backward(shape=(n, c, s), inputs=inputs):
+                    x, w, b = inputs(*shape)
+                    torch_call, ours_call = _autograd_backward(
+                        lambda: _permute_layer_norm(x, w, b), lambda: bn_ext.layer_norm_channels(x, w, b), x, (w, b))
+                    return Calls(torch_call, ours_call, 3 * _nbytes(x))
+
+                cases += [Case("LayerNorm2d forward", tag, ln_forward),
+                          Case("LayerNorm2d backward", tag, ln_backward)]
+    return cases
 
 
 def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
@@ -395,6 +518,7 @@ def suite(quick: bool) -> list[Case]:
     cases += _bn1d_cases(quick)
     for dtype in (torch.float32, torch.bfloat16):
         cases += _row_cases("LayerNorm", dtype, quick) + _row_cases("RMSNorm", dtype, quick)
+    cases += _group_norm_family_cases(quick)
     cases += _module_cases()
     if not quick:
         cases += _large_cases()

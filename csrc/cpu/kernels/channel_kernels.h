@@ -490,32 +490,24 @@ void block_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<
   }
 }
 
-// The elementwise pass over the whole input. Channels-last rows r take the
-// coefficient set r / rows_per_set (one set for all rows by default).
+// The elementwise pass over channels-last rows [row_begin, row_end) of C
+// values; row r takes the coefficient set r / rows_per_set. Row by row in
+// memory order, the coefficients read from L1.
 template <typename T, typename Form>
-void channel_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
-                       int64_t rows_per_set = 0) {
+void rows_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
+                    int64_t row_end, int64_t rows_per_set) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
-  if (!g.channels_last) {
-    const int64_t total = g.N * g.C * g.S;
-    at::parallel_for(0, total, kElementwiseGrain,
-                     [&](int64_t begin, int64_t end) { form_span<T, Form>(out, dy, x, begin, end, k, g); });
-    return;
-  }
-  // Row by row in memory order, the coefficients read from L1.
-  const int64_t rows = g.reduce_size();
-  if (rows_per_set <= 0) rows_per_set = std::max<int64_t>(rows, 1);
-  at::parallel_for(0, rows, grain_for(g.C), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r / rows_per_set * k.stride;
       auto coefficient = [&](const std::vector<opmath_t<T>>& v, int64_t c) { return Vec::loadu(v.data() + base + c); };
-      T* out_row = out + r * g.C;
-      const T* dy_row = Form::kUsesDy ? dy + r * g.C : nullptr;
-      const T* x_row = Form::kUsesX ? x + r * g.C : nullptr;
+      T* out_row = out + r * C;
+      const T* dy_row = Form::kUsesDy ? dy + r * C : nullptr;
+      const T* x_row = Form::kUsesX ? x + r * C : nullptr;
       int64_t c = 0;
       if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-        for (; c + 2 * W <= g.C; c += 2 * W) {
+        for (; c + 2 * W <= C; c += 2 * W) {
           const Vec a[2] = {coefficient(k.alpha, c), coefficient(k.alpha, c + W)};
           const Vec b[2] = {coefficient(k.beta, c), coefficient(k.beta, c + W)};
           const Vec gm[2] = {coefficient(k.gamma, c), coefficient(k.gamma, c + W)};
@@ -523,12 +515,27 @@ void channel_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficient
           form_half_pair<T, Form>(out_row, dy_row, x_row, c, a, b, gm, ct);
         }
       }
-      for (; c < g.C; c += W) {
+      for (; c < C; c += W) {
         form_vector<T, Form>(out_row, dy_row, x_row, c, coefficient(k.alpha, c), coefficient(k.beta, c),
-                             coefficient(k.gamma, c), coefficient(k.center, c), std::min(W, g.C - c));
+                             coefficient(k.gamma, c), coefficient(k.center, c), std::min(W, C - c));
       }
     }
   });
+}
+
+// The elementwise pass over the whole input. Channels-last rows r take the
+// coefficient set r / rows_per_set (one set for all rows by default).
+template <typename T, typename Form>
+void channel_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
+                       int64_t rows_per_set = 0) {
+  if (!g.channels_last) {
+    const int64_t total = g.N * g.C * g.S;
+    at::parallel_for(0, total, kElementwiseGrain,
+                     [&](int64_t begin, int64_t end) { form_span<T, Form>(out, dy, x, begin, end, k, g); });
+    return;
+  }
+  const int64_t rows = g.reduce_size();
+  rows_form_pass<T, Form>(out, dy, x, k, g.C, 0, rows, rows_per_set > 0 ? rows_per_set : std::max<int64_t>(rows, 1));
 }
 
 // Forward coefficients of channel c: y = (x - center) * beta + gamma, where

@@ -149,8 +149,8 @@ void set_group_forward_coefficients(ChannelCoefficients<T>& k, const GroupNormGe
 // its stripe in chunks of rows; per-channel partials merged in stripe order.
 
 template <typename ChunkFn>
-void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, const ChunkFn& fn) {
-  at::parallel_for(0, g.N * stripes, 1, [&](int64_t begin, int64_t end) {
+void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, int64_t n0, int64_t n1, const ChunkFn& fn) {
+  at::parallel_for(n0 * stripes, n1 * stripes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / stripes, stripe = task % stripes;
       const int64_t lo = part_begin(stripe, stripes, g.S), hi = part_begin(stripe + 1, stripes, g.S);
@@ -159,54 +159,81 @@ void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, const Ch
   });
 }
 
-// Moments of every (n, group) of a channels-last input, merged channel by
-// channel in order.
-template <typename T>
-std::vector<Moments> channels_last_group_moments(const T* x, const GroupNormGeometry& g) {
-  const int64_t stripes = stripe_count(sample_rows(g));
-  std::vector<Moments> partial(g.N * stripes * g.C);
-  for_each_sample_chunk(g, stripes, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
-    add_rows_moments(x + n * g.S * g.C, g.C, g.C, r0, r1,
-                     [&](int64_t c, const Moments& m) { chan_merge(partial[task * g.C + c], m); });
-  });
-  std::vector<Moments> groups(g.N * g.G);
-  const int64_t Cg = g.group_channels();
-  at::parallel_for(0, g.N * g.G, grain_for(8 * stripes * Cg), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.G;
-      for (int64_t c = r % g.G * Cg; c < (r % g.G + 1) * Cg; ++c) {
-        Moments channel;
-        for (int64_t s = 0; s < stripes; ++s) chan_merge(channel, partial[(n * stripes + s) * g.C + c]);
-        chan_merge(groups[r], channel);
-      }
-    }
-  });
-  return groups;
+// The moments of the union of pieces[0, count): the mean weighted by
+// count, M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), the two-pass form of
+// Chan's merge for many pieces at once (one division, however many pieces).
+inline Moments combine_moments(const Moments* pieces, int64_t count) {
+  Moments total;
+  double weighted = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    total.count += pieces[i].count;
+    weighted += static_cast<double>(pieces[i].count) * pieces[i].mean;
+  }
+  if (total.count == 0) return total;
+  total.mean = weighted / static_cast<double>(total.count);
+  for (int64_t i = 0; i < count; ++i) {
+    const double d = pieces[i].mean - total.mean;
+    total.m2 += pieces[i].m2 + static_cast<double>(pieces[i].count) * d * d;
+  }
+  return total;
 }
 
-// Per (n, c) gradient sums of a channels-last input about k's centers.
+// Moments of the groups of samples [n0, n1) of a channels-last input, into
+// groups[n * G + group]: per-channel moments of each (sample, stripe) task,
+// then each group's pieces combined.
 template <typename T>
-std::vector<GradSums> channels_last_sample_grad_sums(const T* dy, const T* x, const ChannelCoefficients<T>& k,
-                                                     const GroupNormGeometry& g) {
+void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t n0, int64_t n1, Moments* groups) {
+  const int64_t stripes = stripe_count(sample_rows(g)), Cg = g.group_channels();
+  // Piece (n, group, stripe, channel in group): a group's pieces lie together.
+  std::vector<Moments> pieces((n1 - n0) * stripes * g.C);
+  auto piece = [&](int64_t n, int64_t stripe, int64_t c) {
+    return (((n - n0) * g.G + c / Cg) * stripes + stripe) * Cg + c % Cg;
+  };
+  for_each_sample_chunk(g, stripes, n0, n1, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
+    const int64_t stripe = task % stripes;
+    add_rows_moments(x + n * g.S * g.C, g.C, g.C, r0, r1,
+                     [&](int64_t c, const Moments& m) { chan_merge(pieces[piece(n, stripe, c)], m); });
+  });
+  for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) {
+    groups[r] = combine_moments(&pieces[(r - n0 * g.G) * stripes * Cg], stripes * Cg);
+  }
+}
+
+// Per (n, c) gradient sums about k's centers of samples [n0, n1) of a
+// channels-last input, into sums[n * C + c].
+template <typename T>
+void channels_last_sample_grad_sums(const T* dy, const T* x, const ChannelCoefficients<T>& k,
+                                    const GroupNormGeometry& g, int64_t n0, int64_t n1, GradSums* sums) {
   const int64_t stripes = stripe_count(sample_rows(g));
-  std::vector<GradSums> partial(g.N * stripes * g.C);
-  for_each_sample_chunk(g, stripes, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
+  std::vector<GradSums> partial((n1 - n0) * stripes * g.C);
+  for_each_sample_chunk(g, stripes, n0, n1, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
     const int64_t offset = n * g.S * g.C;
     add_rows_grad_sums(dy + offset, x + offset, k.center.data() + n * k.stride, sample_rows(g), r0, r1,
                        [&](int64_t c, double sum_dy, double sum_dyx) {
-                         add_grad_sums(partial[task * g.C + c], sum_dy, sum_dyx);
+                         add_grad_sums(partial[(task - n0 * stripes) * g.C + c], sum_dy, sum_dyx);
                        });
   });
-  std::vector<GradSums> total(g.N * g.C);
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t s = 0; s < stripes; ++s) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        const GradSums& p = partial[(n * stripes + s) * g.C + c];
-        add_grad_sums(total[n * g.C + c], p.dy, p.dy_xc);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = 0; c < g.C; ++c) {
+      GradSums total;
+      for (int64_t s = 0; s < stripes; ++s) {
+        const GradSums& p = partial[((n - n0) * stripes + s) * g.C + c];
+        add_grad_sums(total, p.dy, p.dy_xc);
       }
+      sums[n * g.C + c] = total;
     }
   }
-  return total;
+}
+
+// Samples a channels-last pass takes at once: a batch's statistics pass and
+// its elementwise pass run back to back, so the elementwise pass finds the
+// batch's `tensors` inputs still in cache. Batches depend on the shape only.
+constexpr int64_t kSampleBatchBytes = 4 << 20;
+
+template <typename T>
+int64_t samples_per_batch(const GroupNormGeometry& g, int64_t tensors) {
+  const int64_t sample_bytes = std::max<int64_t>(1, g.S * g.C * tensors * static_cast<int64_t>(sizeof(T)));
+  return std::clamp<int64_t>(kSampleBatchBytes / sample_bytes, 1, std::max<int64_t>(g.N, 1));
 }
 
 // ---------------------------------------------------------------------------
@@ -240,7 +267,18 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
     });
     return;
   }
-  const auto moments = g.channels_last ? channels_last_group_moments(x, g) : channel_moments(x, group_rows(g));
+  if (g.channels_last) {
+    std::vector<Moments> groups(g.N * g.G);
+    const int64_t batch = samples_per_batch<T>(g, 1);
+    for (int64_t n0 = 0; n0 < g.N; n0 += batch) {
+      const int64_t n1 = std::min(g.N, n0 + batch);
+      channels_last_group_moments(x, g, n0, n1, groups.data());
+      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group(r, groups[r]);
+      rows_form_pass<T, Form>(y, nullptr, x, k, g.C, n0 * g.S, n1 * g.S, g.S);
+    }
+    return;
+  }
+  const auto moments = channel_moments(x, group_rows(g));
   for (int64_t r = 0; r < g.N * g.G; ++r) set_group(r, moments[r]);
   sample_form_pass<T, Form>(y, nullptr, x, k, g);
 }
@@ -298,9 +336,20 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
       for (int64_t r = r0; r < r1; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
       block_form_pass<T, Affine<true, true>>(dx, dy, x, k, planes, r0 * Cg, r1 * Cg);
     });
+  } else if (g.channels_last) {
+    // Batches of samples: their sums, then their dx, dy and x still in cache.
+    std::vector<GradSums> raw(g.N * g.C);
+    const int64_t batch = samples_per_batch<T>(g, 2);
+    for (int64_t n0 = 0; n0 < g.N; n0 += batch) {
+      const int64_t n1 = std::min(g.N, n0 + batch);
+      channels_last_sample_grad_sums(dy, x, k, g, n0, n1, raw.data());
+      for (int64_t i = n0 * g.C; i < n1 * g.C; ++i) set_sums(i / g.C, i % g.C, raw[i]);
+      if (dx == nullptr) continue;
+      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      rows_form_pass<T, Affine<true, true>>(dx, dy, x, k, g.C, n0 * g.S, n1 * g.S, g.S);
+    }
   } else {
-    const auto raw = g.channels_last ? channels_last_sample_grad_sums(dy, x, k, g)
-                                     : channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
+    const auto raw = channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
     for (int64_t i = 0; i < g.N * g.C; ++i) set_sums(i / g.C, i % g.C, raw[i]);
     if (dx != nullptr) {
       for (int64_t r = 0; r < g.N * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
