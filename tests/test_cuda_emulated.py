@@ -307,3 +307,112 @@ def test_results_are_bitwise_repeatable_across_thread_orders(emu):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+# --- GroupNorm, InstanceNorm and LayerNorm over channels -----------------------
+
+# (shape, groups, channels_last, why)
+GN_CASES = [
+    ((4, 6, 5, 7), 3, False, "S = 35: scalar channels-first path, two channels a group"),
+    ((2, 8, 4, 8), 4, False, "S = 32: vectorised channels-first path"),
+    ((3, 12, 3, 5), 4, True, "channels-last, C = 12: vectorised for float32, scalar for half types"),
+    ((2, 32, 3, 3), 8, True, "channels-last, C = 32, four channels a group"),
+    ((2, 6, 7), 6, False, "InstanceNorm of a 1-D input: one channel a group"),
+    ((3, 4), 2, False, "(N, C): one value a channel"),
+    ((2, 72, 2, 3), 1, True, "one group of 72 channels: more than one column block, a long group merge"),
+]
+ACTIVATIONS = [None, "relu", "silu"]
+
+
+def gn_params(C, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pdt = param_dtype(dtype)
+    return torch.rand(C, generator=g).to(pdt) + 0.5, torch.randn(C, generator=g).to(pdt)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,groups,channels_last,why", GN_CASES)
+def test_group_norm_forward(emu, order, shape, groups, channels_last, why, dtype, activation):
+    torch.manual_seed(20)
+    x = bn_input(shape, channels_last, dtype)
+    w, b = gn_params(shape[1], dtype)
+    out = compare(emu, "group_norm_forward", x, groups, w, b, 1e-5, activation, what=why)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,groups,channels_last,why", GN_CASES)
+def test_group_norm_backward(emu, order, shape, groups, channels_last, why, dtype, activation):
+    torch.manual_seed(21)
+    x = bn_input(shape, channels_last, dtype)
+    dy = bn_input(shape, channels_last, dtype) - 3
+    w, b = gn_params(shape[1], dtype)
+    _, mean, rstd = cpu_ops.group_norm_forward(x, groups, w, b, 1e-5, activation)
+    # The parameter gradients sum dy * x_hat over N * S terms that cancel.
+    magnitudes = {1: 4 * (dy.double().abs().max() * 3).item(), 2: dy.double().abs().max().item()}
+    compare(emu, "group_norm_backward", dy, x, groups, mean, rstd, w, b, 1e-5, activation, [True, True, True],
+            what=why, magnitudes=magnitudes)
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("shape,groups,channels_last,why", [GN_CASES[0], GN_CASES[3]])
+def test_group_norm_backward_masks_without_params(emu, order, shape, groups, channels_last, why, mask):
+    torch.manual_seed(22)
+    x = bn_input(shape, channels_last, torch.float32)
+    dy = torch.randn(shape).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _, mean, rstd = cpu_ops.group_norm_forward(x, groups, None, None, 1e-5, None)
+    compare(emu, "group_norm_backward", dy, x, groups, mean, rstd, None, None, 1e-5, None, mask, what=why)
+
+
+def test_group_norm_large_mean_and_misaligned(emu, order):
+    torch.manual_seed(23)
+    for channels_last in (False, True):
+        x = bn_input((2, 8, 4, 4), channels_last, torch.float32) * 1e-2 + 1e4
+        compare(emu, "group_norm_forward", x, 2, None, None, 1e-5, None, what=f"mean 1e4 cl={channels_last}")
+    x = misaligned(bn_input((2, 8, 4, 8), False, torch.float32))
+    dy = misaligned(torch.randn(2, 8, 4, 8))
+    want = compare(emu, "group_norm_forward", x, 4, None, None, 1e-5, "silu", what="misaligned forward")
+    compare(emu, "group_norm_backward", dy, x, 4, want[1], want[2], None, None, 1e-5, "silu", [True, True, True],
+            what="misaligned backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,channels_last", [((2, 6, 3, 5), False), ((2, 8, 3, 3), True), ((3, 5, 7), False)])
+def test_layer_norm_channels(emu, order, shape, channels_last, dtype):
+    torch.manual_seed(24)
+    x = bn_input(shape, channels_last, dtype)
+    dy = bn_input(shape, channels_last, dtype) - 3
+    w, b = gn_params(shape[1], dtype)
+    out, mean, rstd = compare(emu, "layer_norm_channels_forward", x, w, b, 1e-6, what=f"{shape}")
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    compare(emu, "layer_norm_channels_backward", dy, x, mean, rstd, w, b, 1e-6, [True, True, True], what=f"{shape}",
+            magnitudes={1: 4 * (dy.double().abs().max() * 3).item(), 2: dy.double().abs().max().item()})
+
+
+def test_group_norm_errors_match_the_cpu_ops(emu):
+    x = torch.randn(2, 6, 3)
+    with pytest.raises(RuntimeError, match="divisible by num_groups"):
+        emu.group_norm_forward(x, 4, None, None, 1e-5, None)
+    with pytest.raises(ValueError, match="activation must be"):
+        emu.group_norm_forward(x, 2, None, None, 1e-5, "gelu")
+
+
+def test_group_norm_bitwise_repeatable_across_thread_orders(emu):
+    torch.manual_seed(25)
+    inputs = [(bn_input((2, 32, 3, 3), cl, torch.float32), bn_input((2, 32, 3, 3), cl, torch.float32) - 3)
+              for cl in (False, True)]
+    results = []
+    for order in ORDERS:
+        emu.set_order(order, seed=3)
+        row = []
+        for x, dy in inputs:
+            out, mean, rstd = emu.group_norm_forward(x, 8, None, None, 1e-5, "silu")
+            row += [out, mean, rstd, *emu.group_norm_backward(dy, x, 8, mean, rstd, None, None, 1e-5, "silu",
+                                                               [True, True, True])]
+        results.append(row)
+    emu.set_order("forward")
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -3,8 +3,7 @@
 // (batch_norm_common.h): statistics in the op-math dtype, outputs in the
 // input's memory format, gradients not asked for as empty tensors.
 #include "batch_norm_common.h"
-#include "cuda/kernels/batch_norm.cuh"
-#include "cuda/launch_utils.h"
+#include "cuda/channel_launch.h"
 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -17,123 +16,6 @@ namespace bn_ext::cuda {
 using at::Tensor;
 
 namespace {
-
-// A vector width every access of the layout allows: channels-first packs stay
-// inside a plane (S % V == 0), channels-last packs inside a row (C % V == 0).
-template <typename T>
-bool can_vectorize(const BatchNormGeometry& g, std::initializer_list<const void*> pointers) {
-  constexpr int V = kPackSize<T>;
-  if ((g.channels_last ? g.C : g.S) % V != 0) return false;
-  return std::all_of(pointers.begin(), pointers.end(), [](const void* p) { return p == nullptr || aligned16(p); });
-}
-
-int next_power_of_two(int64_t v) {
-  int p = 1;
-  while (p < v) p *= 2;
-  return p;
-}
-
-// Per-channel reduction of `r` in two stages, then finish(c, total).
-template <typename T, typename R, typename Finish>
-void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finish,
-                     const at::TensorOptions& acc_options) {
-  using State = typename R::State;
-  using A = typename R::A;
-  constexpr int kFields = sizeof(State) / sizeof(A);
-  const cudaStream_t stream = current_stream();
-  const int target_blocks = kBlocksPerSm * sm_count();
-  const bool vectorize = can_vectorize<T>(g, {r.x, r.dy});
-  int count = 1;
-  Tensor partials;
-  auto launch = [&](auto v_tag) {
-    constexpr int V = decltype(v_tag)::value;
-    dispatch_index_type(g.N * g.C * g.S, [&](auto index_tag) {
-      using index_t = decltype(index_tag);
-      if (g.channels_last) {
-        const int64_t column_blocks = ceil_div(g.C, int64_t(kWarp) * V);
-        const int64_t max_count = std::min<int64_t>(1024, ceil_div(g.reduce_size(), 4 * kChannelsLastRows));
-        count = static_cast<int>(std::clamp<int64_t>(ceil_div(target_blocks, column_blocks), 1, max_count));
-        partials = at::empty({g.C * count * kFields}, acc_options);
-        const dim3 grid(static_cast<unsigned>(column_blocks), static_cast<unsigned>(count));
-        const dim3 block(kWarp, kChannelsLastRows);
-        const auto kernel = channels_last_partials<R, index_t, V>;
-        BN_EXT_LAUNCH(kernel, grid, block, 0, stream, r, index_t(g.reduce_size()),
-                      index_t(g.C), device_data_mut<State>(partials));
-      } else {
-        const int bx = std::clamp(next_power_of_two(ceil_div(g.S, V)), kWarp, kBatchNormThreads);
-        const int by = kBatchNormThreads / bx;
-        const int64_t chunks_per_plane = ceil_div(g.S, int64_t(bx) * V);
-        const int64_t items = g.N * chunks_per_plane;
-        const int64_t max_count = std::min<int64_t>(1024, ceil_div(items, by));
-        count = static_cast<int>(std::clamp<int64_t>(ceil_div(target_blocks, g.C), 1, max_count));
-        partials = at::empty({g.C * count * kFields}, acc_options);
-        const dim3 grid(static_cast<unsigned>(g.C), static_cast<unsigned>(count));
-        const dim3 block(bx, by);
-        const auto kernel = channels_first_partials<R, index_t, V>;
-        BN_EXT_LAUNCH(kernel, grid, block, 0, stream, r, index_t(g.C),
-                      index_t(g.S), index_t(chunks_per_plane), index_t(items), device_data_mut<State>(partials));
-      }
-      BN_EXT_LAUNCH_CHECK();
-    });
-  };
-  if (vectorize) {
-    launch(Width<kPackSize<T>>{});
-  } else {
-    launch(Width<1>{});
-  }
-  const auto finalize = channel_finalize<State, Finish>;
-  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(g.C, 8))), dim3(kWarp, 8), 0, stream,
-                device_data<State>(partials), g.C, count, finish);
-  BN_EXT_LAUNCH_CHECK();
-}
-
-template <typename T>
-ChannelShift<T> channel_shift(const Tensor& x, const BatchNormGeometry& g) {
-  return {device_data<T>(x), g.channels_last ? 1 : g.S};
-}
-
-// finish(c, identity) for every channel: coefficients that need no reduction.
-template <typename State, typename Finish>
-void finish_without_reduction(int64_t C, const Finish& finish) {
-  const auto finalize = channel_finalize<State, Finish>;
-  BN_EXT_LAUNCH(finalize, dim3(static_cast<unsigned>(ceil_div(C, 8))), dim3(kWarp, 8), 0, current_stream(),
-                static_cast<const State*>(nullptr), C, 0, finish);
-  BN_EXT_LAUNCH_CHECK();
-}
-
-template <typename F>
-void map_channels(int64_t C, const F& f) {
-  if (C == 0) return;  // an empty grid is a launch error
-  const auto kernel = channel_map<F>;
-  BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(ceil_div(C, 128))), dim3(128), 0, current_stream(), C, f);
-  BN_EXT_LAUNCH_CHECK();
-}
-
-// out = dy * alpha + (x - center) * beta + gamma over the whole tensor.
-template <typename T, bool kReadsDy, bool kReadsX>
-void affine_pass(const BatchNormGeometry& g, const T* dy, const T* x, T* out, const acc_t<T>* coefficients) {
-  const int64_t numel = g.N * g.C * g.S;
-  if (numel == 0) return;
-  const bool vectorize = can_vectorize<T>(g, {dy, x, out});
-  auto launch = [&](auto v_tag) {
-    constexpr int V = decltype(v_tag)::value;
-    dispatch_index_type(numel, [&](auto index_tag) {
-      using index_t = decltype(index_tag);
-      const int64_t blocks =
-          std::min<int64_t>(ceil_div(numel / V, kBatchNormThreads), int64_t(sm_count()) * kBlocksPerSm * 8);
-      const auto kernel = channel_affine<T, index_t, V, kReadsDy, kReadsX>;
-      BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)),
-                    dim3(kBatchNormThreads), 0, current_stream(), dy, x, out, coefficients, index_t(numel),
-                    index_t(g.C), index_t(g.channels_last ? 1 : g.S));
-      BN_EXT_LAUNCH_CHECK();
-    });
-  };
-  if (vectorize) {
-    launch(Width<kPackSize<T>>{});
-  } else {
-    launch(Width<1>{});
-  }
-}
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                                                            const std::optional<Tensor>& bias,
@@ -173,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, 
                                                    device_data_mut<A>(save_mean), device_data_mut<A>(save_invstd),
                                                    device_data_mut<A>(coefficients), g.C});
     }
-    affine_pass<T, false, true>(g, nullptr, device_data<T>(x), device_data_mut<T>(out), device_data<A>(coefficients));
+    affine_pass<T, Affine<false, true>>(g, nullptr, device_data<T>(x), device_data_mut<T>(out), device_data<A>(coefficients));
   });
   return {out, save_mean, save_invstd};
 }
@@ -220,10 +102,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
     }
     if (output_mask[0]) {
       if (training) {
-        affine_pass<T, true, true>(g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(grad_input),
+        affine_pass<T, Affine<true, true>>(g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(grad_input),
                                    device_data<A>(coefficients));
       } else {
-        affine_pass<T, true, false>(g, device_data<T>(dy), nullptr, device_data_mut<T>(grad_input),
+        affine_pass<T, Affine<true, false>>(g, device_data<T>(dy), nullptr, device_data_mut<T>(grad_input),
                                     device_data<A>(coefficients));
       }
     }

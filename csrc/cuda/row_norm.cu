@@ -3,6 +3,7 @@
 // same checks and output conventions as the CPU ops (row_norm_common.h).
 #include "cuda/kernels/row_norm.cuh"
 #include "cuda/launch_utils.h"
+#include "cuda/row_norm.h"
 #include "row_norm_common.h"
 
 #include <ATen/ops/empty_like.h>
@@ -127,6 +128,8 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward_cuda(const Tensor& grad_out
   return {dx, param_grad(output_mask[1], dweight, weight), param_grad(output_mask[2], dbias, bias)};
 }
 
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_cuda(const Tensor& input, at::IntArrayRef normalized_shape,
                                                            const std::optional<Tensor>& weight,
                                                            const std::optional<Tensor>& bias, double eps) {
@@ -158,8 +161,6 @@ std::tuple<Tensor, Tensor> rms_norm_backward_cuda(const Tensor& grad_out, const 
                                                             std::nullopt, {output_mask[0], output_mask[1], false});
   return {dx, dweight};
 }
-
-}  // namespace
 
 #ifndef BN_EXT_CUDA_EMULATOR
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {

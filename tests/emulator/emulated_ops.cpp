@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include "cuda/batch_norm.cu"
+#include "cuda/group_norm.cu"
 #include "cuda/row_norm.cu"
 
 #include <string>
@@ -37,6 +38,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("batch_norm_backward", &bn_ext::cuda::batch_norm_backward_cuda);
   m.def("batch_norm_update_stats", &bn_ext::cuda::batch_norm_update_stats_cuda);
   m.def("batch_norm_stats", &bn_ext::cuda::batch_norm_stats_cuda);
+  m.def("group_norm_forward", &bn_ext::cuda::group_norm_forward_cuda);
+  m.def("group_norm_backward", &bn_ext::cuda::group_norm_backward_cuda);
+  m.def("layer_norm_channels_forward", &bn_ext::cuda::layer_norm_channels_forward_cuda);
+  m.def("layer_norm_channels_backward", &bn_ext::cuda::layer_norm_channels_backward_cuda);
   m.def("layer_norm_forward", &bn_ext::cuda::layer_norm_forward_cuda);
   m.def("layer_norm_backward", &bn_ext::cuda::layer_norm_backward_cuda);
   m.def("rms_norm_forward", &bn_ext::cuda::rms_norm_forward_cuda);

@@ -30,28 +30,44 @@ struct ChannelShift {
 };
 
 // What a reduction folds in per element: Welford moments of x - shift ...
-template <typename T>
+// (Shift: the value of reduction domain c, as ChannelShift.)
+template <typename T, typename Shift = ChannelShift<T>>
 struct MomentsReduction {
   using A = acc_t<T>;
   using State = Moments<A>;
   static constexpr bool kReadsDy = false;
   const T* x;
   const T* dy;  // unused
-  ChannelShift<T> shift;
+  Shift shift;
   __device__ __forceinline__ A center(int64_t c) const { return shift(c); }
   __device__ __forceinline__ static void add(State& s, A x, A, A center) { s.add(x - center); }
 };
 
+// The mean of reduction domain c: one value per domain ...
+template <typename A>
+struct PerChannel {
+  const A* mean;
+  __device__ __forceinline__ A operator()(int64_t c) const { return mean[c]; }
+};
+
+// ... or one per `channels` adjacent domains (GroupNorm's groups).
+template <typename A>
+struct PerGroup {
+  const A* mean;
+  int64_t channels;
+  __device__ __forceinline__ A operator()(int64_t c) const { return mean[c / channels]; }
+};
+
 // ... or sum(dy) and sum(dy * (x - mean)) for the backward.
-template <typename T>
+template <typename T, typename Mean = PerChannel<acc_t<T>>>
 struct GradSumsReduction {
   using A = acc_t<T>;
   using State = Sums<A>;
   static constexpr bool kReadsDy = true;
   const T* x;
   const T* dy;
-  const A* mean;
-  __device__ __forceinline__ A center(int64_t c) const { return mean[c]; }
+  Mean mean;
+  __device__ __forceinline__ A center(int64_t c) const { return mean(c); }
   __device__ __forceinline__ static void add(State& s, A x, A dy, A center) {
     s.first += dy;
     s.second += dy * (x - center);
@@ -86,14 +102,17 @@ __global__ void channels_first_partials(R r, index_t C, index_t S, index_t chunk
   if (threadIdx.x == 0 && threadIdx.y == 0) partials[int64_t(c) * count + p] = s;
 }
 
-// Channels-last partials. Block (b, p) of (32, kChannelsLastRows) threads:
-// thread x owns channels [c0, c0 + V), thread row y walks rows p * rows + y,
-// then every partials * rows-th; the rows' states are merged in order.
+// Channels-last partials. Block (b, p, n) of (32, kChannelsLastRows)
+// threads: thread x owns channels [c0, c0 + V) of sample n's M rows (one
+// sample, n = 0, for BatchNorm), thread row y walks rows p * rows + y, then
+// every partials * rows-th; the rows' states are merged in order. Reduction
+// domain n * C + c, partials in its order.
 template <typename R, typename index_t, int V>
 __global__ void channels_last_partials(R r, index_t M, index_t C, typename R::State* partials) {
   using State = typename R::State;
   using A = typename R::A;
   const index_t c0 = (index_t(blockIdx.x) * kWarp + threadIdx.x) * V;
+  const index_t n = blockIdx.z;
   const int p = blockIdx.y, count = gridDim.y;
   const bool active = c0 < C;
   State s[V];
@@ -101,11 +120,11 @@ __global__ void channels_last_partials(R r, index_t M, index_t C, typename R::St
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     s[v] = State::identity();
-    center[v] = active ? r.center(c0 + v) : A(0);
+    center[v] = active ? r.center(int64_t(n) * C + c0 + v) : A(0);
   }
   if (active) {
     for (index_t m = index_t(p) * kChannelsLastRows + threadIdx.y; m < M; m += index_t(count) * kChannelsLastRows) {
-      const index_t offset = m * C + c0;
+      const index_t offset = (n * M + m) * C + c0;
       A x[V], dy[V];
       load_acc<V>(r.x + offset, x);
       if constexpr (R::kReadsDy) load_acc<V>(r.dy + offset, dy);
@@ -122,7 +141,7 @@ __global__ void channels_last_partials(R r, index_t M, index_t C, typename R::St
     for (int v = 0; v < V; ++v) {
       State total = scratch[0][threadIdx.x][v];
       for (int y = 1; y < kChannelsLastRows; ++y) total = State::merge(total, scratch[y][threadIdx.x][v]);
-      partials[int64_t(c0 + v) * count + p] = total;
+      partials[(int64_t(n) * C + c0 + v) * count + p] = total;
     }
   }
 }
@@ -259,26 +278,45 @@ struct RunningStatsUpdate {
   }
 };
 
+// Elementwise forms: what the pass computes from dy, x and a channel's
+// coefficients (center, alpha, beta, gamma).
+//   Affine<kReadsDy, kReadsX>: [dy * alpha] + [(x - center) * beta] + gamma
+// kernels/group_norm.cuh adds activations of the affine value and their gradients.
+template <bool kDy, bool kX>
+struct Affine {
+  static constexpr bool kReadsDy = kDy, kReadsX = kX;
+  template <typename A>
+  __device__ __forceinline__ static A apply(A dy, A x, A center, A alpha, A beta, A gamma) {
+    A o = gamma;
+    if constexpr (kDy) o += dy * alpha;
+    if constexpr (kX) o += (x - center) * beta;
+    return o;
+  }
+};
+
 // The elementwise pass over `numel` elements, V at a time (grid-stride).
-// Element i belongs to channel (i / inner) % C: inner = S channels-first, 1
-// channels-last (then a pack holds V consecutive channels, C % V == 0).
-template <typename T, typename index_t, int V, bool kReadsDy, bool kReadsX>
+// Channels-first (inner = S): element i takes coefficient entry (i / S) % C.
+// Channels-last (inner = 1): rows of C channels, `sample` elements a sample
+// (numel for one set), entry (i / sample) * C + i % C; a pack holds V
+// consecutive channels (C % V == 0). `entries` coefficients of each kind.
+template <typename T, typename index_t, int V, typename Form>
 __global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
-                               const acc_t<T>* __restrict__ coefficients, index_t numel, index_t C, index_t inner) {
+                               const acc_t<T>* __restrict__ coefficients, index_t numel, index_t C, index_t inner,
+                               index_t sample, index_t entries) {
   using A = acc_t<T>;
   const index_t channel_step = inner == 1 ? 1 : 0;
   const index_t stride = index_t(gridDim.x) * blockDim.x * V;
   for (index_t i = (index_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
-    const index_t c = (i / inner) % C;
+    const index_t c = inner == 1 ? i / sample * C + i % C : (i / inner) % C;
     A xv[V], gv[V], o[V];
-    if constexpr (kReadsX) load_acc<V>(x + i, xv);
-    if constexpr (kReadsDy) load_acc<V>(dy + i, gv);
+    if constexpr (Form::kReadsX) load_acc<V>(x + i, xv);
+    if constexpr (Form::kReadsDy) load_acc<V>(dy + i, gv);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const index_t cv = c + v * channel_step;
-      o[v] = coefficients[kGamma * C + cv];
-      if constexpr (kReadsDy) o[v] += gv[v] * coefficients[kAlpha * C + cv];
-      if constexpr (kReadsX) o[v] += (xv[v] - coefficients[kCenter * C + cv]) * coefficients[kBeta * C + cv];
+      o[v] = Form::apply(Form::kReadsDy ? gv[v] : A(0), Form::kReadsX ? xv[v] : A(0),
+                         coefficients[kCenter * entries + cv], coefficients[kAlpha * entries + cv],
+                         coefficients[kBeta * entries + cv], coefficients[kGamma * entries + cv]);
     }
     store_acc<V>(out + i, o);
   }
