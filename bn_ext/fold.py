@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils import _pytree
 
 import bn_ext.functional  # noqa: F401  (registers the operators)
@@ -41,6 +42,11 @@ _ops = torch.ops.bn_ext
 _aten = torch.ops.aten
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Norm modules whose eval output with tracked running statistics is a
+# per-channel affine map, y = (x - running_mean) / sqrt(running_var + eps) * w + b:
+# BatchNorm, and InstanceNorm with track_running_stats (eval uses the running
+# statistics, as BatchNorm's).
+_FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -201,6 +207,14 @@ _BN_FUNCTION_ARGS = {
     _aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
                                "eps"),
 }
+# instance_norm calls are BatchNorm-like too; their use_input_stats argument
+# (instance statistics) stands where batch_norm's `training` does.
+_INSTANCE_NORM_FUNCTION_ARGS = {
+    F.instance_norm: _BN_FUNCTION_ARGS[F.batch_norm],
+    torch.instance_norm: _BN_FUNCTION_ARGS[torch.batch_norm],
+    _aten.instance_norm.default: _BN_FUNCTION_ARGS[_aten.batch_norm.default],
+}
+_BN_FUNCTION_ARGS.update(_INSTANCE_NORM_FUNCTION_ARGS)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _LAYER_FUNCTION_ARGS = {
@@ -325,7 +339,8 @@ def _overrides_forward(bn: nn.Module) -> bool:
     from bn_ext import nn as bn_nn
     from bn_ext.distributed import SyncBatchNorm
 
-    known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward}
+    known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward,
+             _InstanceNorm.forward}
     return type(bn).forward not in known
 
 
@@ -342,7 +357,7 @@ def _node_label(node: torch.fx.Node) -> str:
 def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
     if node.op == "call_module":
         m = root.get_submodule(node.target)
-        if isinstance(m, _BatchNorm):
+        if isinstance(m, _FOLDABLE_NORMS):
             return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training)
         return None
     if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS:
@@ -511,13 +526,13 @@ class _FoldTracer(torch.fx.Tracer):
 def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
     """The batch_norm calls of a graph in training mode (batch statistics)."""
     return [_node_label(n) for n in graph.nodes if n.op == "call_function" and n.target in _BN_FUNCTION_ARGS
-            and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
+            and n.target not in _INSTANCE_NORM_FUNCTION_ARGS and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
 
 
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
     """BatchNorm modules, plus functional batch_norm calls that are not a
     traced BatchNorm module's own (a subclass's forward traced through)."""
-    modules = {n for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    modules = {n for n, m in model.named_modules() if isinstance(m, _FOLDABLE_NORMS)}
     functional = 0
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS:
@@ -977,7 +992,7 @@ class _RuntimeFolder:
 
     def record(self) -> tuple[list, list[int], dict[int, Tensor]]:
         names = {m: n for n, m in self.root.named_modules()}
-        watched = {m for m in names if isinstance(m, _BatchNorm | nn.Linear) or isinstance(m, _CONVS + _CONV_TRANSPOSES)}
+        watched = {m for m in names if isinstance(m, _FOLDABLE_NORMS + (nn.Linear,) + _CONVS + _CONV_TRANSPOSES)}
         events: list[tuple[str, list[int], list[int]]] = []  # (who, input ids, output ids)
         keep: dict[int, Tensor] = {}  # the recorded tensors by id, alive so ids stay unique
         depth = [0]
@@ -1028,7 +1043,7 @@ class _RuntimeFolder:
         modules = dict(self.root.named_modules())
         absorbed: set[tuple[str, str]] = set()
         for name, bn in list(modules.items()):
-            if not isinstance(bn, _BatchNorm):
+            if not isinstance(bn, _FOLDABLE_NORMS):
                 continue
             norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False)
             calls = [(inputs, outputs) for who, inputs, outputs in events if who == name]

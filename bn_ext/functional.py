@@ -520,30 +520,6 @@ def _params_double_backward(reference, grad_out, input, weight, bias, grads_of_g
     return tuple(g.to(p.dtype) if p is not None else None for g, p in zip(grads, primals))
 
 
-def _group_norm_forward_setup(ctx, inputs, output):
-    input, num_groups, weight, bias, eps, activation = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.eps, ctx.activation = num_groups, eps, activation
-
-
-def _asked_grads(ctx, weight, bias) -> list[bool]:
-    return [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
-            bias is not None and ctx.needs_input_grad[3]]
-
-
-def _group_norm_forward_backward(ctx, grad_out, grad_mean, grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = _asked_grads(ctx, weight, bias)
-    if grad_out is None or not any(mask):
-        return None, None, None, None, None, None
-    gi, gw, gb = _group_norm_backward(
-        grad_out, input, ctx.num_groups, mean, rstd, weight, bias, ctx.eps, ctx.activation, mask
-    )
-    return gi if mask[0] else None, None, gw if mask[1] else None, gb if mask[2] else None, None, None
-
-
 def _group_norm_backward_setup(ctx, inputs, output):
     grad_out, input, num_groups, mean, rstd, weight, bias, eps, activation, output_mask = inputs
     ctx.save_for_backward(grad_out, input, weight, bias)
@@ -557,24 +533,6 @@ def _group_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
         grad_out, input, weight, bias, (gg_input, gg_weight, gg_bias), ctx.output_mask,
     )
     return d_grad_out, d_input, None, None, None, d_weight, d_bias, None, None, None
-
-
-def _layer_norm_channels_forward_setup(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-    ctx.eps = eps
-
-
-def _layer_norm_channels_forward_backward(ctx, grad_out, grad_mean, grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-            bias is not None and ctx.needs_input_grad[2]]
-    if grad_out is None or not any(mask):
-        return None, None, None, None
-    gi, gw, gb = _layer_norm_channels_backward(grad_out, input, mean, rstd, weight, bias, ctx.eps, mask)
-    return gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None
 
 
 def _layer_norm_channels_backward_setup(ctx, inputs, output):
@@ -592,10 +550,10 @@ def _layer_norm_channels_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     return d_grad_out, d_input, None, None, d_weight, None, None, None
 
 
+# As for the other families, the forward operators' autograd is in C++
+# (csrc/autograd.cpp); these are the backward operators' own formulas.
 for _name, _backward, _setup in [
-    ("group_norm_forward", _group_norm_forward_backward, _group_norm_forward_setup),
     ("group_norm_backward", _group_norm_backward_backward, _group_norm_backward_setup),
-    ("layer_norm_channels_forward", _layer_norm_channels_forward_backward, _layer_norm_channels_forward_setup),
     ("layer_norm_channels_backward", _layer_norm_channels_backward_backward, _layer_norm_channels_backward_setup),
 ]:
     torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)

@@ -4,6 +4,8 @@
 #include "cpu/dispatch.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/mean.h>
+#include <ATen/ops/pow.h>
 #include <c10/core/GradMode.h>
 
 namespace bn_ext {
@@ -36,7 +38,9 @@ std::vector<const char*> operator_names() {
   return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",
           "bn_ext::batch_norm_stats",
           "bn_ext::layer_norm_forward", "bn_ext::layer_norm_backward",     "bn_ext::rms_norm_forward",
-          "bn_ext::rms_norm_backward",  "bn_ext::fuse_conv_bn_weights",    "bn_ext::fuse_bn_conv_weights"};
+          "bn_ext::rms_norm_backward",  "bn_ext::group_norm_forward",      "bn_ext::group_norm_backward",
+          "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
+          "bn_ext::fuse_conv_bn_weights", "bn_ext::fuse_bn_conv_weights"};
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, Optional weight, Optional bias,
@@ -90,6 +94,88 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::I
       op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, Optional, double)>(
           "bn_ext::layer_norm_forward");
   return handle.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& input, int64_t num_groups, Optional weight,
+                                                      Optional bias, double eps,
+                                                      const std::optional<std::string>& activation) {
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, Optional, Optional, double,
+                                                                   std::optional<c10::string_view>)>(
+      "bn_ext::group_norm_forward");
+  return handle.call(input, num_groups, weight, bias, eps,
+                     activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt);
+}
+
+Tensor group_norm(const Tensor& input, int64_t num_groups, Optional weight, Optional bias, double eps,
+                  const std::optional<std::string>& activation) {
+  if (input.dim() >= 2 && num_groups > 0) {
+    // torch.nn.functional.group_norm's own check.
+    int64_t values = input.size(0) * input.size(1) / num_groups;
+    for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
+    TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
+                      input.sizes());
+  }
+  return std::get<0>(group_norm_forward(input, num_groups, weight, bias, eps, activation));
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out, const Tensor& input, int64_t num_groups,
+                                                       const Tensor& mean, const Tensor& rstd, Optional weight,
+                                                       Optional bias, double eps,
+                                                       const std::optional<std::string>& activation,
+                                                       std::array<bool, 3> output_mask) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
+                                            Optional, Optional, double, std::optional<c10::string_view>,
+                                            std::array<bool, 3>)>("bn_ext::group_norm_backward");
+  return handle.call(grad_out, input, num_groups, mean, rstd, weight, bias, eps,
+                     activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt,
+                     output_mask);
+}
+
+Tensor instance_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
+                     bool use_input_stats, double momentum, double eps) {
+  if (!use_input_stats) return batch_norm(input, running_mean, running_var, weight, bias, false, momentum, eps);
+  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ", input.dim());
+  const int64_t spatial = input.size(1) > 0 && input.size(0) > 0 ? input.numel() / (input.size(0) * input.size(1)) : 0;
+  TORCH_CHECK_VALUE(spatial != 1, "Expected more than 1 spatial element when training, got input size ",
+                    input.sizes());
+  auto [out, mean, rstd] = group_norm_forward(input, input.size(1), weight, bias, eps, std::nullopt);
+  if (input.numel() > 0) {
+    // torch's update: each sample's statistics move its own copy of the
+    // running statistics by momentum; the copies are averaged over the batch.
+    const c10::NoGradGuard no_grad;
+    if (running_mean.has_value() && running_mean->defined()) {
+      running_mean->copy_(running_mean->to(at::kDouble).mul(1 - momentum).add(mean.to(at::kDouble).mean(0).mul(momentum)));
+    }
+    if (running_var.has_value() && running_var->defined()) {
+      const double unbias = spatial > 1 ? static_cast<double>(spatial) / static_cast<double>(spatial - 1) : 1.0;
+      const Tensor var = rstd.to(at::kDouble).pow(-2).sub(eps).mul(unbias);
+      running_var->copy_(running_var->to(at::kDouble).mul(1 - momentum).add(var.mean(0).mul(momentum)));
+    }
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward(const Tensor& input, Optional weight, Optional bias,
+                                                               double eps) {
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, Optional, Optional, double)>(
+      "bn_ext::layer_norm_channels_forward");
+  return handle.call(input, weight, bias, eps);
+}
+
+Tensor layer_norm_channels(const Tensor& input, Optional weight, Optional bias, double eps) {
+  return std::get<0>(layer_norm_channels_forward(input, weight, bias, eps));
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward(const Tensor& grad_out, const Tensor& input,
+                                                                const Tensor& mean, const Tensor& rstd,
+                                                                Optional weight, Optional bias, double eps,
+                                                                std::array<bool, 3> output_mask) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Optional,
+                                            Optional, double, std::array<bool, 3>)>(
+          "bn_ext::layer_norm_channels_backward");
+  return handle.call(grad_out, input, mean, rstd, weight, bias, eps, output_mask);
 }
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight, Optional bias,

@@ -142,6 +142,80 @@ class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
   }
 };
 
+class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, int64_t num_groups,
+                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                               std::optional<c10::string_view> activation) {
+    static const auto forward_op =
+        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, const std::optional<Tensor>&,
+                                              const std::optional<Tensor>&, double, std::optional<c10::string_view>)>(
+            "bn_ext::group_norm_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = forward_op.call(input, num_groups, weight, bias, eps, activation);
+    ctx->save_for_backward({input, defined_or_empty(weight), defined_or_empty(bias), mean, rstd});
+    InputSlots slots;
+    ctx->saved_data["weight_slot"] = slots.of(weight);
+    ctx->saved_data["bias_slot"] = slots.of(bias);
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(std::string(*activation)) : c10::IValue();
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+        const std::optional<Tensor>&, double, std::optional<c10::string_view>, std::array<bool, 3>)>(
+        "bn_ext::group_norm_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
+                                      needs_grad(ctx, "bias_slot")};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(6);
+    const auto& activation_value = ctx->saved_data["activation"];
+    const std::string activation = activation_value.isNone() ? std::string() : activation_value.toStringRef();
+    auto [gi, gw, gb] = backward_op.call(
+        grads[0], saved[0], ctx->saved_data["num_groups"].toInt(), saved[3], saved[4], optional_of(saved[1]),
+        optional_of(saved[2]), ctx->saved_data["eps"].toDouble(),
+        activation_value.isNone() ? std::nullopt : std::optional<c10::string_view>(activation), mask);
+    return {asked(mask[0], gi), Tensor(), asked(mask[1], gw), asked(mask[2], gb), Tensor(), Tensor()};
+  }
+};
+
+class LayerNormChannelsFunction : public torch::autograd::Function<LayerNormChannelsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                               const std::optional<Tensor>& bias, double eps) {
+    static const auto forward_op =
+        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
+                                              const std::optional<Tensor>&, double)>(
+            "bn_ext::layer_norm_channels_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = forward_op.call(input, weight, bias, eps);
+    ctx->save_for_backward({input, defined_or_empty(weight), defined_or_empty(bias), mean, rstd});
+    InputSlots slots;
+    ctx->saved_data["weight_slot"] = slots.of(weight);
+    ctx->saved_data["bias_slot"] = slots.of(bias);
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+        const std::optional<Tensor>&, double, std::array<bool, 3>)>("bn_ext::layer_norm_channels_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
+                                      needs_grad(ctx, "bias_slot")};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(4);
+    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], saved[3], saved[4], optional_of(saved[1]),
+                                         optional_of(saved[2]), ctx->saved_data["eps"].toDouble(), mask);
+    return {asked(mask[0], gi), asked(mask[1], gw), asked(mask[2], gb), Tensor()};
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_autograd(const Tensor& input,
                                                                const std::optional<Tensor>& weight,
                                                                const std::optional<Tensor>& bias,
@@ -167,9 +241,27 @@ std::tuple<Tensor, Tensor> rms_norm_forward_autograd(const Tensor& input, c10::S
   return {out[0], out[1]};
 }
 
+std::tuple<Tensor, Tensor, Tensor> group_norm_forward_autograd(const Tensor& input, int64_t num_groups,
+                                                               const std::optional<Tensor>& weight,
+                                                               const std::optional<Tensor>& bias, double eps,
+                                                               std::optional<c10::string_view> activation) {
+  auto out = GroupNormFunction::apply(input, num_groups, weight, bias, eps, activation);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward_autograd(const Tensor& input,
+                                                                        const std::optional<Tensor>& weight,
+                                                                        const std::optional<Tensor>& bias,
+                                                                        double eps) {
+  auto out = LayerNormChannelsFunction::apply(input, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) {
+  m.impl("group_norm_forward", &group_norm_forward_autograd);
+  m.impl("layer_norm_channels_forward", &layer_norm_channels_forward_autograd);
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);
   m.impl("layer_norm_forward", &layer_norm_forward_autograd);
   m.impl("rms_norm_forward", &rms_norm_forward_autograd);

@@ -671,3 +671,51 @@ def test_ultralytics_yolo_models_fold_completely(config, tmp_path, monkeypatch):
     assert report.batch_norms_before == modules and report.batch_norms_after == 0, str(report)
     assert report.passed and report.max_rel_error < 1e-5, str(report)
     assert not any(isinstance(m, _BatchNorm) for m in folded.modules())
+
+
+class ConvInstanceNorm(nn.Module):
+    """Style-transfer blocks: InstanceNorm with tracked statistics after a conv,
+    one without (instance statistics in eval too), one before a valid conv."""
+
+    def __init__(self, cls=nn.InstanceNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.in1 = cls(4, affine=True, track_running_stats=True)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.in2 = cls(4, affine=True)
+        self.in3 = cls(4, track_running_stats=True)
+        self.conv3 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.conv3(self.in3(self.in2(self.conv2(self.in1(self.conv1(x))))))
+
+
+@pytest.mark.parametrize("cls", [nn.InstanceNorm2d, bn_ext.nn.InstanceNorm2d])
+def test_instance_norm_with_running_statistics_folds_like_batch_norm(cls):
+    model = ConvInstanceNorm(cls)
+    x = torch.randn(4, 3, 8, 8) * 2 + 1
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # moves the tracked running statistics away from (0, 1)
+        model.in1.weight.uniform_(0.5, 1.5)
+        model.in1.bias.normal_()
+    model.eval()
+    snapshot = state_snapshot(model)
+    folded, report = bn_ext.fold_model(model, x)
+    assert_unchanged(model, snapshot)
+    assert report.passed, str(report)
+    assert {(n, layer) for n, layer, _ in report.folded} == {("in1", "conv1"), ("in3", "conv3")}
+    assert "does not track running statistics" in dict(report.left)["in2"]
+    assert isinstance(folded.in1, nn.Identity) and isinstance(folded.in3, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    if cls is not nn.InstanceNorm2d:
+        return  # an export of bn_ext's modules holds bn_ext operators, which fold_exported_program leaves
+    program = torch.export.export(model, (x,))
+    folded_program, report = bn_ext.fold.fold_exported_program(program, (x,))
+    assert report.passed, str(report)
+    assert len(report.folded) == 2 and len(report.left) == 1, str(report)
+    assert bn_ext.fold.training_batch_norms(program.graph) == []  # instance statistics are not training mode
+    with torch.no_grad():
+        torch.testing.assert_close(folded_program.module()(x), model(x), rtol=1e-4, atol=1e-4)

@@ -200,6 +200,43 @@ void errors() {
                            "normalized_shape mismatch");
 }
 
+// GroupNorm (fused SiLU too), InstanceNorm with running statistics and
+// LayerNorm over channels against libtorch, both layouts, with autograd.
+void group_norm_family() {
+  auto x = randn({3, 8, 5, 6}) * 2 + 1;
+  auto w = torch::rand({8}) + 0.5, b = torch::randn({8});
+  auto x64 = x.to(torch::kDouble), w64 = w.to(torch::kDouble), b64 = b.to(torch::kDouble);
+  for (auto format : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+    auto xf = x.contiguous(format);
+    auto out = bn_ext::group_norm(xf, 4, w, b);
+    expect(out.is_contiguous(format), "group_norm keeps the memory format");
+    expect_close(out, at::group_norm(x64, 4, w64, b64), 1e-5, "group_norm output");
+    expect_close(bn_ext::group_norm(xf, 4, w, b, 1e-5, "silu"), at::silu(at::group_norm(x64, 4, w64, b64)), 1e-5,
+                 "group_norm + silu output");
+    auto permuted = at::layer_norm(x64.permute({0, 2, 3, 1}), {8}, w64, b64, 1e-6).permute({0, 3, 1, 2});
+    expect_close(bn_ext::layer_norm_channels(xf, w, b), permuted, 1e-5, "layer_norm_channels output");
+  }
+  auto rm = torch::zeros({8}), rv = torch::ones({8});
+  auto rm_ref = rm.clone(), rv_ref = rv.clone();
+  expect_close(bn_ext::instance_norm(x, rm, rv, w, b, true, 0.1, 1e-5),
+               at::instance_norm(x, w, b, rm_ref, rv_ref, true, 0.1, 1e-5, false), 1e-5, "instance_norm output");
+  expect_close(rm, rm_ref, 1e-6, "instance_norm running_mean");
+  expect_close(rv, rv_ref, 1e-6, "instance_norm running_var");
+  expect_close(bn_ext::instance_norm(x, rm, rv, w, b, false), at::instance_norm(x, w, b, rm, rv, false, 0.1, 1e-5, false),
+               1e-5, "instance_norm with the running statistics");
+  auto xg = x64.clone().requires_grad_(), wg = w64.clone().requires_grad_(), bg = b64.clone().requires_grad_();
+  auto dy = torch::randn({3, 8, 5, 6}, torch::kDouble);
+  auto ours = torch::autograd::grad({bn_ext::group_norm(xg, 4, wg, bg, 1e-5, "relu")}, {xg, wg, bg}, {dy});
+  auto ref = torch::autograd::grad({at::relu(at::group_norm(xg, 4, wg, bg))}, {xg, wg, bg}, {dy});
+  for (int i = 0; i < 3; ++i) expect_close(ours[i], ref[i], 1e-10, "group_norm + relu autograd gradient");
+  ours = torch::autograd::grad({bn_ext::layer_norm_channels(xg, wg, bg)}, {xg, wg, bg}, {dy});
+  ref = torch::autograd::grad({at::layer_norm(xg.permute({0, 2, 3, 1}), {8}, wg, bg, 1e-6).permute({0, 3, 1, 2})},
+                              {xg, wg, bg}, {dy});
+  for (int i = 0; i < 3; ++i) expect_close(ours[i], ref[i], 1e-10, "layer_norm_channels autograd gradient");
+  expect_error<c10::Error>([] { bn_ext::group_norm(randn({2, 6, 3}), 4); }, "divisible by num_groups",
+                           "group_norm: groups must divide the channels");
+}
+
 // The level of the CPU kernels: BN_EXT_CPU_CAPABILITY's when set (ctest runs
 // this case at DEFAULT too), else the best this build and CPU have; the
 // kernels at that level against libtorch.
@@ -225,7 +262,7 @@ int main(int argc, char** argv) {
       {"rms_norm", rms_norm}, {"row_backward", row_backward},
       {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
       {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd},
-      {"cpu_capability", cpu_capability}};
+      {"group_norm_family", group_norm_family}, {"cpu_capability", cpu_capability}};
   for (int i = 1; i < argc; ++i) {
     auto it = cases.find(argv[i]);
     if (it == cases.end()) {

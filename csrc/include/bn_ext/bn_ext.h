@@ -86,6 +86,45 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad_out, const Tenso
                                              const std::optional<Tensor>& weight, std::optional<double> eps,
                                              std::array<bool, 2> output_mask = {true, true});
 
+// --- GroupNorm, InstanceNorm and LayerNorm over the channels of (N, C, *) ---
+
+// torch.nn.functional.group_norm, and an activation of the output fused in
+// ("relu" or "silu"; nullopt or "none": none). Channels-last inputs stay so.
+Tensor group_norm(const Tensor& input, int64_t num_groups, const std::optional<Tensor>& weight = std::nullopt,
+                  const std::optional<Tensor>& bias = std::nullopt, double eps = 1e-5,
+                  const std::optional<std::string>& activation = std::nullopt);
+// (out, mean, rstd); the statistics are (N, num_groups).
+std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& input, int64_t num_groups,
+                                                      const std::optional<Tensor>& weight,
+                                                      const std::optional<Tensor>& bias, double eps,
+                                                      const std::optional<std::string>& activation = std::nullopt);
+std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out, const Tensor& input, int64_t num_groups,
+                                                       const Tensor& mean, const Tensor& rstd,
+                                                       const std::optional<Tensor>& weight,
+                                                       const std::optional<Tensor>& bias, double eps,
+                                                       const std::optional<std::string>& activation = std::nullopt,
+                                                       std::array<bool, 3> output_mask = {true, true, true});
+// torch.nn.functional.instance_norm: instance statistics (use_input_stats)
+// with the running statistics, when given, moved towards their batch
+// averages; or the running statistics (BatchNorm in eval mode).
+Tensor instance_norm(const Tensor& input, const std::optional<Tensor>& running_mean = std::nullopt,
+                     const std::optional<Tensor>& running_var = std::nullopt,
+                     const std::optional<Tensor>& weight = std::nullopt,
+                     const std::optional<Tensor>& bias = std::nullopt, bool use_input_stats = true,
+                     double momentum = 0.1, double eps = 1e-5);
+// LayerNorm over dim 1 at every position (ConvNeXt's LayerNorm2d), either
+// memory format; statistics (N, 1, *).
+Tensor layer_norm_channels(const Tensor& input, const std::optional<Tensor>& weight = std::nullopt,
+                           const std::optional<Tensor>& bias = std::nullopt, double eps = 1e-6);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward(const Tensor& input,
+                                                               const std::optional<Tensor>& weight,
+                                                               const std::optional<Tensor>& bias, double eps);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward(const Tensor& grad_out, const Tensor& input,
+                                                                const Tensor& mean, const Tensor& rstd,
+                                                                const std::optional<Tensor>& weight,
+                                                                const std::optional<Tensor>& bias, double eps,
+                                                                std::array<bool, 3> output_mask = {true, true, true});
+
 // --- Folding eval BatchNorm into the preceding layer ---------------------------
 
 // Conv / ConvTranspose (transposed = true) followed by BatchNorm: the folded
