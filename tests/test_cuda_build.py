@@ -19,7 +19,8 @@ from bn_ext.bench import has_cuda_kernels
 pytestmark = pytest.mark.skipif(not has_cuda_kernels(), reason="CPU-only build: no device code to check")
 
 OPS = ["batch_norm_forward", "batch_norm_backward", "batch_norm_update_stats", "batch_norm_stats",
-       "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward"]
+       "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward", "group_norm_forward",
+       "group_norm_backward", "layer_norm_channels_forward", "layer_norm_channels_backward"]
 
 
 def cuda_tool(name):
@@ -101,11 +102,17 @@ def test_no_kernel_spills_or_uses_a_stack(resource_usage):
 # Float32 kernels whose vectorised instantiation must load (and, for the
 # elementwise ones, store) 16 bytes per instruction.
 VECTOR_KERNELS = [
-    ("channel_affine<float, int, 4, false, true>", True),   # forward / eval
-    ("channel_affine<float, int, 4, true, true>", True),    # training backward dx
-    ("channel_affine<float, int, 4, true, false>", True),   # eval backward dx
-    ("channels_first_partials<bn_ext::cuda::MomentsReduction<float>, int, 4>", False),
-    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float>, int, 4>", False),
+    ("channel_affine<float, int, 4, bn_ext::cuda::Affine<false, true> >", True),   # forward / eval
+    ("channel_affine<float, int, 4, bn_ext::cuda::Affine<true, true> >", True),    # training backward dx
+    ("channel_affine<float, int, 4, bn_ext::cuda::Affine<true, false> >", True),   # eval backward dx
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<bn_ext::cuda::Silu> >", True),  # GroupNorm + SiLU
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<bn_ext::cuda::Silu> >", True),
+    ("channels_first_partials<bn_ext::cuda::MomentsReduction<float, bn_ext::cuda::ChannelShift<float> >, int, 4>", False),
+    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float> >, int, 4>", False),
+    # GroupNorm channels-last: per-(n, c) states about the group's first value
+    ("channels_last_partials<bn_ext::cuda::MomentsReduction<float, bn_ext::cuda::DomainGroupShift<float> >, int, 4>",
+     False),
+    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerGroup<float> >, int, 4>", False),
     ("row_norm_forward<float, false, true>", True),           # LayerNorm, warp per row
     ("row_norm_forward<float, false, false>", True),          # LayerNorm, block per row
     ("row_norm_forward<float, true, true>", True),            # RMSNorm
