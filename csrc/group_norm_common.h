@@ -42,6 +42,20 @@ inline GroupNormGeometry group_norm_geometry(const at::Tensor& dense, int64_t gr
 // An activation applied to the normalised output (GroupNorm's fused form).
 enum class Activation { kNone, kRelu, kSilu };
 
+// fn(tag) with the tag type of `act` (each backend has its own three).
+template <typename None, typename Relu, typename Silu, typename Fn>
+void with_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::kNone:
+      return fn(None{});
+    case Activation::kRelu:
+      return fn(Relu{});
+    case Activation::kSilu:
+      return fn(Silu{});
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
 inline Activation parse_activation(const std::optional<std::string_view>& name) {
   if (!name.has_value() || *name == "none") return Activation::kNone;
   if (*name == "relu") return Activation::kRelu;

@@ -21,19 +21,11 @@ using at::Tensor;
 
 namespace {
 
+// with_activation (group_norm_common.h) over this backend's activations.
 template <typename Fn>
 void with_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kNone:
-      return fn(NoActivation{});
-    case Activation::kRelu:
-      return fn(Relu{});
-    case Activation::kSilu:
-      return fn(Silu{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
 }
-
 template <typename T>
 GroupFirst<T> group_first(const Tensor& x, const GroupNormGeometry& g) {
   const int64_t Cg = g.group_channels();

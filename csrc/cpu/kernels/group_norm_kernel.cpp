@@ -65,19 +65,11 @@ struct Silu {
   }
 };
 
+// with_activation (group_norm_common.h) over this backend's activations.
 template <typename Fn>
 void with_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kNone:
-      return fn(NoActivation{});
-    case Activation::kRelu:
-      return fn(Relu{});
-    case Activation::kSilu:
-      return fn(Silu{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
 }
-
 // Elementwise forms (channel_kernels.h): act(affine value of x), and the
 // gradient through the activation, dy * act'(affine value of x).
 template <typename Act>

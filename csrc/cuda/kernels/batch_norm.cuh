@@ -166,6 +166,16 @@ __global__ void channel_map(int64_t C, F f) {
   if (c < C) f(c);
 }
 
+// The forward coefficients of entry e: out = (x - center) * beta + (bias -
+// offset * beta), where offset = mean - center (zero when center is the mean).
+template <typename A>
+__device__ __forceinline__ void store_forward_coefficients(A* coefficients, int64_t entries, int64_t e, A center,
+                                                           A offset, A beta, A bias) {
+  coefficients[kCenter * entries + e] = center;
+  coefficients[kBeta * entries + e] = beta;
+  coefficients[kGamma * entries + e] = bias - offset * beta;
+}
+
 // Training forward: batch statistics, saved, and the normalisation's
 // coefficients: out = (x - shift) * beta + (bias - (mean - shift) * beta).
 template <typename T>
@@ -184,9 +194,7 @@ struct TrainingForwardFinish {
     const A center = shift(c), beta = weight ? weight[c] * invstd : invstd;
     save_mean[c] = center + m.mean;
     save_invstd[c] = invstd;
-    coefficients[kCenter * C + c] = center;
-    coefficients[kBeta * C + c] = beta;
-    coefficients[kGamma * C + c] = (bias ? bias[c] : A(0)) - m.mean * beta;
+    store_forward_coefficients(coefficients, C, c, center, m.mean, beta, bias ? bias[c] : A(0));
   }
 };
 
@@ -206,9 +214,8 @@ struct EvalForwardCoefficients {
     const A invstd = inverse_sqrt(running_var[c] + eps);
     save_mean[c] = running_mean[c];
     save_invstd[c] = invstd;
-    coefficients[kCenter * C + c] = running_mean[c];
-    coefficients[kBeta * C + c] = weight ? weight[c] * invstd : invstd;
-    coefficients[kGamma * C + c] = bias ? bias[c] : A(0);
+    store_forward_coefficients(coefficients, C, c, running_mean[c], A(0), weight ? weight[c] * invstd : invstd,
+                               bias ? bias[c] : A(0));
   }
 };
 

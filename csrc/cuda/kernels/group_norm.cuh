@@ -120,11 +120,9 @@ struct GroupForwardFinish {
     save_rstd[r] = rstd;
     const int64_t c0 = r % first.G * channels;
     for (int64_t j = 0; j < channels; ++j) {
-      const int64_t e = r * channels + j, c = c0 + j;
-      const A beta = weight ? weight[c] * rstd : rstd;
-      coefficients[kCenter * entries + e] = center;
-      coefficients[kBeta * entries + e] = beta;
-      coefficients[kGamma * entries + e] = (bias ? bias[c] : A(0)) - m.mean * beta;
+      const int64_t c = c0 + j;
+      store_forward_coefficients(coefficients, entries, r * channels + j, center, m.mean,
+                                 weight ? weight[c] * rstd : rstd, bias ? bias[c] : A(0));
     }
   }
 };
@@ -142,10 +140,9 @@ struct GroupCoefficientsFromStats {
   __device__ __forceinline__ void operator()(int64_t r) const {
     const int64_t c0 = r % G * channels;
     for (int64_t j = 0; j < channels; ++j) {
-      const int64_t e = r * channels + j, c = c0 + j;
-      coefficients[kCenter * entries + e] = mean[r];
-      coefficients[kBeta * entries + e] = weight ? weight[c] * rstd[r] : rstd[r];
-      coefficients[kGamma * entries + e] = bias ? bias[c] : A(0);
+      const int64_t c = c0 + j;
+      store_forward_coefficients(coefficients, entries, r * channels + j, mean[r], A(0),
+                                 weight ? weight[c] * rstd[r] : rstd[r], bias ? bias[c] : A(0));
     }
   }
 };
