@@ -153,6 +153,23 @@ def test_group_norm_exact_on_large_means(layout, dtype):
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_norm_exact_when_the_first_values_are_outliers(layout, dtype):
+    # The first 16 positions of every channel at 1e3, the rest near 0: each
+    # group's shift (the mean of its first values) lies ~8 standard
+    # deviations from its mean, so the single-pass sums would lose the
+    # variance and the kernels must take their second pass.
+    x = make_input((2, 16, 32, 32), torch.float32, "contiguous", mean=0.0, std=1e-2)
+    x[:, :, 0, :16] += 1e3
+    x = make_input((2, 16, 32, 32), torch.float32, layout) * 0 + x.to(dtype).float()
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    weight, bias = make_params(16, dtype)
+    out = bn_ext.group_norm(x, 4, weight, bias)
+    expected = F.group_norm(f64(x), 4, f64(weight), f64(bias))
+    assert_error_within(out, expected, F.group_norm(x, 4, weight, bias), msg="out")
+
+
 def test_group_norm_nonfinite_inputs_propagate():
     x = make_input((2, 8, 4, 4), torch.float32)
     x[0, 0, 1, 1] = float("nan")

@@ -151,44 +151,117 @@ void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, int64_t 
   });
 }
 
-// The moments of the union of pieces[0, count): the mean weighted by
-// count, M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2), the two-pass form of
-// Chan's merge for many pieces at once (one division, however many pieces).
-inline Moments combine_moments(const Moments* pieces, int64_t count) {
-  Moments total;
-  double weighted = 0.0;
-  for (int64_t i = 0; i < count; ++i) {
-    total.count += pieces[i].count;
-    weighted += static_cast<double>(pieces[i].count) * pieces[i].mean;
+// Channels-last moments. Each (sample, group) takes one shift, the mean of
+// its values in the sample's first rows, broadcast over its channels; every
+// (sample, stripe) task sums d = x - shift and d^2 down its rows with vectors
+// across channels (column sums within a chunk of rows, float64 per group
+// across chunks), and a group's sums are the sum of its channels'. Then, as
+// ShiftedSums: M2 = sum(d^2) - sum(d)^2 / n, unless the shift proved over a
+// standard deviation from the mean; those samples take a second pass for
+// the squares about the mean. No per-channel moments, no per-channel division.
+
+// Column sums over rows [r0, r1) of a sample's rows, in chunks, added per
+// group into s1 and s2: terms(row, j, count) gives the vector of d at row
+// `row`, columns [j, j + count) (zero past count).
+template <typename T, bool kWithSum, typename Terms>
+void add_group_column_sums(const GroupNormGeometry& g, int64_t r0, int64_t r1, const Terms& terms, double* s1,
+                           double* s2) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  const int64_t Cg = g.group_channels();
+  auto sum = column_array<Op>(g.C), squares = column_array<Op>(g.C);
+  for (int64_t r = r0; r < r1; r += kChunkRows) {
+    std::fill(sum.begin(), sum.end(), Op(0));
+    std::fill(squares.begin(), squares.end(), Op(0));
+    column_cascade_sums<kWithSum, Vec>(
+        std::min(r1, r + kChunkRows) - r, g.C,
+        [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = b = terms(r + s, j, count); }, sum.data(),
+        squares.data());
+    for (int64_t group = 0, c = 0; group < g.G; ++group) {
+      double group_sum = 0.0, group_squares = 0.0;
+      for (int64_t end = c + Cg; c < end; ++c) group_sum += sum[c], group_squares += squares[c];
+      if constexpr (kWithSum) s1[group] += group_sum;
+      s2[group] += group_squares;
+    }
   }
-  if (total.count == 0) return total;
-  total.mean = weighted / static_cast<double>(total.count);
-  for (int64_t i = 0; i < count; ++i) {
-    const double d = pieces[i].mean - total.mean;
-    total.m2 += pieces[i].m2 + static_cast<double>(pieces[i].count) * d * d;
-  }
-  return total;
 }
 
-// Moments of the groups of samples [n0, n1) of a channels-last input, into
-// groups[n * G + group]: per-channel moments of each (sample, stripe) task,
-// then each group's pieces combined.
+// Moments of the groups of samples [n0, n1) into groups[n * G + group].
 template <typename T>
 void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t n0, int64_t n1, Moments* groups) {
-  const int64_t stripes = stripe_count(sample_rows(g)), Cg = g.group_channels();
-  // Piece (n, group, stripe, channel in group): a group's pieces lie together.
-  std::vector<Moments> pieces((n1 - n0) * stripes * g.C);
-  auto piece = [&](int64_t n, int64_t stripe, int64_t c) {
-    return (((n - n0) * g.G + c / Cg) * stripes + stripe) * Cg + c % Cg;
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  const int64_t stripes = stripe_count(sample_rows(g)), Cg = g.group_channels(), samples = n1 - n0;
+  const int64_t stride = static_cast<int64_t>(column_array<Op>(g.C).size());
+  auto load = [&](int64_t n, int64_t row, int64_t j, int64_t count) {
+    return load_op_n(x + (n * g.S + row) * g.C + j, count);
   };
-  for_each_sample_chunk(g, stripes, n0, n1, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
-    const int64_t stripe = task % stripes;
-    add_rows_moments(x + n * g.S * g.C, g.C, g.C, r0, r1,
-                     [&](int64_t c, const Moments& m) { chan_merge(pieces[piece(n, stripe, c)], m); });
+  // Shifts: per sample a column array, each channel holding its group's.
+  std::vector<Op> shift(samples * stride, Op(0));
+  const int64_t shift_rows = std::min(g.S, kShiftSamples);
+  at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      Op* sn = shift.data() + (n - n0) * stride;
+      auto first = column_array<Op>(g.C), unused = column_array<Op>(g.C);
+      column_cascade_sums<true, Vec>(
+          shift_rows, g.C, [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = load(n, s, j, count), b = Vec(0); },
+          first.data(), unused.data());
+      for (int64_t c0 = 0; c0 < g.C; c0 += Cg) {
+        double total = 0.0;
+        for (int64_t c = c0; c < c0 + Cg; ++c) total += first[c];
+        std::fill_n(sn + c0, Cg, static_cast<Op>(total / static_cast<double>(shift_rows * Cg)));
+      }
+    }
   });
-  for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) {
-    groups[r] = combine_moments(&pieces[(r - n0 * g.G) * stripes * Cg], stripes * Cg);
+  // Per task (sample, stripe) and group: sum(d), sum(d^2).
+  std::vector<double> s1(samples * stripes * g.G, 0.0), s2(samples * stripes * g.G, 0.0);
+  at::parallel_for(n0 * stripes, n1 * stripes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / stripes, stripe = task % stripes, slot = (task - n0 * stripes) * g.G;
+      const Op* sn = shift.data() + (n - n0) * stride;
+      add_group_column_sums<T, true>(
+          g, part_begin(stripe, stripes, g.S), part_begin(stripe + 1, stripes, g.S),
+          [&](int64_t row, int64_t j, int64_t count) { return load(n, row, j, count) - Vec::loadu(sn + j); },
+          &s1[slot], &s2[slot]);
+    }
+  });
+  const int64_t count = g.S * Cg;
+  std::vector<char> second_pass(samples, 0);
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t group = 0; group < g.G; ++group) {
+      double sum = 0.0, squares = 0.0;
+      for (int64_t stripe = 0; stripe < stripes; ++stripe) {
+        sum += s1[((n - n0) * stripes + stripe) * g.G + group];
+        squares += s2[((n - n0) * stripes + stripe) * g.G + group];
+      }
+      const bool single = shift_keeps_precision(count, sum, squares);
+      const Op sh = shift[(n - n0) * stride + group * Cg];
+      groups[n * g.G + group] = shifted_moments(count, sh, static_cast<Op>(sum / static_cast<double>(count)), sum,
+                                                squares, true);
+      if (!single) second_pass[n - n0] = 1;
+    }
   }
+  if (std::find(second_pass.begin(), second_pass.end(), 1) == second_pass.end()) return;
+  // The squares about each group's mean, for the samples that need them
+  // (the mean kept in two parts, shift + offset).
+  at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      if (!second_pass[n - n0]) continue;
+      const Op* sn = shift.data() + (n - n0) * stride;
+      auto offset = column_array<Op>(g.C);
+      for (int64_t c = 0; c < g.C; ++c) {
+        offset[c] = static_cast<Op>(groups[n * g.G + c / Cg].mean - static_cast<double>(sn[c]));
+      }
+      std::vector<double> unused(g.G, 0.0), squares(g.G, 0.0);
+      add_group_column_sums<T, false>(
+          g, 0, g.S,
+          [&](int64_t row, int64_t j, int64_t cnt) {
+            return keep_lanes((load(n, row, j, cnt) - Vec::loadu(sn + j)) - Vec::loadu(offset.data() + j), cnt);
+          },
+          unused.data(), squares.data());
+      for (int64_t group = 0; group < g.G; ++group) groups[n * g.G + group].m2 = squares[group];
+    }
+  });
 }
 
 // Per (n, c) gradient sums about k's centers of samples [n0, n1) of a
@@ -309,14 +382,16 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
   using Op = opmath_t<T>;
   const int64_t Cg = g.group_channels();
   ChannelCoefficients<T> k = sample_coefficients<T>(g);
-  for (int64_t n = 0; n < g.N; ++n) {
-    for (int64_t c = 0; c < g.C; ++c) k.center[coefficient_index(k, g, n, c)] = static_cast<Op>(mean[n * g.G + c / Cg]);
+  for (int64_t r = 0; r < g.N * g.G; ++r) {
+    const int64_t first = coefficient_index(k, g, r / g.G, r % g.G * Cg);
+    std::fill_n(k.center.begin() + first, Cg, static_cast<Op>(mean[r]));
   }
-  // Per (n, c): sum(dy) and sum(dy * (x - mean)), from the sum about the rounded center.
+  // Per (n, c), entry r * C/G + j for channel j of group r: sum(dy) and
+  // sum(dy * (x - mean)), from the raw sums about the rounded center.
   std::vector<GradSums> sums(g.N * g.C);
-  auto set_sums = [&](int64_t n, int64_t c, const GradSums& s) {
-    const double off = mean[n * g.G + c / Cg] - static_cast<double>(k.center[coefficient_index(k, g, n, c)]);
-    sums[n * g.C + c] = {s.dy, s.dy_xc - off * s.dy};
+  auto set_group_sums = [&](int64_t r, const GradSums* raw) {
+    const double off = mean[r] - static_cast<double>(static_cast<Op>(mean[r]));
+    for (int64_t j = 0; j < Cg; ++j) sums[r * Cg + j] = {raw[j].dy, raw[j].dy_xc - off * raw[j].dy};
   };
   if (dx != nullptr && fused_groups<T>(g)) {
     // A block of groups' sums and their dx in one task, dy and x still in cache.
@@ -324,8 +399,10 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
     for_each_channel_block(rows, channels_per_block(rows, 2 * sizeof(T)), 3, [&](int64_t r0, int64_t r1) {
       std::vector<GradSums> block((r1 - r0) * Cg);
       add_block_grad_sums(dy, x, k.center.data(), planes, r0 * Cg, r1 * Cg, 0, g.S, block.data());
-      for (int64_t i = 0; i < (r1 - r0) * Cg; ++i) set_sums((r0 * Cg + i) / g.C, (r0 * Cg + i) % g.C, block[i]);
-      for (int64_t r = r0; r < r1; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      for (int64_t r = r0; r < r1; ++r) {
+        set_group_sums(r, &block[(r - r0) * Cg]);
+        set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      }
       block_form_pass<T, Affine<true, true>>(dx, dy, x, k, planes, r0 * Cg, r1 * Cg);
     });
   } else if (g.channels_last) {
@@ -335,29 +412,31 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
     for (int64_t n0 = 0; n0 < g.N; n0 += batch) {
       const int64_t n1 = std::min(g.N, n0 + batch);
       channels_last_sample_grad_sums(dy, x, k, g, n0, n1, raw.data());
-      for (int64_t i = n0 * g.C; i < n1 * g.C; ++i) set_sums(i / g.C, i % g.C, raw[i]);
+      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
       if (dx == nullptr) continue;
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
       rows_form_pass<T, Affine<true, true>>(dx, dy, x, k, g.C, n0 * g.S, n1 * g.S, g.S);
     }
   } else {
     const auto raw = channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
-    for (int64_t i = 0; i < g.N * g.C; ++i) set_sums(i / g.C, i % g.C, raw[i]);
+    for (int64_t r = 0; r < g.N * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
     if (dx != nullptr) {
       for (int64_t r = 0; r < g.N * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
       sample_form_pass<T, Affine<true, true>>(dx, dy, x, k, g);
     }
   }
   if (!param_grads) return;
-  for (int64_t c = 0; c < g.C; ++c) {
-    double dw = 0.0, db = 0.0;
-    for (int64_t n = 0; n < g.N; ++n) {
-      dw += rstd[n * g.G + c / Cg] * sums[n * g.C + c].dy_xc;
-      db += sums[n * g.C + c].dy;
+  at::parallel_for(0, g.C, grain_for(8 * g.N), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double dw = 0.0, db = 0.0;
+      for (int64_t n = 0, r = c / Cg; n < g.N; ++n, r += g.G) {
+        dw += rstd[r] * sums[n * g.C + c].dy_xc;
+        db += sums[n * g.C + c].dy;
+      }
+      dweight[c] = dw;
+      dbias[c] = db;
     }
-    dweight[c] = dw;
-    dbias[c] = db;
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------
