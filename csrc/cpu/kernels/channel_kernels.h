@@ -496,28 +496,33 @@ void block_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<
 template <typename T, typename Form>
 void rows_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
                     int64_t row_end, int64_t rows_per_set) {
+  using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
+    // Locals, not the vectors' fields: the stores below may alias memory
+    // (no strict aliasing in kernel files), which would reload them each step.
+    const int64_t width = C;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r / rows_per_set * k.stride;
-      auto coefficient = [&](const std::vector<opmath_t<T>>& v, int64_t c) { return Vec::loadu(v.data() + base + c); };
-      T* out_row = out + r * C;
-      const T* dy_row = Form::kUsesDy ? dy + r * C : nullptr;
-      const T* x_row = Form::kUsesX ? x + r * C : nullptr;
+      const Op *alpha = k.alpha.data() + base, *beta = k.beta.data() + base, *gamma = k.gamma.data() + base,
+               *center = k.center.data() + base;
+      T* out_row = out + r * width;
+      const T* dy_row = Form::kUsesDy ? dy + r * width : nullptr;
+      const T* x_row = Form::kUsesX ? x + r * width : nullptr;
       int64_t c = 0;
       if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-        for (; c + 2 * W <= C; c += 2 * W) {
-          const Vec a[2] = {coefficient(k.alpha, c), coefficient(k.alpha, c + W)};
-          const Vec b[2] = {coefficient(k.beta, c), coefficient(k.beta, c + W)};
-          const Vec gm[2] = {coefficient(k.gamma, c), coefficient(k.gamma, c + W)};
-          const Vec ct[2] = {coefficient(k.center, c), coefficient(k.center, c + W)};
+        for (; c + 2 * W <= width; c += 2 * W) {
+          const Vec a[2] = {Vec::loadu(alpha + c), Vec::loadu(alpha + c + W)};
+          const Vec b[2] = {Vec::loadu(beta + c), Vec::loadu(beta + c + W)};
+          const Vec gm[2] = {Vec::loadu(gamma + c), Vec::loadu(gamma + c + W)};
+          const Vec ct[2] = {Vec::loadu(center + c), Vec::loadu(center + c + W)};
           form_half_pair<T, Form>(out_row, dy_row, x_row, c, a, b, gm, ct);
         }
       }
-      for (; c < C; c += W) {
-        form_vector<T, Form>(out_row, dy_row, x_row, c, coefficient(k.alpha, c), coefficient(k.beta, c),
-                             coefficient(k.gamma, c), coefficient(k.center, c), std::min(W, C - c));
+      for (; c < width; c += W) {
+        form_vector<T, Form>(out_row, dy_row, x_row, c, Vec::loadu(alpha + c), Vec::loadu(beta + c),
+                             Vec::loadu(gamma + c), Vec::loadu(center + c), std::min(W, width - c));
       }
     }
   });
