@@ -184,12 +184,15 @@ def _permute_layer_norm(x, w, b):
 
 def _autograd_backward(torch_fn, ours_fn, x, params):
     """Backward of both through autograd (torch has no kernel of its own for
-    the op's backward, or runs it as several)."""
+    the op's backward, or runs it as several). The gradient comes in the
+    input's memory format, as the layers around the op would give it (torch's
+    channels-last InstanceNorm and permuted LayerNorm2d outputs have other
+    layouts, which the same gradient would make either library copy)."""
     x.requires_grad_()
     for p in params:
         p.requires_grad_()
     y_torch, y_ours = torch_fn(), ours_fn()
-    dy = torch.randn_like(y_torch)
+    dy = torch.randn_like(x)
     inputs = (x, *params)
     return (lambda: torch.autograd.grad(y_torch, inputs, dy, retain_graph=True),
             lambda: torch.autograd.grad(y_ours, inputs, dy, retain_graph=True))

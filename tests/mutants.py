@@ -31,6 +31,7 @@ TREE = WORK / "tree"
 
 BN_TESTS = ["tests/test_batch_norm.py"]
 ROW_TESTS = ["tests/test_layer_norm.py", "tests/test_rms_norm.py"]
+GN_TESTS = ["tests/test_group_norm.py"]
 FOLD_TESTS = ["tests/test_fold.py"]
 EMULATED_TESTS = ["tests/test_cuda_emulated.py"]
 
@@ -48,6 +49,9 @@ class Mutant:
 
 
 KERNEL = "csrc/cpu/kernels/batch_norm_kernel.cpp"
+CHANNELS = "csrc/cpu/kernels/channel_kernels.h"
+GN_KERNEL = "csrc/cpu/kernels/group_norm_kernel.cpp"
+CUDA_GN = "csrc/cuda/kernels/group_norm.cuh"
 ROW_KERNEL = "csrc/cpu/kernels/row_norm_kernel.cpp"
 UTILS = "csrc/cpu/kernels/kernel_utils.h"
 CUDA_BN = "csrc/cuda/kernels/batch_norm.cuh"
@@ -65,7 +69,12 @@ MUTANTS = [
     Mutant("cuda-halved-m2", CUDA_BN, "batch_norm_stats returns half of m2",
            "m2[c] = m.m2;", "m2[c] = 0.5 * m.m2;", EMULATED_TESTS),
     Mutant("cuda-channels-last-stride", CUDA_BN, "channels-last reduction rows read with a stride of C - 1",
-           "const index_t offset = m * C + c0;", "const index_t offset = m * (C - 1) + c0;", EMULATED_TESTS),
+           "const index_t offset = (n * M + m) * C + c0;", "const index_t offset = (n * M + m) * (C - 1) + c0;",
+           EMULATED_TESTS),
+    Mutant("cuda-gn-samples-merged", CUDA_BN, "channels-last partials read every sample's rows from the first sample",
+           "const index_t offset = (n * M + m) * C + c0;", "const index_t offset = m * C + c0;", EMULATED_TESTS),
+    Mutant("cuda-gn-mean-term-sign", CUDA_GN, "GroupNorm backward: the mean(w dy) term of dx with the wrong sign",
+           "gamma = -rs * s.first / count;", "gamma = rs * s.first / count;", EMULATED_TESTS),
     Mutant("cuda-eps-twice", CUDA_ROWS, "LayerNorm's rstd adds eps twice",
            "rstd = inverse_sqrt(st.m2 / A(D) + eps);", "rstd = inverse_sqrt(st.m2 / A(D) + eps + eps);",
            EMULATED_TESTS),
@@ -89,13 +98,13 @@ MUTANTS = [
     # --- CPU kernels ----------------------------------------------------------
     Mutant("cpu-zeroed-sum-dy", KERNEL, "BatchNorm backward: sum(dy) zeroed",
            "sum_dy[c] = s.dy;", "sum_dy[c] = 0.0;", BN_TESTS),
-    Mutant("cpu-halved-m2", KERNEL, "BatchNorm forward: the variance from half of m2",
+    Mutant("cpu-halved-m2", CHANNELS, "BatchNorm forward: the variance from half of m2",
            "return 1.0 / std::sqrt(m.m2 / static_cast<double>(m.count) + eps);",
            "return 1.0 / std::sqrt(0.5 * m.m2 / static_cast<double>(m.count) + eps);", BN_TESTS),
     Mutant("cpu-dropped-tail", UTILS, "run_sums drops a run's last partial vector",
            "for (int64_t i = steps * 2 * W; i < n; i += W) {", "for (int64_t i = steps * 2 * W; i + W <= n; i += W) {",
            BN_TESTS + ROW_TESTS),
-    Mutant("cpu-channels-last-stride", KERNEL, "channels-last gradient sums read rows with a stride of C - 1",
+    Mutant("cpu-channels-last-stride", CHANNELS, "channels-last gradient sums read rows with a stride of C - 1",
            "const int64_t offset = (r0 + s) * g.C + j;", "const int64_t offset = (r0 + s) * (g.C - 1) + j;",
            BN_TESTS),
     Mutant("cpu-eps-twice", "csrc/cpu/batch_norm.cpp", "BatchNorm eval: invstd adds eps twice",
@@ -122,10 +131,19 @@ MUTANTS = [
            BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
     # (Channels-first stripes are merged in float64 and rarely change a bit
     # when their count does; channels-last stripes sum rows in float32.)
-    Mutant("cpu-thread-count-split", KERNEL, "channels-last row stripes counted from the thread count",
+    Mutant("cpu-thread-count-split", CHANNELS, "channels-last row stripes counted from the thread count",
            "std::max(kChunkRows, kMinStripe / std::max<int64_t>(g.C, 1)),\n                      kMaxReductionTasks);",
            "std::max(kChunkRows, kMinStripe / std::max<int64_t>(g.C, 1)),\n                      at::get_num_threads());",
            BN_TESTS),
+    Mutant("cpu-gn-unweighted-group-sum", GN_KERNEL, "GroupNorm backward: the group's sum(w dy) without the weights",
+           "A += w[c] * sums[n * g.C + c].dy;", "A += sums[n * g.C + c].dy;", GN_TESTS),
+    Mutant("cpu-gn-no-second-pass", GN_KERNEL, "GroupNorm channels-last: no second pass when a group's shift is far "
+           "from its mean", "if (!single) second_pass[n - n0] = 1;", "(void)single;", GN_TESTS),
+    Mutant("cpu-gn-silu-gradient", GN_KERNEL, "GroupNorm + SiLU backward: the gradient without its z * (1 - s) term",
+           "return dy * s * (Vec(1) + z * (Vec(1) - s));", "return dy * s;", GN_TESTS),
+    Mutant("cpu-gn-layer-norm-channels-projection", GN_KERNEL,
+           "LayerNorm over channels backward: dx without its x_hat * mean(g * x_hat) term",
+           "- xhat * Vec::loadu(mean_gx.data() + j)) *", ") *", GN_TESTS),
     Mutant("cpu-row-blocks-from-threads", ROW_KERNEL, "row-norm parameter-gradient row blocks counted from the "
            "thread count", "                               kMaxRowBlocks);", "                               "
            "at::get_num_threads());", ROW_TESTS),
