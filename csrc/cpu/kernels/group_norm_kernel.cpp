@@ -54,13 +54,15 @@ struct Relu {
 
 struct Silu {
   // z * sigmoid(z) = z / (1 + exp(-z)); gradient sigmoid(z) * (1 + z * (1 - sigmoid(z))).
+  // exp_u20: ATen's exp within 2 ulp, about twice as fast as exp() at AVX2 (the fused pass
+  // ran 0.76x torch's GroupNorm then SiLU with exp(), 1.12x with exp_u20).
   template <typename Vec>
   static Vec value(const Vec& z) {
-    return z / (Vec(1) + z.neg().exp());
+    return z / (Vec(1) + z.neg().exp_u20());
   }
   template <typename Vec>
   static Vec grad(const Vec& dy, const Vec& z) {
-    const Vec s = Vec(1) / (Vec(1) + z.neg().exp());
+    const Vec s = Vec(1) / (Vec(1) + z.neg().exp_u20());
     return dy * s * (Vec(1) + z * (Vec(1) - s));
   }
 };
