@@ -86,6 +86,38 @@ def test_batch_norm_matches_the_cpu_op_and_torch(shape, channels_last, dtype):
     check("batch_norm_stats", x, what="statistics")
 
 
+# (shape, groups, channels_last): Stable Diffusion's 32 groups, InstanceNorm
+# (a group per channel), one group, 7x7 planes, an odd channels-last width.
+GN_SHAPES = [((2, 320, 32, 32), 32, False), ((2, 320, 32, 32), 32, True), ((8, 64, 28, 28), 64, False),
+             ((16, 256, 7, 7), 1, True), ((4, 30, 5, 7), 5, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("shape,groups,channels_last", GN_SHAPES)
+def test_group_norm_matches_the_cpu_op_and_torch(shape, groups, channels_last, activation, dtype):
+    x, dy, w, b, _, _ = bn_case(shape, channels_last, dtype, seed=3)
+    c = to([x, w, b], torch.Tensor.cuda)
+    N, C = shape[:2]
+    HxW = x.numel() // (N * C)
+    theirs = aten.native_group_norm(c[0], c[1], c[2], N, C, HxW, groups, 1e-5) if activation is None else None
+    got = check("group_norm_forward", x, groups, w, b, 1e-5, activation, torch_results=theirs, what="forward")
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _, mean, rstd = ops.group_norm_forward(x, groups, w, b, 1e-5, activation)
+    mask = [True, True, True]
+    check("group_norm_backward", dy, x, groups, mean, rstd, w, b, 1e-5, activation, mask, what="backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,channels_last", [((8, 96, 28, 28), False), ((8, 96, 28, 28), True), ((4, 40, 33), False)])
+def test_layer_norm_channels_matches_the_cpu_op(shape, channels_last, dtype):
+    x, dy, w, b, _, _ = bn_case(shape, channels_last, dtype, seed=4)
+    got = check("layer_norm_channels_forward", x, w, b, 1e-6, what="forward")
+    assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _, mean, rstd = ops.layer_norm_channels_forward(x, w, b, 1e-6)
+    check("layer_norm_channels_backward", dy, x, mean, rstd, w, b, 1e-6, [True, True, True], what="backward")
+
+
 ROW_SHAPES = [(4096, 64), (1000, 768), (257, 1030), (64, 16384), (33, 30)]
 
 
