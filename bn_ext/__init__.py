@@ -26,7 +26,7 @@ from bn_ext.fold import (
     fuse_layer_norm_linear,
     fuse_linear_bn,
 )
-from bn_ext.functional import batch_norm, group_norm, instance_norm, layer_norm, layer_norm_channels, rms_norm
+from bn_ext.functional import batch_norm, batch_norm_act, group_norm, instance_norm, layer_norm, layer_norm_channels, rms_norm
 from bn_ext.memory import (
     CpuOutputCacheStats,
     cpu_output_cache_stats,
@@ -39,6 +39,7 @@ __all__ = [
     "FoldReport",
     "FoldVerificationError",
     "batch_norm",
+    "batch_norm_act",
     "cpu_capabilities",
     "cpu_capability",
     "cpu_output_cache_stats",

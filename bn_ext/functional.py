@@ -14,12 +14,13 @@ from torch._prims_common import suggest_memory_format
 
 import bn_ext._C as _C  # registers the operators; direct bindings of the functional calls
 
-__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "layer_norm_channels", "rms_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm", "layer_norm_channels", "rms_norm"]
 
 _ops = torch.ops.bn_ext
 # Overloads resolved once: the per-call lookup is measurable on small inputs.
 _batch_norm_forward = _ops.batch_norm_forward.default
 _batch_norm_update_stats = _ops.batch_norm_update_stats.default
+_batch_norm_act_forward = _ops.batch_norm_act_forward.default
 _layer_norm_forward = _ops.layer_norm_forward.default
 _rms_norm_forward = _ops.rms_norm_forward.default
 
@@ -220,6 +221,123 @@ def _batch_norm(
 
 
 # ---------------------------------------------------------------------------
+# BatchNorm + activation (+ residual): act(batch_norm(x) + residual).
+
+_ACTIVATIONS = (None, "none", "relu", "silu")
+
+
+def _check_activation(op: str, activation) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None, 'none', 'relu' or 'silu', got {activation!r}")
+
+
+@torch.library.register_fake("bn_ext::batch_norm_act_forward")
+def _batch_norm_act_forward_fake(input, weight, bias, running_mean, running_var, training, eps, activation, residual):
+    _check_same_device(input, residual=residual)
+    return _batch_norm_forward_fake(input, weight, bias, running_mean, running_var, training, eps)
+
+
+@torch.library.register_fake("bn_ext::batch_norm_act_backward")
+def _batch_norm_act_backward_fake(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
+                                  activation, output_mask):
+    grad_input, grad_weight, grad_bias = _batch_norm_backward_fake(
+        grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask[:3]
+    )
+    asked = output_mask[3] and residual is not None
+    grad_residual = torch.empty_like(input, memory_format=suggest_memory_format(input)) if asked else input.new_empty((0,))
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def _batch_norm_act_grads_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
+                                    activation):
+    """BatchNorm + activation's first derivatives (dx, dweight, dbias,
+    dresidual) as a composite of torch ops; in training the statistics are
+    recomputed from `input` (double backward)."""
+    compute = torch.promote_types(input.dtype, torch.float32)
+    x, dy = input.to(compute), grad_out.to(compute)
+    dims, shape = _reduction_dims(x), _channel_shape(x)
+    if training:
+        mean = x.mean(dims, keepdim=True)
+        invstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    else:
+        mean, invstd = save_mean.to(compute).view(shape), save_invstd.to(compute).view(shape)
+    w = torch.ones((), dtype=compute) if weight is None else weight.to(compute).view(shape)
+    b = torch.zeros((), dtype=compute) if bias is None else bias.to(compute).view(shape)
+    x_hat = (x - mean) * invstd
+    z = x_hat * w + b
+    if residual is not None:
+        z = z + residual.to(compute)
+    dz = _activation_grad(dy, z, activation)
+    g = dz * w
+    if training:
+        grad_input = invstd * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
+    else:
+        grad_input = g * invstd
+    return grad_input.to(input.dtype), (dz * x_hat).sum(dims), dz.sum(dims), dz.to(input.dtype)
+
+
+def _batch_norm_act_backward_setup(ctx, inputs, output):
+    grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps, activation, output_mask = inputs
+    ctx.save_for_backward(grad_out, input, residual, weight, bias, save_mean, save_invstd)
+    ctx.training, ctx.eps, ctx.activation, ctx.output_mask = training, eps, activation, list(output_mask)
+
+
+def _batch_norm_act_backward_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
+    grad_out, input, residual, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+    mask = list(ctx.output_mask)
+    mask[3] = mask[3] and residual is not None
+    d_grad_out, d_input, d_residual, d_weight, d_bias = _params_double_backward(
+        lambda dy, x, r, w, b: _batch_norm_act_grads_reference(
+            dy, x, r, w, b, save_mean, save_invstd, ctx.training, ctx.eps, ctx.activation
+        ),
+        (grad_out, input, residual, weight, bias), (gg_input, gg_weight, gg_bias, gg_residual), mask,
+    )
+    return d_grad_out, d_input, d_residual, d_weight, d_bias, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "bn_ext::batch_norm_act_backward", _batch_norm_act_backward_backward, setup_context=_batch_norm_act_backward_setup
+)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = "relu",
+    residual: Tensor | None = None,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """act(batch_norm(input) + residual) in one pass over memory.
+
+    batch_norm's arguments and running-statistics update, then `activation`
+    (None or "none", "relu", "silu") of the normalised input plus `residual`
+    (a tensor of the input's shape, or None). Equal to the unfused ops:
+    bn_ext.batch_norm, then `+ residual`, then the activation, each rounded
+    to the input's dtype as they would be (ReLU's outputs and gradients
+    bitwise; SiLU's within its exp's 2 ulp). The backward recomputes the
+    activation's input from `input` and `residual` and returns the residual's
+    gradient too; momentum None is the cumulative average over num_batches_tracked.
+    """
+    _check_activation("batch_norm_act", activation)
+    out, save_mean, save_invstd = _batch_norm_act_forward(
+        input, weight, bias, running_mean, running_var, training, eps, activation, residual
+    )
+    if training and running_mean is not None and input.numel() > 0:
+        with torch.no_grad():
+            _batch_norm_update_stats(
+                running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
+                input.numel() // input.shape[1],
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Folding arithmetic (csrc/fold.cpp): the folded layer's weight keeps its
 # layout; its bias has one value per output channel.
 
@@ -408,7 +526,6 @@ _group_norm_forward = _ops.group_norm_forward.default
 _group_norm_backward = _ops.group_norm_backward.default
 _layer_norm_channels_forward = _ops.layer_norm_channels_forward.default
 _layer_norm_channels_backward = _ops.layer_norm_channels_backward.default
-_ACTIVATIONS = (None, "none", "relu", "silu")
 
 
 def _family_memory_format(x: Tensor) -> torch.memory_format:
@@ -498,18 +615,16 @@ def _layer_norm_channels_grads_reference(grad_out, input, weight, bias, eps):
     return grad_input.movedim(-1, 1), grad_weight, grad_bias
 
 
-def _params_double_backward(reference, grad_out, input, weight, bias, grads_of_grads, output_mask):
-    """Gradients of a backward op's outputs (dx, dweight, dbias) with respect
-    to grad_out, input, weight and bias, through its composite reference."""
-    def first_derivatives(dy, x, w, b):
-        return reference(dy, x, w, b)
-
-    primals = (grad_out, input, weight, bias)
+def _params_double_backward(reference, primals, grads_of_grads, output_mask):
+    """Gradients of a backward op's outputs (dx, dweight, dbias, ...) with
+    respect to its tensor inputs `primals` (None where absent), through its
+    composite reference(*primals)."""
     present = [p is not None for p in primals]
-    args = [p if p is not None else torch.zeros((), dtype=input.dtype, device=input.device) for p in primals]
+    like = primals[1]
+    args = [p if p is not None else torch.zeros((), dtype=like.dtype, device=like.device) for p in primals]
 
     def call(*xs):
-        return first_derivatives(*[x if keep else None for x, keep in zip(xs, present)])
+        return reference(*[x if keep else None for x, keep in zip(xs, present)])
 
     outputs, vjp = torch.func.vjp(call, *args)
     cotangents = tuple(
@@ -530,7 +645,7 @@ def _group_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     grad_out, input, weight, bias = ctx.saved_tensors
     d_grad_out, d_input, d_weight, d_bias = _params_double_backward(
         lambda dy, x, w, b: _group_norm_grads_reference(dy, x, ctx.num_groups, w, b, ctx.eps, ctx.activation),
-        grad_out, input, weight, bias, (gg_input, gg_weight, gg_bias), ctx.output_mask,
+        (grad_out, input, weight, bias), (gg_input, gg_weight, gg_bias), ctx.output_mask,
     )
     return d_grad_out, d_input, None, None, None, d_weight, d_bias, None, None, None
 
@@ -545,7 +660,7 @@ def _layer_norm_channels_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     grad_out, input, weight, bias = ctx.saved_tensors
     d_grad_out, d_input, d_weight, _ = _params_double_backward(
         lambda dy, x, w, b: _layer_norm_channels_grads_reference(dy, x, w, b, ctx.eps),
-        grad_out, input, weight, bias, (gg_input, gg_weight, gg_bias), ctx.output_mask,
+        (grad_out, input, weight, bias), (gg_input, gg_weight, gg_bias), ctx.output_mask,
     )
     return d_grad_out, d_input, None, None, d_weight, None, None, None
 

@@ -74,6 +74,59 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
+// BatchNorm + activation (+ residual): saves the input and the residual, from
+// which the backward recomputes the pre-activation value; never the output.
+class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                               const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                               const std::optional<Tensor>& running_var, bool training, double eps,
+                               std::optional<c10::string_view> activation, const std::optional<Tensor>& residual) {
+    static const auto forward_op = op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+        const std::optional<Tensor>&, bool, double, std::optional<c10::string_view>, const std::optional<Tensor>&)>(
+        "bn_ext::batch_norm_act_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, invstd] =
+        forward_op.call(input, weight, bias, running_mean, running_var, training, eps, activation, residual);
+    ctx->save_for_backward(
+        {input, defined_or_empty(residual), defined_or_empty(weight), defined_or_empty(bias), mean, invstd});
+    InputSlots slots;
+    ctx->saved_data["weight_slot"] = slots.of(weight);
+    ctx->saved_data["bias_slot"] = slots.of(bias);
+    slots.of(running_mean);
+    slots.of(running_var);
+    ctx->saved_data["residual_slot"] = slots.of(residual);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(std::string(*activation)) : c10::IValue();
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    ctx->mark_non_differentiable({mean, invstd});
+    return {out, mean, invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+        const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, std::optional<c10::string_view>,
+        std::array<bool, 4>)>("bn_ext::batch_norm_act_backward");
+    const auto saved = ctx->get_saved_variables();
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
+                                      needs_grad(ctx, "bias_slot"), needs_grad(ctx, "residual_slot")};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return variable_list(9);
+    const auto& activation_value = ctx->saved_data["activation"];
+    const std::string activation = activation_value.isNone() ? std::string() : activation_value.toStringRef();
+    auto [gi, gw, gb, gr] = backward_op.call(
+        grads[0], saved[0], optional_of(saved[1]), optional_of(saved[2]), optional_of(saved[3]), saved[4], saved[5],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+        activation_value.isNone() ? std::nullopt : std::optional<c10::string_view>(activation), mask);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    if (mask[2] && bias_dtype >= 0) gb = gb.to(static_cast<at::ScalarType>(bias_dtype));
+    return {asked(mask[0], gi), asked(mask[1], gw), asked(mask[2], gb), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), asked(mask[3], gr)};
+  }
+};
+
 class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::SymIntArrayRef normalized_shape,
@@ -226,6 +279,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_autograd(const Tensor& inp
   return {out[0], out[1], out[2]};
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_autograd(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    std::optional<c10::string_view> activation, const std::optional<Tensor>& residual) {
+  auto out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var, training, eps, activation,
+                                         residual);
+  return {out[0], out[1], out[2]};
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_autograd(const Tensor& input,
                                                                c10::SymIntArrayRef normalized_shape,
                                                                const std::optional<Tensor>& weight,
@@ -263,6 +325,7 @@ TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) {
   m.impl("group_norm_forward", &group_norm_forward_autograd);
   m.impl("layer_norm_channels_forward", &layer_norm_channels_forward_autograd);
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_autograd);
   m.impl("layer_norm_forward", &layer_norm_forward_autograd);
   m.impl("rms_norm_forward", &rms_norm_forward_autograd);
 }

@@ -60,6 +60,17 @@ inline void check_batch_norm_forward_args(const at::Tensor& input, bool training
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
 }
 
+// A residual added before the activation: the input's size, dtype and device.
+inline void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& input) {
+  if (!has(residual)) return;
+  TORCH_CHECK(residual->sizes() == input.sizes(), "batch_norm_act: residual must have the input's size ",
+              input.sizes(), ", got ", residual->sizes());
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "batch_norm_act: residual must have the input's dtype ",
+              input.scalar_type(), ", got ", residual->scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), "batch_norm_act: residual must be on the input's device ",
+              input.device(), ", got ", residual->device());
+}
+
 inline void check_batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
                                           const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
                                           const at::Tensor& save_invstd) {

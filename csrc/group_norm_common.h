@@ -9,7 +9,6 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
-#include <string_view>
 
 namespace bn_ext {
 
@@ -37,30 +36,6 @@ inline GroupNormGeometry group_norm_geometry(const at::Tensor& dense, int64_t gr
   for (int64_t d = 2; d < dense.dim(); ++d) S *= dense.size(d);
   const bool channels_last = S > 1 && group_norm_memory_format(dense) != at::MemoryFormat::Contiguous;
   return {channels_last, dense.size(0), dense.size(1), S, groups};
-}
-
-// An activation applied to the normalised output (GroupNorm's fused form).
-enum class Activation { kNone, kRelu, kSilu };
-
-// fn(tag) with the tag type of `act` (each backend has its own three).
-template <typename None, typename Relu, typename Silu, typename Fn>
-void with_activation(Activation act, const Fn& fn) {
-  switch (act) {
-    case Activation::kNone:
-      return fn(None{});
-    case Activation::kRelu:
-      return fn(Relu{});
-    case Activation::kSilu:
-      return fn(Silu{});
-  }
-  TORCH_INTERNAL_ASSERT(false, "unknown activation");
-}
-
-inline Activation parse_activation(const std::optional<std::string_view>& name) {
-  if (!name.has_value() || *name == "none") return Activation::kNone;
-  if (*name == "relu") return Activation::kRelu;
-  if (*name == "silu") return Activation::kSilu;
-  TORCH_CHECK_VALUE(false, "group_norm: activation must be None, 'relu' or 'silu', got '", *name, "'");
 }
 
 // torch.nn.functional.group_norm's checks, with its words.

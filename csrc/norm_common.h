@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace bn_ext {
 
@@ -40,6 +41,30 @@ inline void check_param(const std::optional<at::Tensor>& param, const char* name
   const auto& p = *param;
   check_param_device_dtype(p, name, input);
   TORCH_CHECK(p.numel() == numel, name, " should contain ", numel, " elements (", what, ") not ", p.numel());
+}
+
+// An activation applied to a normalised output (the fused forms of GroupNorm and BatchNorm).
+enum class Activation { kNone, kRelu, kSilu };
+
+// fn(tag) with the tag type of `act` (each backend has its own three).
+template <typename None, typename Relu, typename Silu, typename Fn>
+void with_activation(Activation act, const Fn& fn) {
+  switch (act) {
+    case Activation::kNone:
+      return fn(None{});
+    case Activation::kRelu:
+      return fn(Relu{});
+    case Activation::kSilu:
+      return fn(Silu{});
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown activation");
+}
+
+inline Activation parse_activation(const std::optional<std::string_view>& name, const char* op) {
+  if (!name.has_value() || *name == "none") return Activation::kNone;
+  if (*name == "relu") return Activation::kRelu;
+  if (*name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, op, ": activation must be None, 'relu' or 'silu', got '", *name, "'");
 }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

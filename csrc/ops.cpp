@@ -22,6 +22,19 @@ TORCH_LIBRARY(bn_ext, m) {
       "batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, "
       "Tensor save_invstd, bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
+  // BatchNorm fused with an activation (None, 'relu' or 'silu') of the
+  // output plus an optional residual: out = act(batch_norm(input) + residual).
+  // The backward recomputes the pre-activation value from input, residual
+  // and the saved statistics; output_mask's last entry is the residual's gradient.
+  m.def(
+      "batch_norm_act_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, str? activation, Tensor? residual) "
+      "-> (Tensor out, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, bool training, float eps, str? activation, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
   // LayerNorm and RMSNorm over the trailing normalized_shape dims. Statistics
   // have the input's leading dims and a 1 per normalized dim. eps in the
   // backward ops serves their own autograd formula (double backward).

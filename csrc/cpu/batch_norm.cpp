@@ -10,6 +10,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -19,14 +20,17 @@ namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, const std::optional<Tensor>& weight,
-                                                          const std::optional<Tensor>& bias,
-                                                          const std::optional<Tensor>& running_mean,
-                                                          const std::optional<Tensor>& running_var, bool training,
-                                                          double eps) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_cpu(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    std::optional<std::string_view> activation, const std::optional<Tensor>& residual) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
   check_batch_norm_forward_args(input, training, eps);
-  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  check_residual(residual, input);
+  const Activation act = parse_activation(activation, "batch_norm_act");
+  const auto fmt = batch_norm_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor res = has(residual) ? residual->contiguous(fmt) : Tensor();
   const BatchNormGeometry g = batch_norm_geometry(x);
   Tensor out = empty_output_like(x, at::MemoryFormat::Preserve);
   const auto sdtype = stat_dtype(input.scalar_type());
@@ -38,14 +42,74 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, c
   std::vector<double> mean(g.C), invstd(g.C);
   const auto& kernels = *cpu_kernels().batch_norm;
   if (training) {
-    kernels.train_forward(x, out, g, w.data(), b.data(), eps, mean.data(), invstd.data());
+    kernels.train_forward(x, res, out, g, w.data(), b.data(), eps, act, mean.data(), invstd.data());
   } else {
     mean = channel_values(running_mean, g.C, 0.0);
     const auto var = channel_values(running_var, g.C, 1.0);
     for (int64_t c = 0; c < g.C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
-    if (x.numel() > 0) kernels.affine_forward(x, out, g, mean.data(), invstd.data(), w.data(), b.data());
+    if (x.numel() > 0) kernels.affine_forward(x, res, out, g, mean.data(), invstd.data(), w.data(), b.data(), act);
   }
   return {out, channel_tensor(mean, sdtype), channel_tensor(invstd, sdtype)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias,
+                                                          const std::optional<Tensor>& running_mean,
+                                                          const std::optional<Tensor>& running_var, bool training,
+                                                          double eps) {
+  return batch_norm_act_forward_cpu(input, weight, bias, running_mean, running_var, training, eps, std::nullopt,
+                                    std::nullopt);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& residual,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, double eps, std::optional<std::string_view> activation,
+    std::array<bool, 4> output_mask) {
+  (void)eps;  // used by the autograd formula of this op, not by the kernel
+  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
+  check_param(bias, "bias", input, input.size(1), "the input's channel count, input.size(1)");
+  check_residual(residual, input);
+  const Activation act = parse_activation(activation, "batch_norm_act_backward");
+  const int64_t C = input.size(1);
+  const auto fmt = batch_norm_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  Tensor dy = grad_out.contiguous(fmt);
+  const BatchNormGeometry g = batch_norm_geometry(x);
+  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto mean = channel_values(save_mean, C, 0.0);
+  const auto invstd = channel_values(save_invstd, C, 1.0);
+  const auto w = channel_values(weight, C, 1.0);
+  const auto b = channel_values(bias, C, 0.0);
+  const auto& kernels = *cpu_kernels().batch_norm;
+  // With a residual, the gradient of the sum is the residual's: computed
+  // first, then it is the normalisation's dy. Without, it stays implicit.
+  Tensor grad_residual = at::empty({0}, x.options());
+  Activation through = act;
+  const bool upstream = output_mask[0] || output_mask[1] || output_mask[2];
+  if (has(residual) && (output_mask[3] || upstream)) {
+    grad_residual = empty_output_like(x, at::MemoryFormat::Preserve);
+    if (x.numel() > 0) {
+      kernels.activation_gradient(dy, x, residual->contiguous(fmt), grad_residual, g, mean.data(), invstd.data(),
+                                  w.data(), b.data(), act);
+    }
+    dy = grad_residual;
+    through = Activation::kNone;
+  }
+  Tensor grad_input = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Preserve) : at::empty({0}, x.options());
+  std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+  if (x.numel() > 0 && upstream) {
+    kernels.backward(dy, x, output_mask[0] ? grad_input : Tensor(), g, mean.data(), invstd.data(), w.data(),
+                     b.data(), through, training, output_mask[1] || output_mask[2], sum_dy.data(),
+                     sum_dy_xmu.data());
+  }
+  auto param_grad = [&](bool asked, const std::vector<double>& values) {
+    return asked ? channel_tensor(values, param_dtype) : at::empty({0}, x.options().dtype(param_dtype));
+  };
+  std::vector<double> gw(C);
+  for (int64_t c = 0; c < C; ++c) gw[c] = sum_dy_xmu[c] * invstd[c];
+  if (!output_mask[3]) grad_residual = at::empty({0}, x.options());
+  return {grad_input, param_grad(output_mask[1], gw), param_grad(output_mask[2], sum_dy), grad_residual};
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
@@ -53,30 +117,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            const Tensor& save_mean, const Tensor& save_invstd,
                                                            bool training, double eps,
                                                            std::array<bool, 3> output_mask) {
-  (void)eps;  // used by the autograd formula of this op, not by the kernel
-  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
-  const int64_t C = input.size(1);
-  const auto fmt = batch_norm_memory_format(input);
-  const Tensor x = input.contiguous(fmt);
-  const Tensor dy = grad_out.contiguous(fmt);
-  const BatchNormGeometry g = batch_norm_geometry(x);
-  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
-  Tensor grad_input = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Preserve) : at::empty({0}, x.options());
-  const auto mean = channel_values(save_mean, C, 0.0);
-  const auto invstd = channel_values(save_invstd, C, 1.0);
-  const auto w = channel_values(weight, C, 1.0);
-  std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
-  if (x.numel() > 0) {
-    cpu_kernels().batch_norm->backward(dy, x, output_mask[0] ? grad_input : Tensor(), g, mean.data(), invstd.data(),
-                                       w.data(), training, output_mask[1] || output_mask[2], sum_dy.data(),
-                                       sum_dy_xmu.data());
-  }
-  auto param_grad = [&](bool asked, const std::vector<double>& values) {
-    return asked ? channel_tensor(values, param_dtype) : at::empty({0}, x.options().dtype(param_dtype));
-  };
-  std::vector<double> gw(C);
-  for (int64_t c = 0; c < C; ++c) gw[c] = sum_dy_xmu[c] * invstd[c];
-  return {grad_input, param_grad(output_mask[1], gw), param_grad(output_mask[2], sum_dy)};
+  auto [dx, dw, db, unused] = batch_norm_act_backward_cpu(grad_out, input, std::nullopt, weight, std::nullopt,
+                                                          save_mean, save_invstd, training, eps, std::nullopt,
+                                                          {output_mask[0], output_mask[1], output_mask[2], false});
+  return {dx, dw, db};
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
@@ -122,6 +166,8 @@ void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, cons
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
   m.impl("batch_norm_update_stats", &batch_norm_update_stats_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);
 }

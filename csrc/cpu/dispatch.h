@@ -29,19 +29,28 @@ namespace bn_ext::cpu {
 
 // BatchNorm. Per-channel values are float64 arrays of C elements.
 struct BatchNormKernels {
-  // Training forward: mean and invstd per channel, and y = normalised x.
-  void (*train_forward)(const at::Tensor& x, const at::Tensor& y, const BatchNormGeometry& g, const double* weight,
-                        const double* bias, double eps, double* mean, double* invstd);
-  // y = (x - mean) * invstd * weight + bias.
-  void (*affine_forward)(const at::Tensor& x, const at::Tensor& y, const BatchNormGeometry& g, const double* mean,
-                         const double* invstd, const double* weight, const double* bias);
+  // Training forward: mean and invstd per channel, and y = act(normalised x
+  // [+ residual]) (residual undefined: none).
+  void (*train_forward)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& y,
+                        const BatchNormGeometry& g, const double* weight, const double* bias, double eps,
+                        Activation act, double* mean, double* invstd);
+  // y = act((x - mean) * invstd * weight + bias [+ residual]).
+  void (*affine_forward)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& y,
+                         const BatchNormGeometry& g, const double* mean, const double* invstd, const double* weight,
+                         const double* bias, Activation act);
   // mean and M2 = sum((x - mean)^2) per channel.
   void (*moments)(const at::Tensor& x, const BatchNormGeometry& g, double* mean, double* m2);
-  // sum(dy) and sum(dy * (x - mean)) per channel when `need_sums`, and dx
-  // when it is defined (training: the full formula; eval: dy * weight * invstd).
+  // Of the gradient dz = dy * act'(z) of the pre-activation value z (no
+  // residual: recomputed from x, `bias` and the statistics): sum(dz) and
+  // sum(dz * (x - mean)) per channel when `need_sums`, and dx when it is
+  // defined (training: the full formula; eval: dz * weight * invstd).
   void (*backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const BatchNormGeometry& g,
-                   const double* mean, const double* invstd, const double* weight, bool training, bool need_sums,
-                   double* sum_dy, double* sum_dy_xmu);
+                   const double* mean, const double* invstd, const double* weight, const double* bias,
+                   Activation act, bool training, bool need_sums, double* sum_dy, double* sum_dy_xmu);
+  // out = dy * act'(z), z = normalised x + residual: the residual's gradient.
+  void (*activation_gradient)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+                              const at::Tensor& out, const BatchNormGeometry& g, const double* mean,
+                              const double* invstd, const double* weight, const double* bias, Activation act);
 };
 
 // LayerNorm and RMSNorm over rows of `cols` values. Parameter gradients come

@@ -44,7 +44,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward_cuda(const Tensor& input, 
                                                            const std::optional<Tensor>& bias, double eps,
                                                            std::optional<std::string_view> activation) {
   check_group_norm_args(input, num_groups, weight, bias);
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(activation, "group_norm");
   const DeviceGuard guard(input);
   const Tensor x = input.contiguous(group_norm_memory_format(input));
   const GroupNormGeometry g = group_norm_geometry(x, num_groups);
@@ -93,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward_cuda(const Tensor& grad_o
                                                             std::array<bool, 3> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernels
   check_group_norm_args(input, num_groups, weight, bias);
-  const Activation act = parse_activation(activation);
+  const Activation act = parse_activation(activation, "group_norm");
   const int64_t N = input.size(0), C = input.size(1);
   check_group_norm_backward_args("group_norm_backward", grad_out, input, save_mean, save_rstd, N * num_groups);
   const DeviceGuard guard(input);

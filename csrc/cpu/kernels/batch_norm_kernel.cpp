@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace bn_ext::cpu::CPU_CAPABILITY {
@@ -34,47 +35,155 @@ inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, doub
 }
 
 
+// fn(std::bool_constant<has_residual>).
+template <typename Fn>
+void with_residual(bool has_residual, const Fn& fn) {
+  if (has_residual) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// The forward takes its coefficients from the statistics as saved (rounded
+// to op-math, the saved dtype), as torch's kernels do: a backward that
+// recomputes z from them (BatchNorm + activation's) finds every z, and so
+// every ReLU mask, as the forward had it, and the fused and unfused forms
+// give the same bits.
+template <typename T>
+inline double as_saved(double statistic) {
+  return static_cast<double>(static_cast<opmath_t<T>>(statistic));
+}
+
+// y = act(normalised x [+ residual]).
+template <typename T, typename Act, bool kResidual>
+void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNormGeometry& g, const double* w,
+                          const double* b, double eps, double* mean, double* invstd) {
+  using Form = ActivatedAffine<T, Act, kResidual>;
+  const FormInputs<T> in{nullptr, px, residual};
+  ChannelCoefficients<T> k(g.C);
+  if (!g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
+    // Each channel reduces in one stripe: statistics and normalisation of
+    // a block of channels in one task, its data still in cache.
+    for_each_channel_block(g, channels_per_block(g, sizeof(T)), 2, [&](int64_t c0, int64_t c1) {
+      Moments m[kMaxBlockChannels];
+      add_block_moments(px, g, c0, c1, 0, g.reduce_size(), m);
+      for (int64_t c = c0; c < c1; ++c) {
+        mean[c] = as_saved<T>(m[c - c0].mean);
+        invstd[c] = as_saved<T>(invstd_of(m[c - c0], eps));
+        set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
+      }
+      block_form_pass<T, Form>(py, in, k, g, c0, c1);
+    });
+    return;
+  }
+  const auto moments = channel_moments(px, g);
+  for (int64_t c = 0; c < g.C; ++c) {
+    mean[c] = as_saved<T>(moments[c].mean);
+    invstd[c] = as_saved<T>(invstd_of(moments[c], eps));
+    set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
+  }
+  channel_form_pass<T, Form>(py, in, k, g);
+}
+
+template <typename T>
+ChannelCoefficients<T> forward_coefficients(const BatchNormGeometry& g, const double* mean, const double* invstd,
+                                            const double* w, const double* b) {
+  ChannelCoefficients<T> k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    set_forward_coefficients(k, c, as_saved<T>(mean[c]), as_saved<T>(invstd[c]), w[c], b[c]);
+  }
+  return k;
+}
+
+// dx, and the sums when asked, of the gradient dy * act'(z) (dy itself for
+// NoActivation) with z recomputed from x: that gradient is never stored.
+template <typename T, typename Act>
+void backward_kernel(const T* pdy, const T* px, T* pdx, const BatchNormGeometry& g, const double* mean,
+                     const double* invstd, const double* w, const double* b, bool training, bool need_sums,
+                     double* sum_dy, double* sum_dy_xmu) {
+  using Op = opmath_t<T>;
+  constexpr bool kThrough = !std::is_same_v<Act, NoActivation>;
+  const double M = static_cast<double>(g.reduce_size());
+  ChannelCoefficients<T> k(g.C);
+  // The forward's scale (weight * invstd, also the backward's alpha) and shift.
+  ChannelCoefficients<T> forward = kThrough ? forward_coefficients<T>(g, mean, invstd, w, b) : ChannelCoefficients<T>(0);
+  for (int64_t c = 0; c < g.C; ++c) {
+    k.center[c] = static_cast<Op>(mean[c]);
+    if constexpr (kThrough) k.shift[c] = forward.gamma[c];
+  }
+  const auto gradient = [&] {
+    if constexpr (kThrough) {
+      return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data()};
+    } else {
+      return PlainGradient<T>{};
+    }
+  }();
+  const FormInputs<T> in{pdy, px};
+  // sum(dy * (x - mean)) from the sum about the rounded center.
+  auto set_sums = [&](int64_t c, const GradSums& s) {
+    sum_dy[c] = s.dy;
+    sum_dy_xmu[c] = s.dy_xc - (mean[c] - static_cast<double>(k.center[c])) * s.dy;
+  };
+  using TrainingForm = std::conditional_t<kThrough, AffineThrough<T, Act, true>, Affine<true, true>>;
+  using EvalForm = std::conditional_t<kThrough, AffineThrough<T, Act, false>, Affine<true, false>>;
+  if (training && pdx != nullptr && !g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
+    // A block of channels' sums and their dx in one task, dy and x still
+    // in cache for the second read.
+    for_each_channel_block(g, channels_per_block(g, 2 * sizeof(T)), 3, [&](int64_t c0, int64_t c1) {
+      GradSums sums[kMaxBlockChannels];
+      add_block_grad_sums(pdy, px, k.center.data(), g, c0, c1, 0, g.reduce_size(), sums, gradient);
+      for (int64_t c = c0; c < c1; ++c) {
+        set_sums(c, sums[c - c0]);
+        set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, true);
+      }
+      block_form_pass<T, TrainingForm>(pdx, in, k, g, c0, c1);
+    });
+    return;
+  }
+  if (need_sums || (training && pdx != nullptr)) {
+    const auto sums = channel_grad_sums(pdy, px, k.center.data(), g, gradient);
+    for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
+  }
+  if (pdx == nullptr) return;
+  for (int64_t c = 0; c < g.C; ++c) {
+    set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
+  }
+  if (training) {
+    channel_form_pass<T, TrainingForm>(pdx, in, k, g);
+  } else {
+    channel_form_pass<T, EvalForm>(pdx, {pdy, kThrough ? px : nullptr}, k, g);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Table entries.
 
-void train_forward(const Tensor& x, const Tensor& y, const BatchNormGeometry& g, const double* w, const double* b,
-                   double eps, double* mean, double* invstd) {
+void train_forward(const Tensor& x, const Tensor& residual, const Tensor& y, const BatchNormGeometry& g,
+                   const double* w, const double* b, double eps, Activation act, double* mean, double* invstd) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_train_forward", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    scalar_t* py = y.mutable_data_ptr<scalar_t>();
-    ChannelCoefficients<scalar_t> k(g.C);
-    if (!g.channels_last && !short_planes<scalar_t>(g) && stripe_count(g) == 1) {
-      // Each channel reduces in one stripe: statistics and normalisation of
-      // a block of channels in one task, its data still in cache.
-      for_each_channel_block(g, channels_per_block(g, sizeof(scalar_t)), 2, [&](int64_t c0, int64_t c1) {
-        Moments m[kMaxBlockChannels];
-        add_block_moments(px, g, c0, c1, 0, g.reduce_size(), m);
-        for (int64_t c = c0; c < c1; ++c) {
-          mean[c] = m[c - c0].mean;
-          invstd[c] = invstd_of(m[c - c0], eps);
-          set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-        }
-        block_form_pass<scalar_t, Affine<false, true>>(py, nullptr, px, k, g, c0, c1);
+    with_activation(act, [&](auto activation) {
+      with_residual(residual.defined(), [&](auto has_residual) {
+        train_forward_kernel<scalar_t, decltype(activation), has_residual()>(
+            x.const_data_ptr<scalar_t>(), has_residual() ? residual.const_data_ptr<scalar_t>() : nullptr,
+            y.mutable_data_ptr<scalar_t>(), g, w, b, eps, mean, invstd);
       });
-      return;
-    }
-    const auto moments = channel_moments(px, g);
-    for (int64_t c = 0; c < g.C; ++c) {
-      mean[c] = moments[c].mean;
-      invstd[c] = invstd_of(moments[c], eps);
-      set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-    }
-    channel_form_pass<scalar_t, Affine<false, true>>(py, nullptr, px, k, g);
+    });
   });
 }
 
-void affine_forward(const Tensor& x, const Tensor& y, const BatchNormGeometry& g, const double* mean,
-                    const double* invstd, const double* w, const double* b) {
+void affine_forward(const Tensor& x, const Tensor& residual, const Tensor& y, const BatchNormGeometry& g,
+                    const double* mean, const double* invstd, const double* w, const double* b, Activation act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_affine_forward", [&] {
-    ChannelCoefficients<scalar_t> k(g.C);
-    for (int64_t c = 0; c < g.C; ++c) set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-    channel_form_pass<scalar_t, Affine<false, true>>(y.mutable_data_ptr<scalar_t>(), nullptr, x.const_data_ptr<scalar_t>(),
-                                               k, g);
+    const FormInputs<scalar_t> in{nullptr, x.const_data_ptr<scalar_t>(),
+                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr};
+    with_activation(act, [&](auto activation) {
+      const auto k = forward_coefficients<scalar_t>(g, mean, invstd, w, b);
+      with_residual(residual.defined(), [&](auto has_residual) {
+        channel_form_pass<scalar_t, ActivatedAffine<scalar_t, decltype(activation), has_residual()>>(
+            y.mutable_data_ptr<scalar_t>(), in, k, g);
+      });
+    });
   });
 }
 
@@ -89,54 +198,34 @@ void moments(const Tensor& x, const BatchNormGeometry& g, double* mean, double* 
 }
 
 void backward(const Tensor& dy, const Tensor& x, const Tensor& dx, const BatchNormGeometry& g, const double* mean,
-              const double* invstd, const double* w, bool training, bool need_sums, double* sum_dy,
-              double* sum_dy_xmu) {
+              const double* invstd, const double* w, const double* b, Activation act, bool training, bool need_sums,
+              double* sum_dy, double* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
-    using Op = opmath_t<scalar_t>;
-    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const double M = static_cast<double>(g.reduce_size());
-    ChannelCoefficients<scalar_t> k(g.C);
-    for (int64_t c = 0; c < g.C; ++c) k.center[c] = static_cast<Op>(mean[c]);
-    // sum(dy * (x - mean)) from the sum about the rounded center.
-    auto set_sums = [&](int64_t c, const GradSums& s) {
-      sum_dy[c] = s.dy;
-      sum_dy_xmu[c] = s.dy_xc - (mean[c] - static_cast<double>(k.center[c])) * s.dy;
-    };
-    if (training && dx.defined() && !g.channels_last && !short_planes<scalar_t>(g) && stripe_count(g) == 1) {
-      // A block of channels' sums and their dx in one task, dy and x still
-      // in cache for the second read.
-      scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-      for_each_channel_block(g, channels_per_block(g, 2 * sizeof(scalar_t)), 3, [&](int64_t c0, int64_t c1) {
-        GradSums sums[kMaxBlockChannels];
-        add_block_grad_sums(pdy, px, k.center.data(), g, c0, c1, 0, g.reduce_size(), sums);
-        for (int64_t c = c0; c < c1; ++c) {
-          set_sums(c, sums[c - c0]);
-          set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, true);
-        }
-        block_form_pass<scalar_t, Affine<true, true>>(pdx, pdy, px, k, g, c0, c1);
-      });
-      return;
-    }
-    if (need_sums || (training && dx.defined())) {
-      const auto sums = channel_grad_sums(pdy, px, k.center.data(), g);
-      for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
-    }
-    if (!dx.defined()) return;
-    for (int64_t c = 0; c < g.C; ++c) {
-      set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
-    }
-    scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-    if (training) {
-      channel_form_pass<scalar_t, Affine<true, true>>(pdx, pdy, px, k, g);
-    } else {
-      channel_form_pass<scalar_t, Affine<true, false>>(pdx, pdy, nullptr, k, g);
-    }
+    with_activation(act, [&](auto activation) {
+      backward_kernel<scalar_t, decltype(activation)>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                      dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr, g,
+                                                      mean, invstd, w, b, training, need_sums, sum_dy, sum_dy_xmu);
+    });
+  });
+}
+
+void activation_gradient(const Tensor& dy, const Tensor& x, const Tensor& residual, const Tensor& out,
+                         const BatchNormGeometry& g, const double* mean, const double* invstd, const double* w,
+                         const double* b, Activation act) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_activation_gradient", [&] {
+    const auto k = forward_coefficients<scalar_t>(g, mean, invstd, w, b);
+    const FormInputs<scalar_t> in{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                  residual.const_data_ptr<scalar_t>()};
+    with_activation(act, [&](auto activation) {
+      channel_form_pass<scalar_t, ActivationGradient<scalar_t, decltype(activation), true>>(
+          out.mutable_data_ptr<scalar_t>(), in, k, g);
+    });
   });
 }
 
 }  // namespace
 
-extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &backward};
+extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &backward,
+                                                    &activation_gradient};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY

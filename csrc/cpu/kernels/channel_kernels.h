@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace bn_ext::cpu::CPU_CAPABILITY {
@@ -291,24 +292,38 @@ inline void add_grad_sums(GradSums& total, double dy, double dy_xc) {
   total.dy_xc += dy_xc;
 }
 
+// The gradient the sums below are taken of, at one vector: dy itself, or dy
+// through an activation of the forward value recomputed from x
+// (GradientThrough, below). `channel(c)` serves a channels-first run of
+// channel c, `columns(j)` channels-last columns [j, j + W).
+template <typename T>
+struct PlainGradient {
+  struct At {
+    OpVec<T> operator()(const OpVec<T>& dy, const OpVec<T>&) const { return dy; }
+  };
+  At channel(int64_t) const { return {}; }
+  At columns(int64_t) const { return {}; }
+};
+
 // Channels-first gradient sums of elements [lo, hi) of each channel of
 // [c0, c1), added into sums[c - c0]: op-math within a cache chunk, float64
 // across chunks, the same chunks as add_block_moments.
-template <typename T>
+template <typename T, typename Gradient = PlainGradient<T>>
 void add_block_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, const BatchNormGeometry& g, int64_t c0,
-                         int64_t c1, int64_t lo, int64_t hi, GradSums* sums) {
+                         int64_t c1, int64_t lo, int64_t hi, GradSums* sums, const Gradient& gradient = {}) {
   using Vec = OpVec<T>;
   std::vector<Vec> acc_dy(c1 - c0), acc_dyx(c1 - c0);
   for (int64_t i = lo; i < hi; i += kCacheChunk) {
     for (int64_t c = c0; c < c1; ++c) acc_dy[c - c0] = acc_dyx[c - c0] = Vec(0);
     block_runs(g, c0, c1, i, std::min(hi, i + kCacheChunk), [&](int64_t c, int64_t off, int64_t len) {
       const Vec vcenter(center[c]);
+      const auto grad = gradient.channel(c);
       // Lanes past a run's end load dy = 0: they add nothing to either sum.
       run_sums<true>(
           len,
           [&](int64_t e, int64_t count, Vec& a, Vec& b) {
-            a = load_op_n(dy + off + e, count);
             b = load_op_n(x + off + e, count) - vcenter;
+            a = grad(load_op_n(dy + off + e, count), b);
           },
           acc_dy[c - c0], acc_dyx[c - c0]);
     });
@@ -320,9 +335,9 @@ void add_block_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, con
 
 // Channels-last gradient sums of rows [r0, r1), added by
 // add(column, sum_dy, sum_dy_xc). `center` is a column array.
-template <typename T, typename Add>
+template <typename T, typename Add, typename Gradient = PlainGradient<T>>
 void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, const BatchNormGeometry& g, int64_t r0,
-                        int64_t r1, const Add& add) {
+                        int64_t r1, const Add& add, const Gradient& gradient = {}) {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   auto sum_dy = column_array<Op>(g.C), sum_dyx = column_array<Op>(g.C);
@@ -330,33 +345,33 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
       r1 - r0, g.C,
       [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) {
         const int64_t offset = (r0 + s) * g.C + j;
-        a = load_op_n(dy + offset, count);
         b = load_op_n(x + offset, count) - Vec::loadu(center + j);
+        a = gradient.columns(j)(load_op_n(dy + offset, count), b);
       },
       sum_dy.data(), sum_dyx.data());
   for (int64_t c = 0; c < g.C; ++c) add(c, sum_dy[c], sum_dyx[c]);
 }
 
-template <typename T>
+template <typename T, typename Gradient = PlainGradient<T>>
 std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const opmath_t<T>* center,
-                                        const BatchNormGeometry& g) {
+                                        const BatchNormGeometry& g, const Gradient& gradient = {}) {
   const int64_t stripes = short_planes<T>(g) ? plane_split<T>(g).stripes : stripe_count(g);
   // Per stripe and channel, added in stripe order below.
   std::vector<GradSums> partial(g.C * stripes);
   if (short_planes<T>(g)) {
     for_each_plane_task(g, plane_split<T>(g), [&](int64_t stripe, int64_t c0, int64_t c1, int64_t n0, int64_t n1) {
-      add_block_grad_sums(dy, x, center, g, c0, c1, n0 * g.S, n1 * g.S, &partial[stripe * g.C + c0]);
+      add_block_grad_sums(dy, x, center, g, c0, c1, n0 * g.S, n1 * g.S, &partial[stripe * g.C + c0], gradient);
     });
   } else if (!g.channels_last) {
     for_each_channels_first_stripe(g, stripes, [&](int64_t c, int64_t stripe, int64_t lo, int64_t hi) {
-      add_block_grad_sums(dy, x, center, g, c, c + 1, lo, hi, &partial[stripe * g.C + c]);
+      add_block_grad_sums(dy, x, center, g, c, c + 1, lo, hi, &partial[stripe * g.C + c], gradient);
     });
   } else {
     for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t r0, int64_t r1) {
       auto add = [&](int64_t c, double sum_dy, double sum_dyx) {
         add_grad_sums(partial[stripe * g.C + c], sum_dy, sum_dyx);
       };
-      add_rows_grad_sums(dy, x, center, g, r0, r1, add);
+      add_rows_grad_sums(dy, x, center, g, r0, r1, add, gradient);
     });
   }
   std::vector<GradSums> total(g.C);
@@ -367,22 +382,178 @@ std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const opmath_t<
 }
 
 // ---------------------------------------------------------------------------
-// Elementwise pass: out = form(dy, x, alpha[c], beta[c], gamma[c], center[c])
-// for every element of channel c. Forms:
+// Activations of a normalised value z, with their gradients dy * act'(z), in
+// the forms torch's own kernels compute them.
+
+struct NoActivation {
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return z;
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec&) {
+    return dy;
+  }
+};
+
+struct Relu {
+  // max(z, 0), NaN kept; the gradient passes where z > 0 (torch's
+  // threshold_backward on the output).
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return at::vec::maximum(z, Vec(0));
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec& z) {
+    return Vec::blendv(Vec(0), dy, z > Vec(0));
+  }
+};
+
+struct Silu {
+  // z * sigmoid(z) = z / (1 + exp(-z)); gradient sigmoid(z) * (1 + z * (1 - sigmoid(z))).
+  // exp_u20: ATen's exp within 2 ulp, about twice as fast as exp() at AVX2 (GroupNorm's
+  // fused pass ran 0.76x torch's GroupNorm then SiLU with exp(), 1.12x with exp_u20).
+  template <typename Vec>
+  static Vec value(const Vec& z) {
+    return z / (Vec(1) + z.neg().exp_u20());
+  }
+  template <typename Vec>
+  static Vec grad(const Vec& dy, const Vec& z) {
+    const Vec s = Vec(1) / (Vec(1) + z.neg().exp_u20());
+    return dy * s * (Vec(1) + z * (Vec(1) - s));
+  }
+};
+
+// with_activation (group_norm_common.h) over this backend's activations.
+template <typename Fn>
+void with_activation(Activation act, const Fn& fn) {
+  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
+}
+
+// v rounded to T and back: the value a kernel that stored it as T would
+// read again, so a fused pass rounds where the unfused ops round.
+template <typename T>
+inline OpVec<T> round_to_type(const OpVec<T>& v) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    return std::get<0>(at::vec::convert_to_float<T>(round_to_half_type<T>(v, v)));
+  } else {
+    return v;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Elementwise pass: out = Form::apply(operands, coefficients of channel c)
+// for every element of channel c. The operands are dy, x and aux (a third
+// input: BatchNorm's residual); the coefficients alpha, beta, gamma, center
+// and shift. A form reads only the operands it declares (kUsesDy, kUsesX,
+// kUsesAux). Forms:
 //   Affine<kUseDy, kUseX>:  [dy * alpha] + [(x - center) * beta] + gamma
 //     (forward: the x term only; backward in eval mode: the dy term only)
-//   group_norm_kernel.cpp adds activations of the affine value and their gradients.
-// A form reads only the operands it declares (kUsesDy, kUsesX).
+//   ActivatedAffine<Act, kResidual>: act(Affine<false, true> [+ aux]), with the
+//     roundings of the unfused ops (the sum rounded to T before act)
+//   ActivationGradient<Act, kResidual>: dy * act'(z) for that forward value z
+//   AffineThrough<Act, kTraining>: Affine<true, kTraining> of the gradient through act, the
+//     forward value z = (x - center) * alpha + shift (BatchNorm's weight * invstd
+//     is both the forward scale and the backward alpha).
+template <typename Vec>
+struct FormOperands {
+  Vec dy, x, aux;
+};
+template <typename Vec>
+struct FormCoefficients {
+  Vec alpha, beta, gamma, center, shift;
+};
+template <typename T>
+struct FormInputs {
+  const T* dy = nullptr;
+  const T* x = nullptr;
+  const T* aux = nullptr;
+  // The same inputs `offset` elements on.
+  FormInputs at(int64_t offset) const {
+    return {dy ? dy + offset : nullptr, x ? x + offset : nullptr, aux ? aux + offset : nullptr};
+  }
+};
+
 template <bool kUseDy, bool kUseX>
 struct Affine {
-  static constexpr bool kUsesDy = kUseDy, kUsesX = kUseX;
+  static constexpr bool kUsesDy = kUseDy, kUsesX = kUseX, kUsesAux = false;
   template <typename Vec>
-  static Vec apply(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
-                   const Vec& center) {
-    Vec v = gamma;
-    if constexpr (kUseX) v = at::vec::fmadd(x - center, beta, v);
-    if constexpr (kUseDy) v = at::vec::fmadd(dy, alpha, v);
-    return v;
+  static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
+    Vec out = k.gamma;
+    if constexpr (kUseX) out = at::vec::fmadd(v.x - k.center, k.beta, out);
+    if constexpr (kUseDy) out = at::vec::fmadd(v.dy, k.alpha, out);
+    return out;
+  }
+};
+
+// The pre-activation value z of the forward, as T would hold it.
+template <typename T, bool kResidual, typename Vec>
+inline Vec activation_input(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
+  const Vec y = round_to_type<T>(Affine<false, true>::apply(v, k));
+  if constexpr (kResidual) return round_to_type<T>(y + v.aux);
+  return y;
+}
+
+template <typename T, typename Act, bool kResidual = false>
+struct ActivatedAffine {
+  static constexpr bool kUsesDy = false, kUsesX = true, kUsesAux = kResidual;
+  template <typename Vec>
+  static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
+    if constexpr (std::is_same_v<Act, NoActivation> || std::is_same_v<Act, Relu>) {
+      // Rounding commutes with these: the store's rounding is the only one needed.
+      const Vec y = Affine<false, true>::apply(v, k);
+      if constexpr (kResidual) return Act::value(round_to_type<T>(y) + v.aux);
+      return Act::value(y);
+    } else {
+      return Act::value(activation_input<T, kResidual>(v, k));
+    }
+  }
+};
+
+template <typename T, typename Act, bool kResidual = false>
+struct ActivationGradient {
+  static constexpr bool kUsesDy = true, kUsesX = true, kUsesAux = kResidual;
+  template <typename Vec>
+  static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
+    return Act::grad(v.dy, activation_input<T, kResidual>(v, k));
+  }
+};
+
+// dy * act'(z) for z = round((x - center) * scale + shift), rounded to T as
+// a stored gradient would be: the gradient BatchNorm + activation's backward
+// takes its sums of and never stores.
+template <typename T, typename Act, typename Vec>
+inline Vec gradient_through(const Vec& dy, const Vec& x_centered, const Vec& scale, const Vec& shift) {
+  return round_to_type<T>(Act::grad(dy, round_to_type<T>(at::vec::fmadd(x_centered, scale, shift))));
+}
+
+// The Gradient of channel_grad_sums for that gradient: scale and shift are
+// the forward's per-channel (or column) arrays.
+template <typename T, typename Act>
+struct GradientThrough {
+  using Vec = OpVec<T>;
+  const opmath_t<T>* scale;
+  const opmath_t<T>* shift;
+  struct At {
+    Vec scale, shift;
+    Vec operator()(const Vec& dy, const Vec& x_centered) const {
+      return gradient_through<T, Act>(dy, x_centered, scale, shift);
+    }
+  };
+  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c])}; }
+  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j)}; }
+};
+
+// kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
+template <typename T, typename Act, bool kTraining>
+struct AffineThrough {
+  static constexpr bool kUsesDy = true, kUsesX = true, kUsesAux = false;
+  template <typename Vec>
+  static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
+    const Vec xc = v.x - k.center;
+    const Vec dz = gradient_through<T, Act>(v.dy, xc, k.alpha, k.shift);
+    if constexpr (kTraining) return at::vec::fmadd(dz, k.alpha, at::vec::fmadd(xc, k.beta, k.gamma));
+    return at::vec::fmadd(dz, k.alpha, k.gamma);
   }
 };
 
@@ -392,56 +563,79 @@ struct Affine {
 // samples); set s holds entries [s * stride, s * stride + C).
 template <typename T>
 struct ChannelCoefficients {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
   int64_t stride;
-  std::vector<opmath_t<T>> alpha, beta, gamma, center;
+  std::vector<Op> alpha, beta, gamma, center, shift;
   explicit ChannelCoefficients(int64_t C, int64_t sets = 1)
-      : stride(static_cast<int64_t>(column_array<opmath_t<T>>(C).size())), alpha(sets * stride),
-        beta(sets * stride), gamma(sets * stride), center(sets * stride) {}
+      : stride(static_cast<int64_t>(column_array<Op>(C).size())), alpha(sets * stride), beta(sets * stride),
+        gamma(sets * stride), center(sets * stride), shift(sets * stride) {}
+  // Entry i in every lane.
+  FormCoefficients<Vec> broadcast(int64_t i) const {
+    return {Vec(alpha[i]), Vec(beta[i]), Vec(gamma[i]), Vec(center[i]), Vec(shift[i])};
+  }
+  // Set entries from `first` on, through pointers a pass keeps in locals.
+  struct Row {
+    const Op *alpha, *beta, *gamma, *center, *shift;
+    // Entries [c, c + W), one a lane.
+    FormCoefficients<Vec> load(int64_t c) const {
+      return {Vec::loadu(alpha + c), Vec::loadu(beta + c), Vec::loadu(gamma + c), Vec::loadu(center + c),
+              Vec::loadu(shift + c)};
+    }
+  };
+  Row row(int64_t first) const {
+    return {alpha.data() + first, beta.data() + first, gamma.data() + first, center.data() + first,
+            shift.data() + first};
+  }
+  // Entry i in lanes [0, lanes), entry j in the rest.
+  FormCoefficients<Vec> split(int64_t i, int64_t j, int64_t lanes) const {
+    auto both = [&](const std::vector<Op>& v) { return Vec::set(Vec(v[j]), Vec(v[i]), lanes); };
+    return {both(alpha), both(beta), both(gamma), both(center), both(shift)};
+  }
 };
 
 // out[i..i+count) = form(...) on one vector (count < W: a masked tail).
 template <typename T, typename Form>
-inline void form_vector(T* out, const T* dy, const T* x, int64_t i, const OpVec<T>& alpha, const OpVec<T>& beta,
-                        const OpVec<T>& gamma, const OpVec<T>& center, int64_t count = OpVec<T>::size()) {
-  OpVec<T> vdy, vx;
-  if constexpr (Form::kUsesDy) vdy = load_op_n(dy + i, count);
-  if constexpr (Form::kUsesX) vx = load_op_n(x + i, count);
-  const OpVec<T> v = Form::apply(vdy, vx, alpha, beta, gamma, center);
+inline void form_vector(T* out, const FormInputs<T>& in, int64_t i, const FormCoefficients<OpVec<T>>& k,
+                        int64_t count = OpVec<T>::size()) {
+  FormOperands<OpVec<T>> v;
+  if constexpr (Form::kUsesDy) v.dy = load_op_n(in.dy + i, count);
+  if constexpr (Form::kUsesX) v.x = load_op_n(in.x + i, count);
+  if constexpr (Form::kUsesAux) v.aux = load_op_n(in.aux + i, count);
+  const OpVec<T> result = Form::apply(v, k);
   if (count == OpVec<T>::size()) {
-    store_op(out + i, v);
+    store_op(out + i, result);
   } else {
-    store_op_partial(out + i, v, count);
+    store_op_partial(out + i, result, count);
   }
 }
 
 // Two float vectors per half-type vector at [i, i + 2W): converting them
 // back together packs 32 values at once, cheaper than twice 16.
 template <typename T, typename Form>
-inline void form_half_pair(T* out, const T* dy, const T* x, int64_t i, const OpVec<T> (&alpha)[2],
-                           const OpVec<T> (&beta)[2], const OpVec<T> (&gamma)[2], const OpVec<T> (&center)[2]) {
+inline void form_half_pair(T* out, const FormInputs<T>& in, int64_t i, const FormCoefficients<OpVec<T>> (&k)[2]) {
   using HalfVec = at::vec::Vectorized<T>;
-  OpVec<T> dy0, dy1, x0, x1;
-  if constexpr (Form::kUsesDy) std::tie(dy0, dy1) = at::vec::convert_to_float<T>(HalfVec::loadu(dy + i));
-  if constexpr (Form::kUsesX) std::tie(x0, x1) = at::vec::convert_to_float<T>(HalfVec::loadu(x + i));
-  round_to_half_type<T>(Form::apply(dy0, x0, alpha[0], beta[0], gamma[0], center[0]),
-                        Form::apply(dy1, x1, alpha[1], beta[1], gamma[1], center[1]))
-      .store(out + i);
+  FormOperands<OpVec<T>> v[2];
+  if constexpr (Form::kUsesDy) std::tie(v[0].dy, v[1].dy) = at::vec::convert_to_float<T>(HalfVec::loadu(in.dy + i));
+  if constexpr (Form::kUsesX) std::tie(v[0].x, v[1].x) = at::vec::convert_to_float<T>(HalfVec::loadu(in.x + i));
+  if constexpr (Form::kUsesAux) {
+    std::tie(v[0].aux, v[1].aux) = at::vec::convert_to_float<T>(HalfVec::loadu(in.aux + i));
+  }
+  round_to_half_type<T>(Form::apply(v[0], k[0]), Form::apply(v[1], k[1])).store(out + i);
 }
 
 // Whole vectors [begin, end) of a single channel (end - begin a multiple of
-// the vector width).
+// the vector width), with coefficients k in every lane.
 template <typename T, typename Form>
-inline void form_run(T* out, const T* dy, const T* x, int64_t begin, int64_t end, opmath_t<T> alpha,
-                     opmath_t<T> beta, opmath_t<T> gamma, opmath_t<T> center) {
-  using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
-  const Vec valpha(alpha), vbeta(beta), vgamma(gamma), vcenter(center);
+inline void form_run(T* out, const FormInputs<T>& in, int64_t begin, int64_t end,
+                     const FormCoefficients<OpVec<T>>& k) {
+  constexpr int64_t W = OpVec<T>::size();
   int64_t i = begin;
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    const Vec a[2] = {valpha, valpha}, b[2] = {vbeta, vbeta}, g[2] = {vgamma, vgamma}, c[2] = {vcenter, vcenter};
-    for (; i + 2 * W <= end; i += 2 * W) form_half_pair<T, Form>(out, dy, x, i, a, b, g, c);
+    const FormCoefficients<OpVec<T>> pair[2] = {k, k};
+    for (; i + 2 * W <= end; i += 2 * W) form_half_pair<T, Form>(out, in, i, pair);
   }
-  for (; i < end; i += W) form_vector<T, Form>(out, dy, x, i, valpha, vbeta, vgamma, vcenter);
+  for (; i < end; i += W) form_vector<T, Form>(out, in, i, k);
 }
 
 // The elementwise pass over a contiguous span [begin, end) of channels-first
@@ -450,27 +644,24 @@ inline void form_run(T* out, const T* dy, const T* x, int64_t begin, int64_t end
 // both runs' coefficients, lane by lane, so short runs (7x7 and 14x14
 // planes) need a partial vector only at the span's end.
 template <typename T, typename Form>
-void form_span(T* out, const T* dy, const T* x, int64_t begin, int64_t end, const ChannelCoefficients<T>& k,
+void form_span(T* out, const FormInputs<T>& in, int64_t begin, int64_t end, const ChannelCoefficients<T>& k,
                const BatchNormGeometry& g) {
-  using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = OpVec<T>::size();
   int64_t plane = begin / g.S, c = plane % g.C;
   for (int64_t i = begin; i < end;) {
     const int64_t run_end = std::min(end, (plane + 1) * g.S);
     const int64_t whole = i + (run_end - i) / W * W;
-    form_run<T, Form>(out, dy, x, i, whole, k.alpha[c], k.beta[c], k.gamma[c], k.center[c]);
+    form_run<T, Form>(out, in, i, whole, k.broadcast(c));
     i = whole;
     const int64_t next = c + 1 == g.C ? 0 : c + 1;
     if (i < run_end) {
       const int64_t lanes = run_end - i;
       if (std::min(end, run_end + g.S) - run_end >= W - lanes) {
         // Lanes [0, lanes) of channel c, the rest of the next channel.
-        auto both = [&](const std::vector<opmath_t<T>>& v) { return Vec::set(Vec(v[next]), Vec(v[c]), lanes); };
-        form_vector<T, Form>(out, dy, x, i, both(k.alpha), both(k.beta), both(k.gamma), both(k.center));
+        form_vector<T, Form>(out, in, i, k.split(c, next, lanes));
         i += W;
       } else {
-        form_vector<T, Form>(out, dy, x, i, Vec(k.alpha[c]), Vec(k.beta[c]), Vec(k.gamma[c]), Vec(k.center[c]),
-                             lanes);
+        form_vector<T, Form>(out, in, i, k.broadcast(c), lanes);
         i = run_end;
       }
     }
@@ -483,10 +674,10 @@ void form_span(T* out, const T* dy, const T* x, int64_t begin, int64_t end, cons
 
 // The elementwise pass of the channels [c0, c1) of every plane.
 template <typename T, typename Form>
-void block_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
+void block_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
                      int64_t c0, int64_t c1) {
   for (int64_t n = 0; n < g.N; ++n) {
-    form_span<T, Form>(out, dy, x, (n * g.C + c0) * g.S, (n * g.C + c1) * g.S, k, g);
+    form_span<T, Form>(out, in, (n * g.C + c0) * g.S, (n * g.C + c1) * g.S, k, g);
   }
 }
 
@@ -494,36 +685,25 @@ void block_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<
 // values; row r takes the coefficient set r / rows_per_set. Row by row in
 // memory order, the coefficients read from L1.
 template <typename T, typename Form>
-void rows_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
+void rows_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
                     int64_t row_end, int64_t rows_per_set) {
-  using Op = opmath_t<T>;
-  using Vec = OpVec<T>;
-  constexpr int64_t W = Vec::size();
+  constexpr int64_t W = OpVec<T>::size();
   at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
-    // Locals, not the vectors' fields: the stores below may alias memory
+    // Locals, not the struct's fields: the stores below may alias memory
     // (no strict aliasing in kernel files), which would reload them each step.
     const int64_t width = C;
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t base = r / rows_per_set * k.stride;
-      const Op *alpha = k.alpha.data() + base, *beta = k.beta.data() + base, *gamma = k.gamma.data() + base,
-               *center = k.center.data() + base;
+      const auto coefficients = k.row(r / rows_per_set * k.stride);
       T* out_row = out + r * width;
-      const T* dy_row = Form::kUsesDy ? dy + r * width : nullptr;
-      const T* x_row = Form::kUsesX ? x + r * width : nullptr;
+      const FormInputs<T> row = in.at(r * width);
       int64_t c = 0;
       if constexpr (at::vec::is_reduced_floating_point_v<T>) {
         for (; c + 2 * W <= width; c += 2 * W) {
-          const Vec a[2] = {Vec::loadu(alpha + c), Vec::loadu(alpha + c + W)};
-          const Vec b[2] = {Vec::loadu(beta + c), Vec::loadu(beta + c + W)};
-          const Vec gm[2] = {Vec::loadu(gamma + c), Vec::loadu(gamma + c + W)};
-          const Vec ct[2] = {Vec::loadu(center + c), Vec::loadu(center + c + W)};
-          form_half_pair<T, Form>(out_row, dy_row, x_row, c, a, b, gm, ct);
+          const FormCoefficients<OpVec<T>> pair[2] = {coefficients.load(c), coefficients.load(c + W)};
+          form_half_pair<T, Form>(out_row, row, c, pair);
         }
       }
-      for (; c < width; c += W) {
-        form_vector<T, Form>(out_row, dy_row, x_row, c, Vec::loadu(alpha + c), Vec::loadu(beta + c),
-                             Vec::loadu(gamma + c), Vec::loadu(center + c), std::min(W, width - c));
-      }
+      for (; c < width; c += W) form_vector<T, Form>(out_row, row, c, coefficients.load(c), std::min(W, width - c));
     }
   });
 }
@@ -531,16 +711,16 @@ void rows_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T
 // The elementwise pass over the whole input. Channels-last rows r take the
 // coefficient set r / rows_per_set (one set for all rows by default).
 template <typename T, typename Form>
-void channel_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
+void channel_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, const BatchNormGeometry& g,
                        int64_t rows_per_set = 0) {
   if (!g.channels_last) {
     const int64_t total = g.N * g.C * g.S;
     at::parallel_for(0, total, kElementwiseGrain,
-                     [&](int64_t begin, int64_t end) { form_span<T, Form>(out, dy, x, begin, end, k, g); });
+                     [&](int64_t begin, int64_t end) { form_span<T, Form>(out, in, begin, end, k, g); });
     return;
   }
   const int64_t rows = g.reduce_size();
-  rows_form_pass<T, Form>(out, dy, x, k, g.C, 0, rows, rows_per_set > 0 ? rows_per_set : std::max<int64_t>(rows, 1));
+  rows_form_pass<T, Form>(out, in, k, g.C, 0, rows, rows_per_set > 0 ? rows_per_set : std::max<int64_t>(rows, 1));
 }
 
 // Forward coefficients of channel c: y = (x - center) * beta + gamma, where

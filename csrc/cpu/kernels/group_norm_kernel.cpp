@@ -25,76 +25,6 @@ namespace {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------
-// Activations of the normalised value z, with their gradients dy * act'(z),
-// in the forms torch's own kernels compute them.
-
-struct NoActivation {
-  template <typename Vec>
-  static Vec value(const Vec& z) {
-    return z;
-  }
-  template <typename Vec>
-  static Vec grad(const Vec& dy, const Vec&) {
-    return dy;
-  }
-};
-
-struct Relu {
-  // max(z, 0), NaN kept; the gradient passes where z > 0 (torch's
-  // threshold_backward on the output).
-  template <typename Vec>
-  static Vec value(const Vec& z) {
-    return at::vec::maximum(z, Vec(0));
-  }
-  template <typename Vec>
-  static Vec grad(const Vec& dy, const Vec& z) {
-    return Vec::blendv(Vec(0), dy, z > Vec(0));
-  }
-};
-
-struct Silu {
-  // z * sigmoid(z) = z / (1 + exp(-z)); gradient sigmoid(z) * (1 + z * (1 - sigmoid(z))).
-  // exp_u20: ATen's exp within 2 ulp, about twice as fast as exp() at AVX2 (the fused pass
-  // ran 0.76x torch's GroupNorm then SiLU with exp(), 1.12x with exp_u20).
-  template <typename Vec>
-  static Vec value(const Vec& z) {
-    return z / (Vec(1) + z.neg().exp_u20());
-  }
-  template <typename Vec>
-  static Vec grad(const Vec& dy, const Vec& z) {
-    const Vec s = Vec(1) / (Vec(1) + z.neg().exp_u20());
-    return dy * s * (Vec(1) + z * (Vec(1) - s));
-  }
-};
-
-// with_activation (group_norm_common.h) over this backend's activations.
-template <typename Fn>
-void with_activation(Activation act, const Fn& fn) {
-  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
-}
-// Elementwise forms (channel_kernels.h): act(affine value of x), and the
-// gradient through the activation, dy * act'(affine value of x).
-template <typename Act>
-struct ActivatedAffine {
-  static constexpr bool kUsesDy = false, kUsesX = true;
-  template <typename Vec>
-  static Vec apply(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
-                   const Vec& center) {
-    return Act::value(Affine<false, true>::apply(dy, x, alpha, beta, gamma, center));
-  }
-};
-
-template <typename Act>
-struct ActivationGradient {
-  static constexpr bool kUsesDy = true, kUsesX = true;
-  template <typename Vec>
-  static Vec apply(const Vec& dy, const Vec& x, const Vec& alpha, const Vec& beta, const Vec& gamma,
-                   const Vec& center) {
-    return Act::grad(dy, Affine<false, true>::apply(dy, x, alpha, beta, gamma, center));
-  }
-};
-
-// ---------------------------------------------------------------------------
 // Views and coefficient layout.
 
 // Channels-first: one "channel" per (n, group), and one per (n, c).
@@ -120,11 +50,11 @@ int64_t coefficient_index(const ChannelCoefficients<T>& k, const GroupNormGeomet
 
 // The elementwise pass of Form over the whole input.
 template <typename T, typename Form>
-void sample_form_pass(T* out, const T* dy, const T* x, const ChannelCoefficients<T>& k, const GroupNormGeometry& g) {
+void sample_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, const GroupNormGeometry& g) {
   if (g.channels_last) {
-    channel_form_pass<T, Form>(out, dy, x, k, all_rows(g), g.S);
+    channel_form_pass<T, Form>(out, in, k, all_rows(g), g.S);
   } else {
-    channel_form_pass<T, Form>(out, dy, x, k, channel_planes(g));
+    channel_form_pass<T, Form>(out, in, k, channel_planes(g));
   }
 }
 
@@ -316,7 +246,7 @@ bool fused_groups(const GroupNormGeometry& g) {
 template <typename T, typename Act>
 void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, const double* w, const double* b,
                                double eps, double* mean, double* rstd) {
-  using Form = ActivatedAffine<Act>;
+  using Form = ActivatedAffine<T, Act>;
   ChannelCoefficients<T> k = sample_coefficients<T>(g);
   auto set_group = [&](int64_t r, const Moments& m) {
     mean[r] = m.mean;
@@ -330,7 +260,7 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
       Moments m[kMaxBlockChannels];
       add_block_moments(x, rows, r0, r1, 0, rows.S, m);
       for (int64_t r = r0; r < r1; ++r) set_group(r, m[r - r0]);
-      block_form_pass<T, Form>(y, nullptr, x, k, channel_planes(g), r0 * Cg, r1 * Cg);
+      block_form_pass<T, Form>(y, {nullptr, x}, k, channel_planes(g), r0 * Cg, r1 * Cg);
     });
     return;
   }
@@ -341,13 +271,13 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
       const int64_t n1 = std::min(g.N, n0 + batch);
       channels_last_group_moments(x, g, n0, n1, groups.data());
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group(r, groups[r]);
-      rows_form_pass<T, Form>(y, nullptr, x, k, g.C, n0 * g.S, n1 * g.S, g.S);
+      rows_form_pass<T, Form>(y, {nullptr, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
     }
     return;
   }
   const auto moments = channel_moments(x, group_rows(g));
   for (int64_t r = 0; r < g.N * g.G; ++r) set_group(r, moments[r]);
-  sample_form_pass<T, Form>(y, nullptr, x, k, g);
+  sample_form_pass<T, Form>(y, {nullptr, x}, k, g);
 }
 
 // ---------------------------------------------------------------------------
@@ -405,7 +335,7 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
         set_group_sums(r, &block[(r - r0) * Cg]);
         set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
       }
-      block_form_pass<T, Affine<true, true>>(dx, dy, x, k, planes, r0 * Cg, r1 * Cg);
+      block_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, planes, r0 * Cg, r1 * Cg);
     });
   } else if (g.channels_last) {
     // Batches of samples: their sums, then their dx, dy and x still in cache.
@@ -417,14 +347,14 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
       if (dx == nullptr) continue;
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
-      rows_form_pass<T, Affine<true, true>>(dx, dy, x, k, g.C, n0 * g.S, n1 * g.S, g.S);
+      rows_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
     }
   } else {
     const auto raw = channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
     for (int64_t r = 0; r < g.N * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
     if (dx != nullptr) {
       for (int64_t r = 0; r < g.N * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
-      sample_form_pass<T, Affine<true, true>>(dx, dy, x, k, g);
+      sample_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g);
     }
   }
   if (!param_grads) return;
@@ -602,8 +532,8 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& dx, const GroupNo
       ChannelCoefficients<scalar_t> k = sample_coefficients<scalar_t>(g);
       for (int64_t r = 0; r < g.N * g.G; ++r) set_group_forward_coefficients(k, g, r, mean[r], rstd[r], w, b);
       with_activation(act, [&](auto activation) {
-        sample_form_pass<scalar_t, ActivationGradient<decltype(activation)>>(through.mutable_data_ptr<scalar_t>(),
-                                                                             pdy, px, k, g);
+        sample_form_pass<scalar_t, ActivationGradient<scalar_t, decltype(activation)>>(
+            through.mutable_data_ptr<scalar_t>(), {pdy, px}, k, g);
       });
       pdy = through.const_data_ptr<scalar_t>();
     }

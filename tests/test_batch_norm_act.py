@@ -1,0 +1,203 @@
+"""Fused BatchNorm + activation (+ residual) on the CPU.
+
+Two references: the unfused ops (bn_ext.batch_norm, then + residual, then
+torch's ReLU / SiLU), which the fused op must equal bitwise for ReLU and
+no activation, outputs and all four gradients; and a float64 composite of
+torch ops, which bounds SiLU's error (its exp differs from torch's by ulps)
+and checks the unfused chain itself.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bn_ext
+from conftest import DTYPES, assert_error_within, param_dtype
+from test_batch_norm import SHAPE_LAYOUTS, expected_memory_format, make_input, make_params
+
+ACTIVATIONS = {"none": lambda t: t, "relu": F.relu, "silu": F.silu}
+
+
+def unfused(x, rm, rv, w, b, training, activation, residual, momentum=0.1, eps=1e-5):
+    y = bn_ext.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return ACTIVATIONS[activation](y)
+
+
+def leaves(*tensors):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
+def run(fn, x, w, b, residual, dy):
+    """fn's output and the gradients of (x, w, b, residual) for upstream dy."""
+    x, w, b, r = leaves(x, w, b, residual)
+    out = fn(x, w, b, r)
+    wanted = [t for t in (x, w, b, r) if t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, dy))
+    return out, [next(grads) if t is not None else None for t in (x, w, b, r)]
+
+
+def case(shape, dtype, layout, with_residual):
+    x = make_input(shape, dtype, layout)
+    w, b, rm, rv = make_params(shape[1], dtype)
+    residual = make_input(shape, dtype, layout, mean=-0.3, std=1.5, seed=5) if with_residual else None
+    dy = make_input(shape, dtype, layout, mean=0.0, std=1.0, seed=7)
+    return x, w, b, rm, rv, residual, dy
+
+
+@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_equals_unfused_bitwise(shape, dtype, layout, training, activation, with_residual):
+    x, w, b, rm, rv, residual, dy = case(shape, dtype, layout, with_residual)
+    rm_fused, rv_fused, rm_ref, rv_ref = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    x_before = x.clone()
+    out, grads = run(lambda x_, w_, b_, r_: bn_ext.batch_norm_act(
+        x_, rm_fused, rv_fused, w_, b_, training, activation=activation, residual=r_), x, w, b, residual, dy)
+    ref, ref_grads = run(lambda x_, w_, b_, r_: unfused(x_, rm_ref, rv_ref, w_, b_, training, activation, r_),
+                         x, w, b, residual, dy)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=expected_memory_format(x))
+    assert torch.equal(out, ref)
+    for name, g, e in zip(("input", "weight", "bias", "residual"), grads, ref_grads):
+        if e is None:
+            assert g is None
+        else:
+            assert g.dtype == e.dtype and torch.equal(g, e), name
+    assert torch.equal(rm_fused, rm_ref) and torch.equal(rv_fused, rv_ref)
+    assert torch.equal(x, x_before)
+
+
+def reference64(x, w, b, rm, rv, training, activation, residual):
+    d = [None if t is None else t.double() for t in (x, w, b, rm, rv, residual)]
+    y = F.batch_norm(d[0], d[3], d[4], d[1], d[2], training)
+    return ACTIVATIONS[activation](y if residual is None else y + d[5])
+
+
+@pytest.mark.parametrize("shape,layout", SHAPE_LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_silu_against_float64(shape, dtype, layout, training, with_residual):
+    x, w, b, rm, rv, residual, dy = case(shape, dtype, layout, with_residual)
+    out, grads = run(lambda x_, w_, b_, r_: bn_ext.batch_norm_act(
+        x_, rm.clone(), rv.clone(), w_, b_, training, activation="silu", residual=r_), x, w, b, residual, dy)
+    ref, ref_grads = run(lambda x_, w_, b_, r_: reference64(x_, w_, b_, rm, rv, training, "silu", r_),
+                         x, w, b, residual, dy.double())
+    # torch's unfused chain on the same rounded inputs sets the error bar.
+    peer, peer_grads = run(lambda x_, w_, b_, r_: F.silu(
+        F.batch_norm(x_, rm.clone(), rv.clone(), w_, b_, training) + (0 if r_ is None else r_)), x, w, b, residual, dy)
+    assert_error_within(out, ref, peer, msg="out")
+    # The parameter gradients are sums that cancel: no float32 sum is more
+    # exact than a rounding of its largest term, dz * x_hat or dz (|silu'| < 1.1).
+    reduced = [d for d in range(x.dim()) if d != 1]
+    if training:
+        var, mean = torch.var_mean(x.double(), reduced, unbiased=False, keepdim=True)
+    else:
+        mean, var = (t.double().view(1, -1, *[1] * (x.dim() - 2)) for t in (rm, rv))
+    x_hat = (x.double() - mean) / (var + 1e-5).sqrt()
+    dz_max = 1.1 * dy.double().abs().max()
+    terms = [None, dz_max * x_hat.abs().max(), dz_max, None]
+    # dz is rounded to the input's dtype (as the unfused chain stores it), so
+    # the float32 parameter gradients of half inputs carry its roundings.
+    for name, g, e, p, m in zip(("input", "weight", "bias", "residual"), grads, ref_grads, peer_grads, terms):
+        if e is not None:
+            assert_error_within(g, e, p, msg=name, magnitude=m, dtype=dtype)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "none"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward(activation, with_residual, training):
+    shape = (3, 2, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, generator=g).add(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    rm, rv = torch.randn(2, dtype=torch.float64, generator=g), torch.rand(2, dtype=torch.float64, generator=g) + 0.5
+
+    def fn(x, w, b, r):
+        return bn_ext.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, activation=activation,
+                                     residual=r if with_residual else None)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, r))
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, False), (False, False, False, True), (True, True, True, True)])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_backward_output_mask(mask, activation):
+    x, w, b, rm, rv, residual, dy = case((4, 3, 5, 5), torch.float32, "contiguous", True)
+    ops = torch.ops.bn_ext
+    _, mean, invstd = ops.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, activation, residual)
+    args = (dy, x, residual, w, b, mean, invstd, True, 1e-5, activation)
+    full = ops.batch_norm_act_backward(*args, [True] * 4)
+    part = ops.batch_norm_act_backward(*args, list(mask))
+    for asked, f, p in zip(mask, full, part):
+        if asked:
+            assert torch.equal(p, f)
+        else:
+            assert p.numel() == 0
+
+
+def test_relu_mask_is_recomputed_from_saved_statistics():
+    """Values whose pre-activation lies within a rounding of 0: the backward's
+    recomputed mask must be the forward's (a mask from unrounded statistics
+    would flip some)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 8, 33, generator=g) * 3 + 1
+    # The channel means themselves: their normalised value is ~0.
+    x[:, :, 0] = x.mean((0, 2))
+    out, grads = run(lambda x_, w_, b_, r_: bn_ext.batch_norm_act(x_, None, None, w_, b_, True), x,
+                     torch.ones(8), torch.zeros(8), None, torch.ones_like(x))
+    ref, ref_grads = run(lambda x_, w_, b_, r_: unfused(x_, None, None, w_, b_, True, "relu", None), x,
+                         torch.ones(8), torch.zeros(8), None, torch.ones_like(x))
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, e) for a, e in zip(grads[:3], ref_grads[:3]))
+
+
+def test_momentum_none_and_num_batches_tracked():
+    x, w, b, rm, rv, residual, _ = case((4, 3, 5, 5), torch.float32, "contiguous", True)
+    tracked = torch.tensor(3)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    bn_ext.batch_norm_act(x, rm, rv, w, b, True, None, residual=residual, num_batches_tracked=tracked)
+    torch.ops.bn_ext.batch_norm_forward(x, w, b, None, None, True, 1e-5)
+    expected_rm = rm_ref * (2 / 3) + x.double().mean((0, 2, 3)).float() / 3
+    torch.testing.assert_close(rm, expected_rm)
+    assert not torch.equal(rv, rv_ref)
+
+
+def test_bad_arguments():
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="activation must be"):
+        bn_ext.batch_norm_act(x, None, None, training=True, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be"):
+        torch.ops.bn_ext.batch_norm_act_forward(x, None, None, None, None, True, 1e-5, "tanh", None)
+    with pytest.raises(RuntimeError, match=r"residual must have the input's size \[4, 3, 5\], got \[4, 3, 4\]"):
+        bn_ext.batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 4))
+    with pytest.raises(RuntimeError, match="residual must have the input's dtype Float, got Double"):
+        bn_ext.batch_norm_act(x, None, None, training=True, residual=torch.randn(4, 3, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="running_mean and running_var must be defined in evaluation mode"):
+        bn_ext.batch_norm_act(x, None, None, training=False)
+
+
+def test_residual_with_another_layout_is_read_correctly():
+    x = make_input((4, 6, 5, 7), torch.float32, "channels_last")
+    residual = make_input((4, 6, 5, 7), torch.float32, "contiguous", seed=9)
+    out = bn_ext.batch_norm_act(x, None, None, training=True, residual=residual)
+    ref = unfused(x, None, None, None, None, True, "relu", residual)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_half_params_of_a_mixed_precision_model():
+    x = make_input((4, 6, 5, 5), torch.bfloat16, "contiguous")
+    w, b, rm, rv = make_params(6, torch.bfloat16)
+    assert w.dtype == param_dtype(torch.bfloat16)
+    out = bn_ext.batch_norm_act(x, rm, rv, w, b, False, activation="silu")
+    ref = reference64(x, w, b, rm, rv, False, "silu", None)
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=2e-2)
