@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <type_traits>
+
 namespace bn_ext {
 
 // An input in one of the two layouts the kernels handle.
@@ -58,6 +60,16 @@ inline void check_batch_norm_forward_args(const at::Tensor& input, bool training
     TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   }
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+}
+
+// fn(std::bool_constant<has_residual>): kernels templated on whether a residual is added.
+template <typename Fn>
+void with_residual(bool has_residual, const Fn& fn) {
+  if (has_residual) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
 }
 
 // A residual added before the activation: the input's size, dtype and device.

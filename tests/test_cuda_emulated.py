@@ -192,6 +192,46 @@ def test_batch_norm_update_stats(emu, order, stat_dtype, momentum):
     assert_close(emu_var, cpu_var, stat_dtype)
 
 
+# --- BatchNorm + activation (+ residual) ---------------------------------------
+
+BN_ACT_CASES = [BN_CASES[0], BN_CASES[1], BN_CASES[4], BN_CASES[5], BN_CASES[6]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape,channels_last,why", BN_ACT_CASES)
+def test_batch_norm_act(emu, order, shape, channels_last, why, dtype, training, activation, with_residual):
+    torch.manual_seed(30)
+    x = bn_input(shape, channels_last, dtype)
+    residual = bn_input(shape, channels_last, dtype) - 3 if with_residual else None
+    dy = bn_input(shape, channels_last, dtype) - 3
+    C = shape[1]
+    pdt = param_dtype(dtype)
+    w, b = torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt)
+    rm, rv = torch.randn(C, dtype=pdt) + 3, torch.rand(C, dtype=pdt) + 3
+    out, mean, invstd = compare(emu, "batch_norm_act_forward", x, w, b, rm, rv, training, 1e-5, activation, residual,
+                                what=why)
+    magnitudes = {1: 4 * (dy.double().abs().max() * 3).item(), 2: dy.double().abs().max().item()}
+    compare(emu, "batch_norm_act_backward", dy, x, residual, w, b, mean, invstd, training, 1e-5, activation,
+            [True] * 4, what=why, magnitudes=magnitudes)
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False], [False, True, True, False], [False, False, False, True]],
+                         ids=lambda m: "".join("1" if v else "0" for v in m))
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_batch_norm_act_masks_and_misaligned(emu, order, mask, activation):
+    torch.manual_seed(31)
+    x = misaligned(bn_input((4, 3, 4, 8), False, torch.float32))
+    residual = misaligned(torch.randn(4, 3, 4, 8))
+    dy = misaligned(torch.randn(4, 3, 4, 8))
+    want = compare(emu, "batch_norm_act_forward", x, None, None, None, None, True, 1e-5, activation, residual,
+                   what="misaligned forward")
+    compare(emu, "batch_norm_act_backward", dy, x, residual, None, None, want[1], want[2], True, 1e-5, activation,
+            mask, what="misaligned backward")
+
+
 # --- LayerNorm and RMSNorm -----------------------------------------------------
 
 # (rows, D, why)

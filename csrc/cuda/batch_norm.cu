@@ -7,6 +7,9 @@
 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+
+#include <array>
+#include <string_view>
 #ifndef BN_EXT_CUDA_EMULATOR
 #include <torch/library.h>
 #endif
@@ -17,15 +20,18 @@ using at::Tensor;
 
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                                                           const std::optional<Tensor>& bias,
-                                                           const std::optional<Tensor>& running_mean,
-                                                           const std::optional<Tensor>& running_var, bool training,
-                                                           double eps) {
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_cuda(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    std::optional<std::string_view> activation, const std::optional<Tensor>& residual) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
   check_batch_norm_forward_args(input, training, eps);
+  check_residual(residual, input);
+  const Activation act = parse_activation(activation, "batch_norm_act");
   const DeviceGuard guard(input);
-  const Tensor x = input.contiguous(batch_norm_memory_format(input));
+  const auto fmt = batch_norm_memory_format(input);
+  const Tensor x = input.contiguous(fmt);
+  const Tensor res = has(residual) ? residual->contiguous(fmt) : Tensor();
   const BatchNormGeometry g = batch_norm_geometry(x);
   Tensor out = at::empty_like(x);
   const auto acc = stat_dtype(x.scalar_type());
@@ -55,9 +61,24 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, 
                                                    device_data_mut<A>(save_mean), device_data_mut<A>(save_invstd),
                                                    device_data_mut<A>(coefficients), g.C});
     }
-    affine_pass<T, Affine<false, true>>(g, nullptr, device_data<T>(x), device_data_mut<T>(out), device_data<A>(coefficients));
+    with_activation(act, [&](auto activation) {
+      with_residual(res.defined(), [&](auto has_residual) {
+        affine_pass<T, ActivatedAffine<T, decltype(activation), has_residual()>>(
+            g, nullptr, device_data<T>(x), device_data_mut<T>(out), device_data<A>(coefficients), 1,
+            has_residual() ? device_data<T>(res) : nullptr);
+      });
+    });
   });
   return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias,
+                                                           const std::optional<Tensor>& running_mean,
+                                                           const std::optional<Tensor>& running_var, bool training,
+                                                           double eps) {
+  return batch_norm_act_forward_cuda(input, weight, bias, running_mean, running_var, training, eps, std::nullopt,
+                                     std::nullopt);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
@@ -111,6 +132,52 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
     }
   });
   return {grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)};
+}
+
+// The gradient dz = dy * act'(z) of the pre-activation value z, recomputed
+// from the saved statistics, is the residual's and BatchNorm's dy.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& residual,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, double eps, std::optional<std::string_view> activation,
+    std::array<bool, 4> output_mask) {
+  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
+  check_param(bias, "bias", input, input.size(1), "the input's channel count, input.size(1)");
+  check_residual(residual, input);
+  const Activation act = parse_activation(activation, "batch_norm_act_backward");
+  const DeviceGuard guard(input);
+  Tensor dz = grad_out;
+  Tensor grad_residual = at::empty({0}, input.options());
+  if (act != Activation::kNone || has(residual)) {
+    const auto fmt = batch_norm_memory_format(input);
+    const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);
+    const Tensor res = has(residual) ? residual->contiguous(fmt) : Tensor();
+    const BatchNormGeometry g = batch_norm_geometry(x);
+    const auto acc = stat_dtype(x.scalar_type());
+    const auto acc_options = x.options().dtype(acc);
+    const Tensor mean = save_mean.to(acc).contiguous(), invstd = save_invstd.to(acc).contiguous();
+    const auto w = as_acc(weight, acc), b = as_acc(bias, acc);
+    dz = at::empty_like(x);
+    dispatch_device_type(x.scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      using A = acc_t<T>;
+      Tensor coefficients = at::empty({kCoefficientCount * g.C}, acc_options);
+      map_channels(g.C, ForwardCoefficientsFromStats<A>{device_data_or_null<A>(w), device_data_or_null<A>(b),
+                                                        device_data<A>(mean), device_data<A>(invstd),
+                                                        device_data_mut<A>(coefficients), g.C});
+      with_activation(act, [&](auto activation) {
+        with_residual(res.defined(), [&](auto has_residual) {
+          affine_pass<T, ActivationGradient<T, decltype(activation), has_residual()>>(
+              g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(dz), device_data<A>(coefficients), 1,
+              has_residual() ? device_data<T>(res) : nullptr);
+        });
+      });
+    });
+    if (output_mask[3] && has(residual)) grad_residual = dz;
+  }
+  auto [grad_input, grad_weight, grad_bias] = batch_norm_backward_cuda(
+      dz, input, weight, save_mean, save_invstd, training, eps, {output_mask[0], output_mask[1], output_mask[2]});
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
@@ -176,6 +243,8 @@ void batch_norm_update_stats_cuda(const std::optional<Tensor>& running_mean, con
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cuda);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cuda);
   m.impl("batch_norm_update_stats", &batch_norm_update_stats_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);
 }

@@ -110,14 +110,14 @@ void map_channels(int64_t C, const F& f) {
   BN_EXT_LAUNCH_CHECK();
 }
 
-// out = Form(dy, x, coefficients) over the whole tensor; channels-last
+// out = Form(dy, x, aux, coefficients) over the whole tensor; channels-last
 // inputs of `samples` samples take a coefficient set per sample.
 template <typename T, typename Form>
 void affine_pass(const BatchNormGeometry& g, const T* dy, const T* x, T* out, const acc_t<T>* coefficients,
-                 int64_t samples = 1) {
+                 int64_t samples = 1, const T* aux = nullptr) {
   const int64_t numel = g.N * g.C * g.S;
   if (numel == 0) return;
-  const bool vectorize = can_vectorize<T>(g, {dy, x, out});
+  const bool vectorize = can_vectorize<T>(g, {dy, x, aux, out});
   auto launch = [&](auto v_tag) {
     constexpr int V = decltype(v_tag)::value;
     dispatch_index_type(numel, [&](auto index_tag) {
@@ -126,7 +126,7 @@ void affine_pass(const BatchNormGeometry& g, const T* dy, const T* x, T* out, co
           std::min<int64_t>(ceil_div(numel / V, kBatchNormThreads), int64_t(sm_count()) * kBlocksPerSm * 8);
       const auto kernel = channel_affine<T, index_t, V, Form>;
       BN_EXT_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)),
-                    dim3(kBatchNormThreads), 0, current_stream(), dy, x, out, coefficients, index_t(numel),
+                    dim3(kBatchNormThreads), 0, current_stream(), dy, x, aux, out, coefficients, index_t(numel),
                     index_t(g.C), index_t(g.channels_last ? 1 : g.S), index_t(numel / samples),
                     index_t(g.channels_last ? samples * g.C : g.C));
       BN_EXT_LAUNCH_CHECK();
@@ -137,6 +137,12 @@ void affine_pass(const BatchNormGeometry& g, const T* dy, const T* x, T* out, co
   } else {
     launch(Width<1>{});
   }
+}
+
+// with_activation (norm_common.h) over this backend's activations.
+template <typename Fn>
+void with_activation(Activation act, const Fn& fn) {
+  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
 }
 
 }  // namespace bn_ext::cuda

@@ -21,11 +21,6 @@ using at::Tensor;
 
 namespace {
 
-// with_activation (group_norm_common.h) over this backend's activations.
-template <typename Fn>
-void with_activation(Activation act, const Fn& fn) {
-  bn_ext::with_activation<NoActivation, Relu, Silu>(act, fn);
-}
 template <typename T>
 GroupFirst<T> group_first(const Tensor& x, const GroupNormGeometry& g) {
   const int64_t Cg = g.group_channels();
@@ -76,7 +71,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward_cuda(const Tensor& input, 
                          groups, finish, acc_options);
     }
     with_activation(act, [&](auto activation) {
-      affine_pass<T, ActivatedAffine<decltype(activation)>>(channel_view(g), nullptr, device_data<T>(x),
+      affine_pass<T, ActivatedAffine<T, decltype(activation)>>(channel_view(g), nullptr, device_data<T>(x),
                                                             device_data_mut<T>(out), device_data<A>(coefficients),
                                                             view_samples(g));
     });
@@ -126,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward_cuda(const Tensor& grad_o
                                                               entries});
         through = at::empty_like(x);
         with_activation(act, [&](auto activation) {
-          affine_pass<T, ActivationGradient<decltype(activation)>>(view, pdy, device_data<T>(x),
+          affine_pass<T, ActivationGradient<T, decltype(activation)>>(view, pdy, device_data<T>(x),
                                                                    device_data_mut<T>(through),
                                                                    device_data<A>(forward_coefficients),
                                                                    view_samples(g));

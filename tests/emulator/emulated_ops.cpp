@@ -36,6 +36,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sm_count", &bn_ext::cuda::sm_count);
   m.def("batch_norm_forward", &bn_ext::cuda::batch_norm_forward_cuda);
   m.def("batch_norm_backward", &bn_ext::cuda::batch_norm_backward_cuda);
+  m.def("batch_norm_act_forward", &bn_ext::cuda::batch_norm_act_forward_cuda);
+  m.def("batch_norm_act_backward", &bn_ext::cuda::batch_norm_act_backward_cuda);
   m.def("batch_norm_update_stats", &bn_ext::cuda::batch_norm_update_stats_cuda);
   m.def("batch_norm_stats", &bn_ext::cuda::batch_norm_stats_cuda);
   m.def("group_norm_forward", &bn_ext::cuda::group_norm_forward_cuda);

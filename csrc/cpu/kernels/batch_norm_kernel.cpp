@@ -35,16 +35,6 @@ inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, doub
 }
 
 
-// fn(std::bool_constant<has_residual>).
-template <typename Fn>
-void with_residual(bool has_residual, const Fn& fn) {
-  if (has_residual) {
-    fn(std::true_type{});
-  } else {
-    fn(std::false_type{});
-  }
-}
-
 // The forward takes its coefficients from the statistics as saved (rounded
 // to op-math, the saved dtype), as torch's kernels do: a backward that
 // recomputes z from them (BatchNorm + activation's) finds every z, and so

@@ -191,10 +191,12 @@ struct TrainingForwardFinish {
   int64_t C;
   __device__ __forceinline__ void operator()(int64_t c, const Moments<A>& m) const {
     const A invstd = inverse_sqrt(m.m2 / m.count + eps);
-    const A center = shift(c), beta = weight ? weight[c] * invstd : invstd;
-    save_mean[c] = center + m.mean;
+    const A mean = shift(c) + m.mean, beta = weight ? weight[c] * invstd : invstd;
+    save_mean[c] = mean;
     save_invstd[c] = invstd;
-    store_forward_coefficients(coefficients, C, c, center, m.mean, beta, bias ? bias[c] : A(0));
+    // From the statistics as saved, so a backward that recomputes the
+    // forward's value (BatchNorm + activation) finds it exactly.
+    store_forward_coefficients(coefficients, C, c, mean, A(0), beta, bias ? bias[c] : A(0));
   }
 };
 
@@ -215,6 +217,22 @@ struct EvalForwardCoefficients {
     save_mean[c] = running_mean[c];
     save_invstd[c] = invstd;
     store_forward_coefficients(coefficients, C, c, running_mean[c], A(0), weight ? weight[c] * invstd : invstd,
+                               bias ? bias[c] : A(0));
+  }
+};
+
+// The forward's coefficients from saved statistics (BatchNorm + activation's
+// backward recomputes the forward's value from them).
+template <typename A>
+struct ForwardCoefficientsFromStats {
+  const A* weight;  // null: 1
+  const A* bias;    // null: 0
+  const A* mean;
+  const A* invstd;
+  A* coefficients;
+  int64_t C;
+  __device__ __forceinline__ void operator()(int64_t c) const {
+    store_forward_coefficients(coefficients, C, c, mean[c], A(0), weight ? weight[c] * invstd[c] : invstd[c],
                                bias ? bias[c] : A(0));
   }
 };
@@ -285,19 +303,92 @@ struct RunningStatsUpdate {
   }
 };
 
-// Elementwise forms: what the pass computes from dy, x and a channel's
-// coefficients (center, alpha, beta, gamma).
+// Elementwise forms: what the pass computes from dy, x, aux (a third input:
+// BatchNorm's residual) and a channel's coefficients (center, alpha, beta,
+// gamma). A form reads only the operands it declares.
 //   Affine<kReadsDy, kReadsX>: [dy * alpha] + [(x - center) * beta] + gamma
-// kernels/group_norm.cuh adds activations of the affine value and their gradients.
+//   ActivatedAffine<T, Act, kResidual>: act(Affine<false, true> [+ aux])
+//   ActivationGradient<T, Act, kResidual>: dy * act'(z) for that forward value z
+// The activations round z to T where the unfused ops would have stored it.
 template <bool kDy, bool kX>
 struct Affine {
-  static constexpr bool kReadsDy = kDy, kReadsX = kX;
+  static constexpr bool kReadsDy = kDy, kReadsX = kX, kReadsAux = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A center, A alpha, A beta, A gamma) {
+  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma) {
     A o = gamma;
     if constexpr (kDy) o += dy * alpha;
     if constexpr (kX) o += (x - center) * beta;
     return o;
+  }
+};
+
+__device__ __forceinline__ float exponential(float v) { return expf(v); }
+__device__ __forceinline__ double exponential(double v) { return exp(v); }
+
+// Activations of the normalised value z and their gradients dy * act'(z),
+// as torch's relu and silu kernels compute them.
+struct NoActivation {
+  template <typename A>
+  __device__ __forceinline__ static A value(A z) {
+    return z;
+  }
+  template <typename A>
+  __device__ __forceinline__ static A grad(A dy, A) {
+    return dy;
+  }
+};
+
+struct Relu {
+  template <typename A>
+  __device__ __forceinline__ static A value(A z) {
+    return z > A(0) || z != z ? z : A(0);  // NaN kept
+  }
+  template <typename A>
+  __device__ __forceinline__ static A grad(A dy, A z) {
+    return z > A(0) ? dy : A(0);
+  }
+};
+
+struct Silu {
+  template <typename A>
+  __device__ __forceinline__ static A value(A z) {
+    return z / (A(1) + exponential(-z));
+  }
+  template <typename A>
+  __device__ __forceinline__ static A grad(A dy, A z) {
+    const A s = A(1) / (A(1) + exponential(-z));
+    return dy * s * (A(1) + z * (A(1) - s));
+  }
+};
+
+// v as T would hold it.
+template <typename T, typename A>
+__device__ __forceinline__ A round_to_type(A v) {
+  return to_acc(from_acc<T>(v));
+}
+
+// The pre-activation value z: the normalised x [+ aux], each sum rounded to T.
+template <typename T, bool kResidual, typename A>
+__device__ __forceinline__ A activation_input(A x, A aux, A center, A alpha, A beta, A gamma) {
+  const A y = round_to_type<T>(Affine<false, true>::apply(A(0), x, A(0), center, alpha, beta, gamma));
+  return kResidual ? round_to_type<T>(y + aux) : y;
+}
+
+template <typename T, typename Act, bool kResidual = false>
+struct ActivatedAffine {
+  static constexpr bool kReadsDy = false, kReadsX = true, kReadsAux = kResidual;
+  template <typename A>
+  __device__ __forceinline__ static A apply(A, A x, A aux, A center, A alpha, A beta, A gamma) {
+    return Act::value(activation_input<T, kResidual>(x, aux, center, alpha, beta, gamma));
+  }
+};
+
+template <typename T, typename Act, bool kResidual = false>
+struct ActivationGradient {
+  static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = kResidual;
+  template <typename A>
+  __device__ __forceinline__ static A apply(A dy, A x, A aux, A center, A alpha, A beta, A gamma) {
+    return Act::grad(dy, activation_input<T, kResidual>(x, aux, center, alpha, beta, gamma));
   }
 };
 
@@ -307,23 +398,25 @@ struct Affine {
 // (numel for one set), entry (i / sample) * C + i % C; a pack holds V
 // consecutive channels (C % V == 0). `entries` coefficients of each kind.
 template <typename T, typename index_t, int V, typename Form>
-__global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ out,
-                               const acc_t<T>* __restrict__ coefficients, index_t numel, index_t C, index_t inner,
-                               index_t sample, index_t entries) {
+__global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ aux,
+                               T* __restrict__ out, const acc_t<T>* __restrict__ coefficients, index_t numel,
+                               index_t C, index_t inner, index_t sample, index_t entries) {
   using A = acc_t<T>;
   const index_t channel_step = inner == 1 ? 1 : 0;
   const index_t stride = index_t(gridDim.x) * blockDim.x * V;
   for (index_t i = (index_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < numel; i += stride) {
     const index_t c = inner == 1 ? i / sample * C + i % C : (i / inner) % C;
-    A xv[V], gv[V], o[V];
+    A xv[V], gv[V], av[V], o[V];
     if constexpr (Form::kReadsX) load_acc<V>(x + i, xv);
     if constexpr (Form::kReadsDy) load_acc<V>(dy + i, gv);
+    if constexpr (Form::kReadsAux) load_acc<V>(aux + i, av);
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const index_t cv = c + v * channel_step;
       o[v] = Form::apply(Form::kReadsDy ? gv[v] : A(0), Form::kReadsX ? xv[v] : A(0),
-                         coefficients[kCenter * entries + cv], coefficients[kAlpha * entries + cv],
-                         coefficients[kBeta * entries + cv], coefficients[kGamma * entries + cv]);
+                         Form::kReadsAux ? av[v] : A(0), coefficients[kCenter * entries + cv],
+                         coefficients[kAlpha * entries + cv], coefficients[kBeta * entries + cv],
+                         coefficients[kGamma * entries + cv]);
     }
     store_acc<V>(out + i, o);
   }

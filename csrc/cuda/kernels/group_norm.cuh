@@ -41,64 +41,6 @@ struct StoreState {
   __device__ __forceinline__ void operator()(int64_t d, const State& s) const { states[d] = s; }
 };
 
-__device__ __forceinline__ float exponential(float v) { return expf(v); }
-__device__ __forceinline__ double exponential(double v) { return exp(v); }
-
-// Activations of the normalised value z and their gradients dy * act'(z),
-// as torch's relu and silu kernels compute them.
-struct NoActivation {
-  template <typename A>
-  __device__ __forceinline__ static A value(A z) {
-    return z;
-  }
-  template <typename A>
-  __device__ __forceinline__ static A grad(A dy, A) {
-    return dy;
-  }
-};
-
-struct Relu {
-  template <typename A>
-  __device__ __forceinline__ static A value(A z) {
-    return z > A(0) || z != z ? z : A(0);  // NaN kept
-  }
-  template <typename A>
-  __device__ __forceinline__ static A grad(A dy, A z) {
-    return z > A(0) ? dy : A(0);
-  }
-};
-
-struct Silu {
-  template <typename A>
-  __device__ __forceinline__ static A value(A z) {
-    return z / (A(1) + exponential(-z));
-  }
-  template <typename A>
-  __device__ __forceinline__ static A grad(A dy, A z) {
-    const A s = A(1) / (A(1) + exponential(-z));
-    return dy * s * (A(1) + z * (A(1) - s));
-  }
-};
-
-// Elementwise forms (batch_norm.cuh): act(affine value of x), and dy * act'(affine value of x).
-template <typename Act>
-struct ActivatedAffine {
-  static constexpr bool kReadsDy = false, kReadsX = true;
-  template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A center, A alpha, A beta, A gamma) {
-    return Act::value(Affine<false, true>::apply(dy, x, center, alpha, beta, gamma));
-  }
-};
-
-template <typename Act>
-struct ActivationGradient {
-  static constexpr bool kReadsDy = true, kReadsX = true;
-  template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A center, A alpha, A beta, A gamma) {
-    return Act::grad(dy, Affine<false, true>::apply(dy, x, center, alpha, beta, gamma));
-  }
-};
-
 // Forward: group r's statistics, saved, and its channels' coefficients
 // out = (x - first) * beta + (bias - (mean - first) * beta), beta = w * rstd.
 template <typename T>
