@@ -10,12 +10,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_ext.functional import _ACTIVATIONS, _batch_norm, group_norm, instance_norm, layer_norm, layer_norm_channels, rms_norm
+from bn_ext.functional import (
+    _ACTIVATIONS,
+    _batch_norm,
+    _check_activation,
+    batch_norm_act,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    layer_norm_channels,
+    rms_norm,
+)
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -31,7 +44,10 @@ __all__ = [
 class _BatchNormForward:
     """torch.nn's BatchNorm module semantics over bn_ext.batch_norm."""
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _batch_norm_arguments(self, input: Tensor) -> tuple:
+        """(running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked) of bn_ext's batch_norm for this call, after
+        torch.nn's checks and num_batches_tracked's step."""
         self._check_input_dim(input)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -39,8 +55,7 @@ class _BatchNormForward:
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         # momentum=None: a cumulative moving average driven by num_batches_tracked.
-        return _batch_norm(
-            input,
+        return (
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
             self.weight,
@@ -50,6 +65,9 @@ class _BatchNormForward:
             self.eps,
             self.num_batches_tracked,
         )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _batch_norm(input, *self._batch_norm_arguments(input))
 
 
 class BatchNorm1d(_BatchNormForward, torch.nn.BatchNorm1d):
@@ -62,6 +80,50 @@ class BatchNorm2d(_BatchNormForward, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNormForward, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on bn_ext kernels: (N, C, D, H, W) input."""
+
+
+def _unfused_activation(activation: str | None):
+    return {"relu": torch.relu, "silu": torch.nn.functional.silu}.get(activation, lambda t: t)
+
+
+class _BatchNormActForward(_BatchNormForward):
+    """act(BatchNorm(input) + residual) in one bn_ext.batch_norm_act call."""
+
+    activation: str | None = "relu"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None, *, activation="relu"):
+        _check_activation(type(self).__name__, activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = activation
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        args = self._batch_norm_arguments(input)
+        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
+            # A residual that broadcasts or promotes: the unfused ops, which do.
+            out = _batch_norm(input, *args) + residual
+            return _unfused_activation(self.activation)(out)
+        running_mean, running_var, weight, bias, training, momentum, eps, tracked = args
+        return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              self.activation, residual, tracked)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+class BatchNormAct1d(_BatchNormActForward, torch.nn.BatchNorm1d):
+    """BatchNorm1d fused with an activation ("relu", "silu" or None, keyword
+    only; not part of the state_dict) of the output plus an optional
+    residual: forward(input, residual=None) = act(bn(input) + residual).
+    torch.nn.BatchNorm1d's state_dict."""
+
+
+class BatchNormAct2d(_BatchNormActForward, torch.nn.BatchNorm2d):
+    """BatchNormAct1d for (N, C, H, W) inputs."""
+
+
+class BatchNormAct3d(_BatchNormActForward, torch.nn.BatchNorm3d):
+    """BatchNormAct1d for (N, C, D, H, W) inputs."""
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -159,15 +221,42 @@ def _layer_norm_2d_classes() -> list[type]:
     return classes
 
 
-# A twin per zoo class (a subclass of LayerNorm2d), so `revert` restores each one's own class.
-_LAYER_NORM_2D_TWINS: dict[type, type] = {}
+def _timm_batch_norm_act_classes() -> list[type]:
+    try:
+        from timm.layers import BatchNormAct2d as timm_batch_norm_act_2d
+    except ImportError:
+        return []
+    return [timm_batch_norm_act_2d]
 
 
-def _layer_norm_2d_twin(base: type) -> type:
-    if base not in _LAYER_NORM_2D_TWINS:
-        _LAYER_NORM_2D_TWINS[base] = type("LayerNorm2d", (LayerNorm2d,), {"__module__": __name__,
-                                                                          "__qualname__": "LayerNorm2d"})
-    return _LAYER_NORM_2D_TWINS[base]
+def _fusable_activation(act: torch.nn.Module) -> str | None:
+    """batch_norm_act's name for an activation module, or None when it has none."""
+    return {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.Identity: "none"}.get(type(act))
+
+
+class _TimmBatchNormActForward(_BatchNormForward):
+    """timm's BatchNormAct2d (BatchNorm, then its `drop`, then its `act`
+    module) on bn_ext kernels: one fused call where act is ReLU, SiLU or
+    Identity and there is no drop layer, BatchNorm then timm's own modules otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        running_mean, running_var, weight, bias, training, momentum, eps, tracked = self._batch_norm_arguments(x)
+        activation = _fusable_activation(self.act)
+        if activation is not None and isinstance(self.drop, torch.nn.Identity):
+            return batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                                  None, tracked)
+        x = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, tracked)
+        return self.act(self.drop(x))
+
+
+# A twin per zoo class, so `revert` restores each one's own class.
+_ZOO_TWINS: dict[type, type] = {}
+
+
+def _zoo_twin(base: type, bases: tuple[type, ...], name: str) -> type:
+    if base not in _ZOO_TWINS:
+        _ZOO_TWINS[base] = type(name, bases, {"__module__": __name__, "__qualname__": name})
+    return _ZOO_TWINS[base]
 
 
 # torch.nn class -> bn_ext twin. Exact types only: subclasses of torch.nn's
@@ -186,8 +275,12 @@ _TWINS: dict[type, type] = {
 
 
 def _twins() -> dict[type, type]:
-    """_TWINS plus the importable model zoos' LayerNorm2d classes."""
-    return {**_TWINS, **{base: _layer_norm_2d_twin(base) for base in _layer_norm_2d_classes()}}
+    """_TWINS plus the importable model zoos' LayerNorm2d and BatchNormAct2d classes."""
+    zoo = {base: _zoo_twin(base, (LayerNorm2d,), "LayerNorm2d") for base in _layer_norm_2d_classes()}
+    # timm's class stays a base of its twin: its act and drop modules and isinstance checks hold.
+    zoo.update({base: _zoo_twin(base, (_TimmBatchNormActForward, base), "BatchNormAct2d")
+                for base in _timm_batch_norm_act_classes()})
+    return {**_TWINS, **zoo}
 
 
 def _swap_classes(model: torch.nn.Module, mapping: dict[type, type]) -> torch.nn.Module:
@@ -200,13 +293,26 @@ def _swap_classes(model: torch.nn.Module, mapping: dict[type, type]) -> torch.nn
     return model
 
 
-def convert(model: torch.nn.Module) -> torch.nn.Module:
+def convert(model: torch.nn.Module, *, fuse_activations: bool = False) -> torch.nn.Module:
     """Switch every torch.nn norm layer of `model` to its bn_ext twin, in place.
 
     Returns `model`. Parameters, buffers (the same tensor objects, so an
     optimizer built before keeps working), hooks and train/eval mode are kept.
+    timm's BatchNormAct2d runs its activation fused where it is ReLU or SiLU.
+
+    fuse_activations: also rewrite each BatchNorm -> ReLU and BatchNorm ->
+    add -> ReLU found by data flow (torchvision's ResNet blocks) into one
+    fused BatchNormAct call, equal bitwise in outputs and gradients. The
+    result is then a new model (a torch.fx.GraphModule, or a shallow copy
+    holding them where the forward does not trace) whose fused layers share
+    `model`'s parameter and buffer tensors; `model` stays converted and unfused.
     """
-    return _swap_classes(model, _twins())
+    _swap_classes(model, _twins())
+    if not fuse_activations:
+        return model
+    from bn_ext.activation_fusion import fuse_activations as fuse
+
+    return fuse(model)
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:

@@ -201,3 +201,134 @@ def test_half_params_of_a_mixed_precision_model():
     out = bn_ext.batch_norm_act(x, rm, rv, w, b, False, activation="silu")
     ref = reference64(x, w, b, rm, rv, False, "silu", None)
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=2e-2)
+
+
+# --- Modules and conversion ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+def test_module_matches_unfused_train_and_eval(dims, activation):
+    shape = [(6, 4), (3, 4, 5, 6), (2, 4, 3, 4, 5)][dims - 1]
+    fused = getattr(bn_ext.nn, f"BatchNormAct{dims}d")(4, momentum=None, activation=activation)
+    plain = getattr(bn_ext.nn, f"BatchNorm{dims}d")(4, momentum=None)
+    assert set(fused.state_dict()) == set(torch.nn.BatchNorm2d(4).state_dict())
+    assert f"activation={activation!r}" in repr(fused)
+    g = torch.Generator().manual_seed(0)
+    for training in (True, True, False):
+        fused.train(training)
+        plain.train(training)
+        x, r = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        out, expected = fused(x, r), ACTIVATIONS[activation or "none"](plain(x) + r)
+        # SiLU's exp differs from torch's by ulps; the rest is bitwise.
+        torch.testing.assert_close(out, expected, rtol=0, atol=0 if activation != "silu" else 1e-6)
+        assert torch.equal(fused.running_mean, plain.running_mean)
+        assert torch.equal(fused.num_batches_tracked, plain.num_batches_tracked)
+
+
+def test_module_residual_that_broadcasts_takes_the_unfused_ops():
+    m = bn_ext.nn.BatchNormAct2d(3)
+    x, r = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 1, 1)
+    assert torch.equal(m(x, r), F.relu(bn_ext.batch_norm(x, None, None, m.weight, m.bias, True) + r))
+    with pytest.raises(ValueError, match="activation must be"):
+        bn_ext.nn.BatchNormAct2d(3, activation="gelu")
+
+
+def _train_step(model, x):
+    out = model(x)
+    out.square().sum().backward()
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_fuse_activations_in_torchvision_resnets_is_bitwise(name, channels_last):
+    import copy
+
+    import torchvision
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = bn_ext.nn.convert(getattr(torchvision.models, name)(num_classes=10)).to(memory_format=fmt)
+    reference = copy.deepcopy(model)
+    fused = bn_ext.nn.convert(model, fuse_activations=True)
+    blocks = {"resnet18": 8, "resnet50": 16}[name]
+    per_block = {"resnet18": 2, "resnet50": 3}[name]
+    acts = [m for m in fused.modules() if isinstance(m, bn_ext.nn.BatchNormAct2d)]
+    assert len(acts) == 1 + blocks * per_block
+    assert not any(isinstance(m, bn_ext.nn.BatchNormAct2d) for m in model.modules())
+    # Parameters are shared, not copied: an optimizer of `model` steps the fused model.
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
+    x = torch.randn(2, 3, 64, 64).to(memory_format=fmt)
+    for training in (True, False):
+        fused.train(training)
+        reference.train(training)
+        for p in list(fused.parameters()) + list(reference.parameters()):
+            p.grad = None
+        out, grads = _train_step(fused, x)
+        ref, ref_grads = _train_step(reference, x)
+        assert torch.equal(out, ref)
+        assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
+        for (key, value), (ref_key, ref_value) in zip(fused.state_dict().items(), reference.state_dict().items()):
+            assert key == ref_key and torch.equal(value, ref_value)
+
+
+class _Untraceable(torch.nn.Module):
+    """Data-dependent control flow at the top, a fusable block below."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        self.bn = torch.nn.BatchNorm2d(4)  # read twice: not fusable
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.sum() > 0:
+            y = y * 2
+        z = self.bn(y)
+        return F.relu(z) + z
+
+
+def test_fuse_activations_inside_untraceable_models_and_only_where_safe():
+    model = bn_ext.nn.convert(_Untraceable())
+    fused = bn_ext.nn.convert(model, fuse_activations=True)
+    assert isinstance(fused.block, torch.fx.GraphModule) and fused.block is not model.block
+    assert isinstance(fused.block[1] if hasattr(fused.block, "__getitem__") else fused.block.get_submodule("1"),
+                      bn_ext.nn.BatchNormAct2d)
+    assert type(fused.bn) is bn_ext.nn.BatchNorm2d and type(model.block[1]) is bn_ext.nn.BatchNorm2d
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fused(x), model(x))
+
+
+def test_fuse_activations_leaves_a_reused_module_alone():
+    class Reused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(x)) + self.bn(x * 2)
+
+    model = bn_ext.nn.convert(Reused())
+    assert bn_ext.nn.convert(model, fuse_activations=True) is model
+
+
+def test_convert_timm_batch_norm_act_runs_fused_and_reverts():
+    import timm
+    from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)
+    reference = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    bn_ext.nn.convert(model)
+    norms = [m for m in model.modules() if isinstance(m, TimmBatchNormAct2d)]
+    assert norms and all(type(m).__module__ == "bn_ext.nn" for m in norms)
+    assert {bn_ext.nn._fusable_activation(m.act) for m in norms} <= {"silu", "none"}
+    x = torch.randn(2, 3, 64, 64)
+    for training in (True, False):
+        model.train(training)
+        reference.train(training)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    bn_ext.nn.revert(model)
+    assert all(type(m) is TimmBatchNormAct2d for m in norms)
