@@ -26,7 +26,16 @@ from bn_ext.fold import (
     fuse_layer_norm_linear,
     fuse_linear_bn,
 )
-from bn_ext.functional import batch_norm, batch_norm_act, group_norm, instance_norm, layer_norm, layer_norm_channels, rms_norm
+from bn_ext.functional import (
+    batch_norm,
+    batch_norm_act,
+    batch_renorm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    layer_norm_channels,
+    rms_norm,
+)
 from bn_ext.memory import (
     CpuOutputCacheStats,
     cpu_output_cache_stats,
@@ -40,6 +49,7 @@ __all__ = [
     "FoldVerificationError",
     "batch_norm",
     "batch_norm_act",
+    "batch_renorm",
     "cpu_capabilities",
     "cpu_capability",
     "cpu_output_cache_stats",

@@ -339,8 +339,9 @@ def _overrides_forward(bn: nn.Module) -> bool:
     from bn_ext import nn as bn_nn
     from bn_ext.distributed import SyncBatchNorm
 
+    # Batch Renormalization is BatchNorm in eval (its running statistics normalise).
     known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward,
-             _InstanceNorm.forward}
+             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward}
     return type(bn).forward not in known
 
 

@@ -14,7 +14,7 @@ from torch._prims_common import suggest_memory_format
 
 import bn_ext._C as _C  # registers the operators; direct bindings of the functional calls
 
-__all__ = ["batch_norm", "batch_norm_act", "group_norm", "instance_norm", "layer_norm", "layer_norm_channels", "rms_norm"]
+__all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "group_norm", "instance_norm", "layer_norm", "layer_norm_channels", "rms_norm"]
 
 _ops = torch.ops.bn_ext
 # Overloads resolved once: the per-call lookup is measurable on small inputs.
@@ -334,6 +334,63 @@ def batch_norm_act(
                 running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
                 input.numel() // input.shape[1],
             )
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Batch Renormalization (Ioffe, 2017).
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-3,
+    rmax: float | Tensor = 3.0,
+    dmax: float | Tensor = 5.0,
+) -> Tensor:
+    """Batch Renormalization over the channel dimension (dim 1) of an (N, C, *) input.
+
+    Training: y = weight * ((x - mean_B) / sigma_B * r + d) + bias, with
+    sigma_B = sqrt(var_B + eps) (biased batch variance), sigma =
+    sqrt(running_var + eps), r = clip(sigma_B / sigma, 1 / rmax, rmax) and
+    d = clip((mean_B - running_mean) / sigma, -dmax, dmax), r and d held
+    constant in the backward (so it is BatchNorm's with weight * r). Then, as
+    the paper: running_mean += momentum * (mean_B - running_mean) and
+    sigma += momentum * (sigma_B - sigma), kept as running_var = sigma^2 - eps
+    (Keras's renorm). Without running statistics r = 1, d = 0 (BatchNorm).
+    Eval: BatchNorm with the running statistics, so it folds like BatchNorm.
+    rmax and dmax may be 0-dim tensors (a schedule computed in a compiled graph).
+    """
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if not isinstance(rmax, Tensor) and not isinstance(dmax, Tensor) and (rmax < 1.0 or dmax < 0.0):
+        raise ValueError(f"batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax={rmax} and dmax={dmax}")
+    if running_mean is None or running_var is None:
+        return batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    # r and d from the batch statistics: no gradient flows through them.
+    mean_b, m2 = torch.ops.bn_ext.batch_norm_stats(input.detach())
+    count = input.numel() // input.shape[1]
+    sigma_b = (m2 / count + eps).sqrt()
+    sigma = (running_var.detach().double() + eps).sqrt()
+    r = (sigma_b / sigma).clamp(1.0 / rmax, rmax)
+    d = ((mean_b - running_mean.detach().double()) / sigma).clamp(-dmax, dmax)
+    param_dtype = (weight if weight is not None else bias if bias is not None else running_mean).dtype
+    r, d = r.to(param_dtype), d.to(param_dtype)
+    scaled_weight = r if weight is None else weight * r
+    shifted_bias = d if weight is None else weight * d
+    if bias is not None:
+        shifted_bias = shifted_bias + bias
+    out = batch_norm(input, None, None, scaled_weight, shifted_bias, True, 0.0, eps)
+    with torch.no_grad():
+        new_mean = running_mean.double() + momentum * (mean_b - running_mean.double())
+        new_sigma = sigma + momentum * (sigma_b - sigma)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_sigma.square() - eps)
     return out
 
 

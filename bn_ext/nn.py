@@ -15,6 +15,7 @@ from bn_ext.functional import (
     _batch_norm,
     _check_activation,
     batch_norm_act,
+    batch_renorm,
     group_norm,
     instance_norm,
     layer_norm,
@@ -29,6 +30,9 @@ __all__ = [
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -124,6 +128,60 @@ class BatchNormAct2d(_BatchNormActForward, torch.nn.BatchNorm2d):
 
 class BatchNormAct3d(_BatchNormActForward, torch.nn.BatchNorm3d):
     """BatchNormAct1d for (N, C, D, H, W) inputs."""
+
+
+class _BatchRenormForward:
+    """Batch Renormalization (Ioffe, 2017) over bn_ext.batch_renorm, with
+    torch.nn's BatchNorm buffers (running_var holds sigma^2 - eps, as Keras's
+    renorm keeps it), so state_dicts, folding and recalibration treat it as
+    BatchNorm. The clipping ramps linearly over the first `warmup_steps`
+    training steps, from r_max = 1, d_max = 0 (BatchNorm) at step 0 to rmax
+    and dmax (the paper relaxes them gradually the same way); 0: no ramp."""
+
+    def __init__(self, num_features, eps=1e-3, momentum=0.01, rmax=3.0, dmax=5.0, warmup_steps=0, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        name = type(self).__name__
+        if momentum is None:
+            raise ValueError(f"{name}: momentum must be a number (the paper's running averages), got None")
+        if rmax < 1.0 or dmax < 0.0 or warmup_steps < 0:
+            raise ValueError(f"{name}: rmax must be >= 1, dmax >= 0 and warmup_steps >= 0, got rmax={rmax}, "
+                             f"dmax={dmax} and warmup_steps={warmup_steps}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.rmax, self.dmax, self.warmup_steps = float(rmax), float(dmax), int(warmup_steps)
+
+    def clipping(self, step: Tensor | int) -> tuple:
+        """(r_max, d_max) at training step `step` (0 the first)."""
+        if self.warmup_steps == 0:
+            return self.rmax, self.dmax
+        ramp = (torch.as_tensor(step, dtype=torch.float64) / self.warmup_steps).clamp(max=1.0)
+        return 1.0 + (self.rmax - 1.0) * ramp, self.dmax * ramp
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        rmax, dmax = self.clipping(self.num_batches_tracked.detach().clone() if tracking else 0)
+        if tracking:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or self.running_mean is None
+        keep_running = not self.training or self.track_running_stats
+        return batch_renorm(input, self.running_mean if keep_running else None,
+                            self.running_var if keep_running else None, self.weight, self.bias, use_batch_stats,
+                            self.momentum, self.eps, rmax, dmax)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}"
+
+
+class BatchRenorm1d(_BatchRenormForward, torch.nn.BatchNorm1d):
+    """Batch Renormalization of (N, C) or (N, C, L) inputs."""
+
+
+class BatchRenorm2d(_BatchRenormForward, torch.nn.BatchNorm2d):
+    """Batch Renormalization of (N, C, H, W) inputs."""
+
+
+class BatchRenorm3d(_BatchRenormForward, torch.nn.BatchNorm3d):
+    """Batch Renormalization of (N, C, D, H, W) inputs."""
 
 
 class LayerNorm(torch.nn.LayerNorm):

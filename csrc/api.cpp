@@ -28,6 +28,11 @@ Tensor empty_one_dim_batch_norm(const Tensor& input, Optional weight, Optional b
   return out;
 }
 
+// An activation name as the operators take it.
+std::optional<c10::string_view> view_of(const std::optional<std::string>& activation) {
+  return activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt;
+}
+
 }  // namespace
 
 std::string cpu_capability() { return cpu::cpu_kernels().level; }
@@ -36,7 +41,7 @@ std::vector<std::string> cpu_capabilities() { return cpu::available_cpu_capabili
 
 std::vector<const char*> operator_names() {
   return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",
-          "bn_ext::batch_norm_stats",
+          "bn_ext::batch_norm_stats", "bn_ext::batch_norm_act_forward", "bn_ext::batch_norm_act_backward",
           "bn_ext::layer_norm_forward", "bn_ext::layer_norm_backward",     "bn_ext::rms_norm_forward",
           "bn_ext::rms_norm_backward",  "bn_ext::group_norm_forward",      "bn_ext::group_norm_backward",
           "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
@@ -88,6 +93,42 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
   return handle.call(grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask);
 }
 
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward(const Tensor& input, Optional weight, Optional bias,
+                                                          Optional running_mean, Optional running_var, bool training,
+                                                          double eps, const std::optional<std::string>& activation,
+                                                          Optional residual) {
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(
+      const Tensor&, Optional, Optional, Optional, Optional, bool, double, std::optional<c10::string_view>,
+      Optional)>("bn_ext::batch_norm_act_forward");
+  return handle.call(input, weight, bias, running_mean, running_var, training, eps, view_of(activation), residual);
+}
+
+Tensor batch_norm_act(const Tensor& input, Optional running_mean, Optional running_var, Optional weight,
+                      Optional bias, bool training, std::optional<double> momentum, double eps,
+                      const std::optional<std::string>& activation, Optional residual, Optional num_batches_tracked) {
+  auto [out, save_mean, save_invstd] =
+      batch_norm_act_forward(input, weight, bias, running_mean, running_var, training, eps, activation, residual);
+  if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
+    const c10::AutoGradMode no_grad(false);  // running statistics are buffers
+    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
+                            input.numel() / input.size(1));
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor& grad_out, const Tensor& input,
+                                                                   Optional residual, Optional weight, Optional bias,
+                                                                   const Tensor& save_mean, const Tensor& save_invstd,
+                                                                   bool training, double eps,
+                                                                   const std::optional<std::string>& activation,
+                                                                   std::array<bool, 4> output_mask) {
+  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      const Tensor&, const Tensor&, Optional, Optional, Optional, const Tensor&, const Tensor&, bool, double,
+      std::optional<c10::string_view>, std::array<bool, 4>)>("bn_ext::batch_norm_act_backward");
+  return handle.call(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
+                     view_of(activation), output_mask);
+}
+
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
                                                       Optional weight, Optional bias, double eps) {
   static const auto handle =
@@ -103,7 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& input, int64
                                                                    std::optional<c10::string_view>)>(
       "bn_ext::group_norm_forward");
   return handle.call(input, num_groups, weight, bias, eps,
-                     activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt);
+                     view_of(activation));
 }
 
 Tensor group_norm(const Tensor& input, int64_t num_groups, Optional weight, Optional bias, double eps,
@@ -127,9 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out, c
       op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
                                             Optional, Optional, double, std::optional<c10::string_view>,
                                             std::array<bool, 3>)>("bn_ext::group_norm_backward");
-  return handle.call(grad_out, input, num_groups, mean, rstd, weight, bias, eps,
-                     activation.has_value() ? std::optional<c10::string_view>(*activation) : std::nullopt,
-                     output_mask);
+  return handle.call(grad_out, input, num_groups, mean, rstd, weight, bias, eps, view_of(activation), output_mask);
 }
 
 Tensor instance_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,

@@ -332,3 +332,72 @@ def test_convert_timm_batch_norm_act_runs_fused_and_reverts():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
     bn_ext.nn.revert(model)
     assert all(type(m) is TimmBatchNormAct2d for m in norms)
+
+
+# --- The operator contract ----------------------------------------------------
+
+
+def _act_samples():
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    r = torch.randn_like(x)
+    return [
+        (x, w, b, None, None, True, 1e-5, "relu", r),
+        (x, w, b, rm, rv, False, 1e-5, "silu", None),
+        (x.to(memory_format=torch.channels_last), None, b, None, None, True, 1e-5, "silu", r),
+        (x.float().to(torch.bfloat16), w.float(), b.float(), None, None, True, 1e-5, "relu", r.to(torch.bfloat16)),
+        (x, w, b, None, None, True, 1e-5, None, r),
+    ]
+
+
+@pytest.mark.parametrize("sample", range(5))
+def test_opcheck(sample):
+    from torch.library import opcheck
+
+    args = _act_samples()[sample]
+    ops = torch.ops.bn_ext
+    opcheck(ops.batch_norm_act_forward.default, args)
+    x, w, b, rm, rv, training, eps, activation, r = args
+    grad = [t.requires_grad_() if t is not None and t.dtype == torch.float64 else t for t in (x, w, b, r)]
+    opcheck(ops.batch_norm_act_forward.default, (grad[0], grad[1], grad[2], rm, rv, training, eps, activation, grad[3]))
+    _, mean, invstd = ops.batch_norm_act_forward(*args)
+    dy = torch.randn_like(x)
+    for mask in ([True] * 4, [False, True, False, True]):
+        opcheck(ops.batch_norm_act_backward.default,
+                (dy, x.detach(), r if r is None else r.detach(), w, b, mean, invstd, training, eps, activation, mask))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = bn_ext.nn.BatchNormAct2d(4)
+        self.bn2 = bn_ext.nn.BatchNormAct2d(4, activation="silu", momentum=None)
+
+    def forward(self, x):
+        return self.bn2(self.bn(self.conv(x), x), x)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_and_export_match_eager(training):
+    torch.manual_seed(0)
+    eager, compiled_model = _Block().train(training), _Block().train(training)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(2, 4, 6, 6, requires_grad=True)
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e)
+        (ge,) = torch.autograd.grad(out_e.square().sum(), x)
+        (gc,) = torch.autograd.grad(out_c.square().sum(), x)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    x = torch.randn(2, 4, 6, 6)
+    program = torch.export.export(_Block().train(training), (x,))
+    names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "bn_ext.batch_norm_act_forward.default" in names
+    reference = _Block().train(training)
+    reference.load_state_dict(program.module().state_dict())
+    torch.testing.assert_close(program.module()(x), reference(x))

@@ -202,6 +202,24 @@ void errors() {
 
 // GroupNorm (fused SiLU too), InstanceNorm with running statistics and
 // LayerNorm over channels against libtorch, both layouts, with autograd.
+void batch_norm_act() {
+  auto x = randn({4, 6, 5, 5}) * 2 + 1, r = randn({4, 6, 5, 5});
+  auto w = torch::rand({6}) + 0.5, b = torch::randn({6});
+  auto rm = torch::zeros({6}), rv = torch::ones({6}), rm_ref = rm.clone(), rv_ref = rv.clone();
+  auto ours = bn_ext::batch_norm_act(x, rm, rv, w, b, true, 0.1, 1e-5, "relu", r);
+  auto unfused = at::relu(bn_ext::batch_norm(x, rm_ref, rv_ref, w, b, true, 0.1, 1e-5) + r);
+  expect(at::equal(ours, unfused), "batch_norm_act equals batch_norm + add + relu");
+  expect(at::equal(rm, rm_ref) && at::equal(rv, rv_ref), "batch_norm_act updates the running statistics");
+  auto xg = x.clone().requires_grad_(), rg = r.clone().requires_grad_();
+  auto grads = torch::autograd::grad({bn_ext::batch_norm_act(xg, std::nullopt, std::nullopt, w, b, true, 0.1, 1e-5,
+                                                             "silu", rg)}, {xg, rg}, {torch::ones_like(x)});
+  auto xr = x.clone().requires_grad_(), rr = r.clone().requires_grad_();
+  auto ref = torch::autograd::grad({at::silu(at::batch_norm(xr, w, b, {}, {}, true, 0.1, 1e-5, false) + rr)}, {xr, rr},
+                                   {torch::ones_like(x)});
+  expect_close(grads[0], ref[0], 1e-4, "batch_norm_act + silu autograd: grad_input");
+  expect_close(grads[1], ref[1], 1e-5, "batch_norm_act + silu autograd: grad_residual");
+}
+
 void group_norm_family() {
   auto x = randn({3, 8, 5, 6}) * 2 + 1;
   auto w = torch::rand({8}) + 0.5, b = torch::randn({8});
@@ -262,7 +280,7 @@ int main(int argc, char** argv) {
       {"rms_norm", rms_norm}, {"row_backward", row_backward},
       {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
       {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd},
-      {"group_norm_family", group_norm_family}, {"cpu_capability", cpu_capability}};
+      {"group_norm_family", group_norm_family}, {"batch_norm_act", batch_norm_act}, {"cpu_capability", cpu_capability}};
   for (int i = 1; i < argc; ++i) {
     auto it = cases.find(argv[i]);
     if (it == cases.end()) {

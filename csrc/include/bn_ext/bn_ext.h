@@ -56,6 +56,31 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, c
                                                        const Tensor& save_invstd, bool training, double eps,
                                                        std::array<bool, 3> output_mask = {true, true, true});
 
+// --- BatchNorm fused with an activation and a residual -----------------------
+
+// act(batch_norm(input) + residual), activation "relu", "silu" or "none"
+// (nullopt: none), residual nullopt for none: batch_norm's arguments and
+// running-statistics update, in one pass; equal to the unfused ops.
+Tensor batch_norm_act(const Tensor& input, const std::optional<Tensor>& running_mean,
+                      const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight,
+                      const std::optional<Tensor>& bias, bool training, std::optional<double> momentum, double eps,
+                      const std::optional<std::string>& activation = "relu",
+                      const std::optional<Tensor>& residual = std::nullopt,
+                      const std::optional<Tensor>& num_batches_tracked = std::nullopt);
+
+// (out, save_mean, save_invstd).
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
+    const std::optional<std::string>& activation, const std::optional<Tensor>& residual);
+
+// (grad_input, grad_weight, grad_bias, grad_residual); gradients not in output_mask are empty.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& residual,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, double eps, const std::optional<std::string>& activation,
+    std::array<bool, 4> output_mask = {true, true, true, true});
+
 // --- LayerNorm and RMSNorm over the trailing normalized_shape dims ------------
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape,
