@@ -36,6 +36,7 @@ from bn_ext.functional import (
     layer_norm_channels,
     rms_norm,
 )
+from bn_ext.recalibration import recalibrate_batch_norm
 from bn_ext.memory import (
     CpuOutputCacheStats,
     cpu_output_cache_stats,
@@ -66,6 +67,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_channels",
     "nn",
+    "recalibrate_batch_norm",
     "rms_norm",
     "set_cpu_output_cache_limit",
 ]
