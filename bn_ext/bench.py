@@ -74,6 +74,8 @@ class Calls:
     bn_ext: Fn
     bytes: int
     compiled: Fn | None = None
+    # A fused op's unfused bn_ext counterpart (plain BatchNorm), for the fusion's cost.
+    plain: Fn | None = None
 
 
 @dataclasses.dataclass
@@ -101,6 +103,12 @@ class Result:
     extra_bytes: int | None = None
     # On a GPU, torch with cuDNN (BatchNorm cases); torch_ms is then torch's native kernel.
     cudnn_ms: float | None = None
+    plain_ms: float | None = None  # bn_ext's plain BatchNorm beside a fused case, reused memory
+
+    @property
+    def fused_cost(self) -> float | None:
+        """A fused case's time over plain bn_ext BatchNorm's."""
+        return None if self.plain_ms is None else self.bn_ext_ms / self.plain_ms
 
     @property
     def ratio(self) -> float:
@@ -320,6 +328,77 @@ def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
     return cases
 
 
+# Fused BatchNorm + ReLU (+ residual add): ResNet-50's shapes at batch 32.
+FUSED_BN_SHAPES = [(32, 64, 56), (32, 256, 56), (32, 256, 28), (32, 512, 28), (32, 1024, 14), (32, 2048, 7)]
+
+
+def _bn_relu(x, w, b):
+    return torch.relu(F.batch_norm(x, None, None, w, b, True))
+
+
+def _bn_add_relu(x, r, w, b):
+    return torch.relu(F.batch_norm(x, None, None, w, b, True) + r)
+
+
+def _bn_relu_backward(dy, out, x, w, rm, rv, mean, invstd):
+    dz = _aten.threshold_backward(dy, out, 0)
+    return _aten.native_batch_norm_backward(dz, x, w, rm, rv, mean, invstd, True, 1e-5, [True, True, True]), dz
+
+
+def _fused_cases(quick) -> list[Case]:
+    """bn_ext.batch_norm_act against torch's unfused ops (BatchNorm, add, ReLU),
+    against torch.compile of them (Inductor fuses the elementwise ops), and
+    against bn_ext's plain BatchNorm (the fusion's own cost)."""
+    cases = []
+    shapes = FUSED_BN_SHAPES[2:3] if quick else FUSED_BN_SHAPES
+    layouts = [("contiguous", torch.float32), ("channels_last", torch.float32), ("channels_last", torch.bfloat16)]
+    for fmt_name, dtype in layouts[:1] if quick else layouts:
+        fmt = torch.channels_last if fmt_name == "channels_last" else torch.contiguous_format
+        dname = str(dtype).removeprefix("torch.")
+        for n, c, s in shapes:
+            def inputs(n=n, c=c, s=s, fmt=fmt, dtype=dtype):
+                torch.manual_seed(0)
+                x = torch.randn(n, c, s, s, dtype=dtype).to(memory_format=fmt)
+                r = torch.randn(n, c, s, s, dtype=dtype).to(memory_format=fmt)
+                return x, r, torch.rand(c) + 0.5, torch.randn(c)
+
+            tag = f"N{n} C{c} {s}x{s} {fmt_name} {dname}"
+            for residual in (False, True):
+                name = "BN + add + ReLU" if residual else "BN + ReLU"
+
+                def forward(inputs=inputs, residual=residual):
+                    x, r, w, b = inputs()
+                    plain = lambda: bn_ext.batch_norm(x, None, None, w, b, True)  # noqa: E731
+                    if residual:
+                        compiled = _compiled(_bn_add_relu)
+                        return Calls(lambda: _bn_add_relu(x, r, w, b),
+                                     lambda: bn_ext.batch_norm_act(x, None, None, w, b, True, residual=r),
+                                     3 * _nbytes(x), lambda: compiled(x, r, w, b), plain)
+                    compiled = _compiled(_bn_relu)
+                    return Calls(lambda: _bn_relu(x, w, b), lambda: bn_ext.batch_norm_act(x, None, None, w, b, True),
+                                 2 * _nbytes(x), lambda: compiled(x, w, b), plain)
+
+                def backward(inputs=inputs, residual=residual):
+                    x, r, w, b = inputs()
+                    dy = torch.randn_like(x)
+                    res = r if residual else None
+                    out_t, mean_t, invstd_t = _aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+                    out_t = torch.relu(out_t + r if residual else out_t)
+                    _, mean_o, invstd_o = _ops.batch_norm_act_forward(x, w, b, None, None, True, 1e-5, "relu", res)
+                    mask = [True, True, True, residual]
+                    compiled = _compiled(_bn_relu_backward)
+                    return Calls(
+                        lambda: _bn_relu_backward(dy, out_t, x, w, None, None, mean_t, invstd_t),
+                        lambda: _ops.batch_norm_act_backward(dy, x, res, w, b, mean_o, invstd_o, True, 1e-5, "relu",
+                                                             mask),
+                        (4 if residual else 3) * _nbytes(x),
+                        lambda: compiled(dy, out_t, x, w, None, None, mean_t, invstd_t),
+                        lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask[:3]))
+
+                cases += [Case(f"{name} forward", tag, forward), Case(f"{name} backward", tag, backward)]
+    return cases
+
+
 def _row_cases(op: str, dtype, quick) -> list[Case]:
     cases = []
     dname = str(dtype).removeprefix("torch.")
@@ -522,6 +601,7 @@ def suite(quick: bool) -> list[Case]:
     for dtype in (torch.float32, torch.bfloat16):
         cases += _row_cases("LayerNorm", dtype, quick) + _row_cases("RMSNorm", dtype, quick)
     cases += _group_norm_family_cases(quick)
+    cases += _fused_cases(quick)
     cases += _module_cases()
     if not quick:
         cases += _large_cases()
@@ -630,10 +710,15 @@ def kernel_timings(quick: bool, pattern: str | None, compile_peer: bool, path: P
     for case in tqdm([c for c in _selected(quick, pattern) if not c.first_call], desc="kernels", unit="case"):
         calls = case.make()
         fns = [calls.torch, calls.bn_ext]
+        if calls.plain is not None:
+            fns.append(calls.plain)
         if compile_peer and calls.compiled is not None:
             fns.append(calls.compiled)
         medians = time_interleaved(fns, repeats, min_seconds)
-        timings[f"{case.group}|{case.name}"] = medians
+        timings[f"{case.group}|{case.name}"] = {"torch": medians[0], "bn_ext": medians[1],
+                                                "plain": medians[2] if calls.plain is not None else None,
+                                                "compiled": medians[-1] if len(fns) > 2 + (calls.plain is not None)
+                                                else None}
         del calls, fns
     path.write_text(json.dumps(timings))
 
@@ -688,11 +773,12 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
                 result = Result(case.group, case.name, medians[0], medians[1], calls.bytes, limit_ms=limit_ms,
                                 extra_bytes=extra, cudnn_ms=medians[2] if len(medians) > 2 else None)
             else:
-                kernel = medians if case.first_call else kernels[f"{case.group}|{case.name}"]
-                result = Result(case.group, case.name, kernel[0], kernel[1], calls.bytes,
-                                compiled_ms=kernel[2] if len(kernel) > 2 else None,
-                                shipped_torch_ms=medians[0], shipped_bn_ext_ms=medians[1], limit_ms=limit_ms,
-                                extra_bytes=extra)
+                kernel = ({"torch": medians[0], "bn_ext": medians[1]} if case.first_call
+                          else kernels[f"{case.group}|{case.name}"])
+                result = Result(case.group, case.name, kernel["torch"], kernel["bn_ext"], calls.bytes,
+                                compiled_ms=kernel.get("compiled"), shipped_torch_ms=medians[0],
+                                shipped_bn_ext_ms=medians[1], limit_ms=limit_ms, extra_bytes=extra,
+                                plain_ms=kernel.get("plain"))
             results.append(result)
             del calls
         report(results, bandwidth, torch.get_num_threads(), output, device)
@@ -729,9 +815,12 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
               "bn_ext;\nshipped: torch / bn_ext with the default allocator; limit: minimal traffic at the copy "
               "speed, and bn_ext's share of it\n")
     cudnn = any(r.cudnn_ms is not None for r in results)
+    fused = any(r.plain_ms is not None for r in results)
+    if fused:
+        print("fused cases: torch is its unfused ops; vs plain: bn_ext fused / bn_ext plain BatchNorm\n")
     print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'compile':>7} "
           f"{'shipped':>7} {'limit ms':>9} {'% limit':>7} {'extra KB':>9}"
-          + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else ""))
+          + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else "") + (f" {'vs plain':>8}" if fused else ""))
     groups: dict[str, list[Result]] = {}
     for r in results:
         groups.setdefault(r.group, []).append(r)
@@ -740,7 +829,8 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
         share = None if r.limit_share is None else 100 * r.limit_share
         print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
               f"{_figure(r.compiled_ratio, '.2f'):>7} {_figure(r.shipped_ratio, '.2f'):>7} "
-              f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% {extra:>9}{vs_cudnn}")
+              f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% {extra:>9}{vs_cudnn}"
+              + (f" {_figure(r.fused_cost, '.2f'):>8}" if fused else ""))
     print(f"\n{'group':<28} {'geomean':>8} {'min':>6} {'compile geomean':>15} {'compile min':>11} "
           f"{'shipped geomean':>15}")
     for group, rs in groups.items():
@@ -756,7 +846,8 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
         "cpu_capability": bn_ext.cpu_capability(),
         "copy_bandwidth_gbps": bandwidth,
         "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
-                                             "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share}
+                                             "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
+                                             "fused_cost": r.fused_cost}
                     for r in results],
         "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
     }

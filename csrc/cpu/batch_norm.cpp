@@ -74,7 +74,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
   const int64_t C = input.size(1);
   const auto fmt = batch_norm_memory_format(input);
   const Tensor x = input.contiguous(fmt);
-  Tensor dy = grad_out.contiguous(fmt);
+  const Tensor dy = grad_out.contiguous(fmt);
   const BatchNormGeometry g = batch_norm_geometry(x);
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   const auto mean = channel_values(save_mean, C, 0.0);
@@ -82,26 +82,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cpu(
   const auto w = channel_values(weight, C, 1.0);
   const auto b = channel_values(bias, C, 0.0);
   const auto& kernels = *cpu_kernels().batch_norm;
-  // With a residual, the gradient of the sum is the residual's: computed
-  // first, then it is the normalisation's dy. Without, it stays implicit.
-  Tensor grad_residual = at::empty({0}, x.options());
-  Activation through = act;
+  // With a residual, the gradient of the sum is also the residual's: the
+  // kernel stores it (needed for dx and the parameters' gradients too).
   const bool upstream = output_mask[0] || output_mask[1] || output_mask[2];
-  if (has(residual) && (output_mask[3] || upstream)) {
-    grad_residual = empty_output_like(x, at::MemoryFormat::Preserve);
-    if (x.numel() > 0) {
-      kernels.activation_gradient(dy, x, residual->contiguous(fmt), grad_residual, g, mean.data(), invstd.data(),
-                                  w.data(), b.data(), act);
-    }
-    dy = grad_residual;
-    through = Activation::kNone;
-  }
+  Tensor grad_residual = has(residual) && (output_mask[3] || upstream)
+                             ? empty_output_like(x, at::MemoryFormat::Preserve)
+                             : at::empty({0}, x.options());
   Tensor grad_input = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Preserve) : at::empty({0}, x.options());
   std::vector<double> sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
-  if (x.numel() > 0 && upstream) {
-    kernels.backward(dy, x, output_mask[0] ? grad_input : Tensor(), g, mean.data(), invstd.data(), w.data(),
-                     b.data(), through, training, output_mask[1] || output_mask[2], sum_dy.data(),
-                     sum_dy_xmu.data());
+  if (x.numel() > 0 && (upstream || grad_residual.numel() > 0)) {
+    kernels.backward(dy, x, has(residual) ? residual->contiguous(fmt) : Tensor(),
+                     has(residual) ? grad_residual : Tensor(), output_mask[0] ? grad_input : Tensor(), g, mean.data(),
+                     invstd.data(), w.data(), b.data(), act, training, output_mask[1] || output_mask[2],
+                     sum_dy.data(), sum_dy_xmu.data());
   }
   auto param_grad = [&](bool asked, const std::vector<double>& values) {
     return asked ? channel_tensor(values, param_dtype) : at::empty({0}, x.options().dtype(param_dtype));

@@ -40,17 +40,15 @@ struct BatchNormKernels {
                          const double* bias, Activation act);
   // mean and M2 = sum((x - mean)^2) per channel.
   void (*moments)(const at::Tensor& x, const BatchNormGeometry& g, double* mean, double* m2);
-  // Of the gradient dz = dy * act'(z) of the pre-activation value z (no
-  // residual: recomputed from x, `bias` and the statistics): sum(dz) and
-  // sum(dz * (x - mean)) per channel when `need_sums`, and dx when it is
-  // defined (training: the full formula; eval: dz * weight * invstd).
-  void (*backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const BatchNormGeometry& g,
+  // Of the gradient dz = dy * act'(z) of the pre-activation value z,
+  // recomputed from x (+ residual), `bias` and the statistics: sum(dz) and
+  // sum(dz * (x - mean)) per channel when `need_sums`, dx when it is defined
+  // (training: the full formula; eval: dz * weight * invstd), and with a
+  // residual (undefined: none) dz itself into grad_residual.
+  void (*backward)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
+                   const at::Tensor& grad_residual, const at::Tensor& dx, const BatchNormGeometry& g,
                    const double* mean, const double* invstd, const double* weight, const double* bias,
                    Activation act, bool training, bool need_sums, double* sum_dy, double* sum_dy_xmu);
-  // out = dy * act'(z), z = normalised x + residual: the residual's gradient.
-  void (*activation_gradient)(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& residual,
-                              const at::Tensor& out, const BatchNormGeometry& g, const double* mean,
-                              const double* invstd, const double* weight, const double* bias, Activation act);
 };
 
 // LayerNorm and RMSNorm over rows of `cols` values. Parameter gradients come

@@ -86,30 +86,40 @@ ChannelCoefficients<T> forward_coefficients(const BatchNormGeometry& g, const do
   return k;
 }
 
-// dx, and the sums when asked, of the gradient dy * act'(z) (dy itself for
-// NoActivation) with z recomputed from x: that gradient is never stored.
-template <typename T, typename Act>
-void backward_kernel(const T* pdy, const T* px, T* pdx, const BatchNormGeometry& g, const double* mean,
-                     const double* invstd, const double* w, const double* b, bool training, bool need_sums,
-                     double* sum_dy, double* sum_dy_xmu) {
+// dx, and the sums when asked, of the gradient dz = dy * act'(z) of the
+// pre-activation value z. Without a residual z is recomputed from x and dz
+// is never stored (dz = dy for NoActivation); with one, dz is the residual's
+// gradient, stored to dres by the pass that takes the sums.
+template <typename T, typename Act, bool kResidual>
+void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* pdx, const BatchNormGeometry& g,
+                     const double* mean, const double* invstd, const double* w, const double* b, bool training,
+                     bool need_sums, double* sum_dy, double* sum_dy_xmu) {
   using Op = opmath_t<T>;
-  constexpr bool kThrough = !std::is_same_v<Act, NoActivation>;
+  constexpr bool kThrough = !kResidual && !std::is_same_v<Act, NoActivation>;
   const double M = static_cast<double>(g.reduce_size());
   ChannelCoefficients<T> k(g.C);
   // The forward's scale (weight * invstd, also the backward's alpha) and shift.
-  ChannelCoefficients<T> forward = kThrough ? forward_coefficients<T>(g, mean, invstd, w, b) : ChannelCoefficients<T>(0);
+  ChannelCoefficients<T> forward =
+      kThrough || kResidual ? forward_coefficients<T>(g, mean, invstd, w, b) : ChannelCoefficients<T>(0);
   for (int64_t c = 0; c < g.C; ++c) {
     k.center[c] = static_cast<Op>(mean[c]);
     if constexpr (kThrough) k.shift[c] = forward.gamma[c];
   }
   const auto gradient = [&] {
-    if constexpr (kThrough) {
+    if constexpr (kResidual) {
+      return GradientThroughResidual<T, Act>{forward.beta.data(), forward.gamma.data(), residual, pdres};
+    } else if constexpr (kThrough) {
       return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data()};
     } else {
       return PlainGradient<T>{};
     }
   }();
-  const FormInputs<T> in{pdy, px};
+  // What the dx pass reads as the gradient: the stored dz, or dy.
+  const FormInputs<T> in{kResidual ? pdres : pdy, px};
+  const bool sums_pass = need_sums || (training && pdx != nullptr);
+  if (kResidual && !sums_pass) {
+    channel_form_pass<T, ActivationGradient<T, Act, true>>(pdres, {pdy, px, residual}, forward, g);
+  }
   // sum(dy * (x - mean)) from the sum about the rounded center.
   auto set_sums = [&](int64_t c, const GradSums& s) {
     sum_dy[c] = s.dy;
@@ -131,7 +141,7 @@ void backward_kernel(const T* pdy, const T* px, T* pdx, const BatchNormGeometry&
     });
     return;
   }
-  if (need_sums || (training && pdx != nullptr)) {
+  if (sums_pass) {
     const auto sums = channel_grad_sums(pdy, px, k.center.data(), g, gradient);
     for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
   }
@@ -142,7 +152,7 @@ void backward_kernel(const T* pdy, const T* px, T* pdx, const BatchNormGeometry&
   if (training) {
     channel_form_pass<T, TrainingForm>(pdx, in, k, g);
   } else {
-    channel_form_pass<T, EvalForm>(pdx, {pdy, kThrough ? px : nullptr}, k, g);
+    channel_form_pass<T, EvalForm>(pdx, {in.dy, kThrough ? px : nullptr}, k, g);
   }
 }
 
@@ -187,35 +197,25 @@ void moments(const Tensor& x, const BatchNormGeometry& g, double* mean, double* 
   });
 }
 
-void backward(const Tensor& dy, const Tensor& x, const Tensor& dx, const BatchNormGeometry& g, const double* mean,
-              const double* invstd, const double* w, const double* b, Activation act, bool training, bool need_sums,
-              double* sum_dy, double* sum_dy_xmu) {
+void backward(const Tensor& dy, const Tensor& x, const Tensor& residual, const Tensor& grad_residual, const Tensor& dx,
+              const BatchNormGeometry& g, const double* mean, const double* invstd, const double* w, const double* b,
+              Activation act, bool training, bool need_sums, double* sum_dy, double* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
     with_activation(act, [&](auto activation) {
-      backward_kernel<scalar_t, decltype(activation)>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                      dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr, g,
-                                                      mean, invstd, w, b, training, need_sums, sum_dy, sum_dy_xmu);
-    });
-  });
-}
-
-void activation_gradient(const Tensor& dy, const Tensor& x, const Tensor& residual, const Tensor& out,
-                         const BatchNormGeometry& g, const double* mean, const double* invstd, const double* w,
-                         const double* b, Activation act) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_activation_gradient", [&] {
-    const auto k = forward_coefficients<scalar_t>(g, mean, invstd, w, b);
-    const FormInputs<scalar_t> in{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                  residual.const_data_ptr<scalar_t>()};
-    with_activation(act, [&](auto activation) {
-      channel_form_pass<scalar_t, ActivationGradient<scalar_t, decltype(activation), true>>(
-          out.mutable_data_ptr<scalar_t>(), in, k, g);
+      with_residual(residual.defined(), [&](auto has_residual) {
+        backward_kernel<scalar_t, decltype(activation), has_residual()>(
+            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            has_residual() ? residual.const_data_ptr<scalar_t>() : nullptr,
+            has_residual() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+            dx.defined() ? dx.mutable_data_ptr<scalar_t>() : nullptr, g, mean, invstd, w, b, training, need_sums,
+            sum_dy, sum_dy_xmu);
+      });
     });
   });
 }
 
 }  // namespace
 
-extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &backward,
-                                                    &activation_gradient};
+extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &backward};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY

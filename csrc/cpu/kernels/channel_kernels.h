@@ -292,14 +292,15 @@ inline void add_grad_sums(GradSums& total, double dy, double dy_xc) {
   total.dy_xc += dy_xc;
 }
 
-// The gradient the sums below are taken of, at one vector: dy itself, or dy
-// through an activation of the forward value recomputed from x
-// (GradientThrough, below). `channel(c)` serves a channels-first run of
-// channel c, `columns(j)` channels-last columns [j, j + W).
+// The gradient the sums below are taken of, at one vector of `count` lanes
+// from element `offset`: dy itself, or dy through an activation of the
+// forward value recomputed from x (GradientThrough and, storing it as the
+// residual's gradient, GradientThroughResidual, below). `channel(c)` serves
+// a channels-first run of channel c, `columns(j)` channels-last columns [j, j + W).
 template <typename T>
 struct PlainGradient {
   struct At {
-    OpVec<T> operator()(const OpVec<T>& dy, const OpVec<T>&) const { return dy; }
+    OpVec<T> operator()(const OpVec<T>& dy, const OpVec<T>&, int64_t, int64_t) const { return dy; }
   };
   At channel(int64_t) const { return {}; }
   At columns(int64_t) const { return {}; }
@@ -323,7 +324,7 @@ void add_block_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, con
           len,
           [&](int64_t e, int64_t count, Vec& a, Vec& b) {
             b = load_op_n(x + off + e, count) - vcenter;
-            a = grad(load_op_n(dy + off + e, count), b);
+            a = grad(load_op_n(dy + off + e, count), b, off + e, count);
           },
           acc_dy[c - c0], acc_dyx[c - c0]);
     });
@@ -346,7 +347,7 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
       [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) {
         const int64_t offset = (r0 + s) * g.C + j;
         b = load_op_n(x + offset, count) - Vec::loadu(center + j);
-        a = gradient.columns(j)(load_op_n(dy + offset, count), b);
+        a = gradient.columns(j)(load_op_n(dy + offset, count), b, offset, count);
       },
       sum_dy.data(), sum_dyx.data());
   for (int64_t c = 0; c < g.C; ++c) add(c, sum_dy[c], sum_dyx[c]);
@@ -536,12 +537,42 @@ struct GradientThrough {
   const opmath_t<T>* shift;
   struct At {
     Vec scale, shift;
-    Vec operator()(const Vec& dy, const Vec& x_centered) const {
+    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t, int64_t) const {
       return gradient_through<T, Act>(dy, x_centered, scale, shift);
     }
   };
   At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c])}; }
   At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j)}; }
+};
+
+// With a residual: dz = dy * act'(z), z = round(round((x - center) * scale
+// + shift) + residual), also stored to `out` (the residual's gradient, which
+// the pass after the sums reads as dy): one pass reads dy, x and the
+// residual, where storing dz first and summing it after would read it again.
+template <typename T, typename Act>
+struct GradientThroughResidual {
+  using Vec = OpVec<T>;
+  const opmath_t<T>* scale;
+  const opmath_t<T>* shift;
+  const T* residual;
+  T* out;
+  struct At {
+    Vec scale, shift;
+    const T* residual;
+    T* out;
+    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t offset, int64_t count) const {
+      const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));
+      const Vec dz = Act::grad(dy, round_to_type<T>(y + load_op_n(residual + offset, count)));
+      if (count == Vec::size()) {
+        store_op(out + offset, dz);
+      } else {
+        store_op_partial(out + offset, dz, count);
+      }
+      return round_to_type<T>(dz);
+    }
+  };
+  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c]), residual, out}; }
+  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j), residual, out}; }
 };
 
 // kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
