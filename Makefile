@@ -29,7 +29,7 @@ build: $(STAMP)
 
 # The operator tests of the CPU kernels, repeated at every lower SIMD level
 # this CPU runs (the whole suite runs at the best one).
-CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_operators.py
+CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_operators.py
 
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).

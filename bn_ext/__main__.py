@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--capability", type=str.upper, choices=["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"],
                        help="CPU kernel level to time (default: the best this CPU runs)")
     bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile peer")
+    bench.add_argument("--training-step", action="store_true",
+                       help="time a ResNet-50 training step (torch, bn_ext, bn_ext with fused activations) instead")
     # The child process that times kernel against kernel (see bn_ext/bench.py).
     bench.add_argument("--kernel-timings", help=argparse.SUPPRESS)
 
@@ -113,8 +115,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             return 2
         env = {**os.environ, "BN_EXT_CPU_CAPABILITY": args.capability}
         os.execve(sys.executable, [sys.executable, "-m", "bn_ext", *argv], env)
-    from bn_ext.bench import kernel_timings, run
+    from bn_ext.bench import kernel_timings, run, training_step_report
 
+    if args.training_step:
+        training_step_report(steps=2 if args.quick else 5)
+        return 0
     if args.kernel_timings:
         kernel_timings(args.quick, args.filter, not args.no_compile, Path(args.kernel_timings))
         return 0

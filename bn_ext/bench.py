@@ -787,6 +787,69 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
     return results
 
 
+# The ops a training step's norm + elementwise share counts (self time), by
+# the prefix of their profiler names: the normalisation, and the activations
+# and residual adds around it.
+_NORM_OPS = ("bn_ext::", "aten::native_batch_norm", "aten::batch_norm", "aten::_batch_norm",
+             "aten::cudnn_batch_norm", "aten::_native_batch_norm")
+_ELEMENTWISE_OPS = ("aten::relu", "aten::threshold_backward", "aten::add", "aten::add_", "aten::clamp_min")
+
+
+def _step_share(step: Fn) -> tuple[float, float]:
+    """(norm share, elementwise share) of one step's CPU time, by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    norm = sum(e.self_cpu_time_total for e in events if e.key.startswith(_NORM_OPS))
+    elementwise = sum(e.self_cpu_time_total for e in events if e.key.startswith(_ELEMENTWISE_OPS))
+    return norm / total, elementwise / total
+
+
+def training_step_report(steps: int = 5, batch: int = 16, side: int = 128) -> list[dict]:
+    """A torchvision ResNet-50 training step (forward, loss, backward, SGD
+    step) on the CPU, both layouts: torch eager against bn_ext.nn.convert
+    and convert(fuse_activations=True), interleaved medians, and the share
+    of each step left in norm and elementwise ops."""
+    import copy
+
+    import torchvision
+
+    rows = []
+    for fmt_name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        torch.manual_seed(0)
+        base = torchvision.models.resnet50(num_classes=100).to(memory_format=fmt)
+        models = {"torch": base, "bn_ext": bn_ext.nn.convert(copy.deepcopy(base))}
+        models["bn_ext fused"] = bn_ext.nn.convert(copy.deepcopy(base), fuse_activations=True)
+        x = torch.randn(batch, 3, side, side).to(memory_format=fmt)
+        target = torch.randint(0, 100, (batch,))
+        step_fns = []
+        for model in models.values():
+            model.train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+            def step(model=model, optimizer=optimizer):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), target).backward()
+                optimizer.step()
+
+            step_fns.append(step)
+        medians = time_interleaved(step_fns, steps, 0.0)
+        for (name, _), fn, ms in zip(models.items(), step_fns, medians):
+            norm, elementwise = _step_share(fn)
+            rows.append({"layout": fmt_name, "model": name, "step_ms": ms, "speedup": medians[0] / ms,
+                         "norm_share": norm, "elementwise_share": elementwise})
+    print(f"\nResNet-50 training step, batch {batch}, {side}x{side}, {_cpu_name()}, {torch.get_num_threads()} "
+          f"threads, CPU kernels {bn_ext.cpu_capability()}")
+    print(f"{'layout':<14} {'model':<14} {'step ms':>9} {'vs torch':>8} {'norm %':>7} {'elementwise %':>13}")
+    for r in rows:
+        print(f"{r['layout']:<14} {r['model']:<14} {r['step_ms']:>9.1f} {r['speedup']:>8.2f} "
+              f"{100 * r['norm_share']:>7.1f} {100 * r['elementwise_share']:>13.1f}")
+    return rows
+
+
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 

@@ -32,6 +32,7 @@ TREE = WORK / "tree"
 BN_TESTS = ["tests/test_batch_norm.py"]
 ROW_TESTS = ["tests/test_layer_norm.py", "tests/test_rms_norm.py"]
 GN_TESTS = ["tests/test_group_norm.py"]
+BN_ACT_TESTS = ["tests/test_batch_norm_act.py"]
 FOLD_TESTS = ["tests/test_fold.py"]
 EMULATED_TESTS = ["tests/test_cuda_emulated.py"]
 
@@ -73,6 +74,8 @@ MUTANTS = [
            EMULATED_TESTS),
     Mutant("cuda-gn-samples-merged", CUDA_BN, "channels-last partials read every sample's rows from the first sample",
            "const index_t offset = (n * M + m) * C + c0;", "const index_t offset = m * C + c0;", EMULATED_TESTS),
+    Mutant("cuda-bn-act-residual-dropped", CUDA_BN, "BatchNorm + add: the residual not added before the activation",
+           "return kResidual ? round_to_type<T>(y + aux) : y;", "return y;", EMULATED_TESTS),
     Mutant("cuda-gn-mean-term-sign", CUDA_GN, "GroupNorm backward: the mean(w dy) term of dx with the wrong sign",
            "gamma = -rs * s.first / count;", "gamma = rs * s.first / count;", EMULATED_TESTS),
     Mutant("cuda-eps-twice", CUDA_ROWS, "LayerNorm's rstd adds eps twice",
@@ -139,8 +142,19 @@ MUTANTS = [
            "A += w[c] * sums[n * g.C + c].dy;", "A += sums[n * g.C + c].dy;", GN_TESTS),
     Mutant("cpu-gn-no-second-pass", GN_KERNEL, "GroupNorm channels-last: no second pass when a group's shift is far "
            "from its mean", "if (!single) second_pass[n - n0] = 1;", "(void)single;", GN_TESTS),
-    Mutant("cpu-gn-silu-gradient", GN_KERNEL, "GroupNorm + SiLU backward: the gradient without its z * (1 - s) term",
-           "return dy * s * (Vec(1) + z * (Vec(1) - s));", "return dy * s;", GN_TESTS),
+    Mutant("cpu-gn-silu-gradient", CHANNELS, "SiLU's gradient without its z * (1 - s) term (GroupNorm, BatchNorm)",
+           "return dy * s * (Vec(1) + z * (Vec(1) - s));", "return dy * s;", GN_TESTS + BN_ACT_TESTS),
+    Mutant("cpu-bn-act-unrounded-statistics", KERNEL, "BatchNorm's forward coefficients from unrounded statistics: "
+           "the backward's recomputed ReLU mask can differ from the forward's",
+           "return static_cast<double>(static_cast<opmath_t<T>>(statistic));", "return statistic;", BN_ACT_TESTS),
+    Mutant("cpu-bn-act-residual-unrounded", CHANNELS, "BatchNorm + add backward: the normalised value not rounded "
+           "to T before the residual is added (half types' masks and gradients drift)",
+           "const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));",
+           "const Vec y = at::vec::fmadd(x_centered, scale, shift);", BN_ACT_TESTS),
+    Mutant("cpu-bn-act-residual-tail-not-stored", CHANNELS, "BatchNorm + add backward: the residual's gradient not "
+           "stored for a run's or row's partial vector",
+           "        store_op_partial(out + offset, dz, count);\n      }\n      return round_to_type<T>(dz);",
+           "      }\n      return round_to_type<T>(dz);", BN_ACT_TESTS),
     Mutant("cpu-gn-layer-norm-channels-projection", GN_KERNEL,
            "LayerNorm over channels backward: dx without its x_hat * mean(g * x_hat) term",
            "- xhat * Vec::loadu(mean_gx.data() + j)) *", ") *", GN_TESTS),
