@@ -203,19 +203,18 @@ def _batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
     out, save_mean, save_invstd = _batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
+    _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
+                          num_batches_tracked)
+    return out
+
+
+def _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
+                          num_batches_tracked) -> None:
+    """After a BatchNorm forward: the running statistics moved in place (training only)."""
     if training and running_mean is not None and input.numel() > 0:
         with torch.no_grad():
-            _batch_norm_update_stats(
-                running_mean,
-                running_var,
-                save_mean,
-                save_invstd,
-                momentum,
-                num_batches_tracked,
-                eps,
-                input.numel() // input.shape[1],
-            )
-    return out
+            _batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum,
+                                     num_batches_tracked, eps, input.numel() // input.shape[1])
 
 
 
@@ -328,12 +327,8 @@ def batch_norm_act(
     out, save_mean, save_invstd = _batch_norm_act_forward(
         input, weight, bias, running_mean, running_var, training, eps, activation, residual
     )
-    if training and running_mean is not None and input.numel() > 0:
-        with torch.no_grad():
-            _batch_norm_update_stats(
-                running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
-                input.numel() // input.shape[1],
-            )
+    _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
+                          num_batches_tracked)
     return out
 
 

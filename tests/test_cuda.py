@@ -86,6 +86,21 @@ def test_batch_norm_matches_the_cpu_op_and_torch(shape, channels_last, dtype):
     check("batch_norm_stats", x, what="statistics")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("shape,channels_last", BN_SHAPES[:2] + BN_SHAPES[4:5])
+def test_batch_norm_act_matches_the_cpu_op(shape, channels_last, dtype, activation):
+    x, dy, w, b, rm, rv = bn_case(shape, channels_last, dtype, seed=5)
+    residual = bn_case(shape, channels_last, dtype, seed=6)[0] - 2
+    for training in (True, False):
+        got = check("batch_norm_act_forward", x, w, b, rm, rv, training, 1e-5, activation, residual,
+                    what=f"training={training}")
+        assert got[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        mean, invstd = ops.batch_norm_act_forward(x, w, b, rm, rv, training, 1e-5, activation, residual)[1:]
+        check("batch_norm_act_backward", dy, x, residual, w, b, mean, invstd, training, 1e-5, activation, [True] * 4,
+              what=f"training={training}")
+
+
 # (shape, groups, channels_last): Stable Diffusion's 32 groups, InstanceNorm
 # (a group per channel), one group, 7x7 planes, an odd channels-last width.
 GN_SHAPES = [((2, 320, 32, 32), 32, False), ((2, 320, 32, 32), 32, True), ((8, 64, 28, 28), 64, False),
