@@ -107,7 +107,7 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   }
   const auto gradient = [&] {
     if constexpr (kResidual) {
-      return GradientThroughResidual<T, Act>{forward.beta.data(), forward.gamma.data(), residual, pdres};
+      return GradientThroughResidual<T, Act>{&forward, pdy, px, residual, pdres};
     } else if constexpr (kThrough) {
       return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data()};
     } else {

@@ -297,6 +297,8 @@ inline void add_grad_sums(GradSums& total, double dy, double dy_xc) {
 // forward value recomputed from x (GradientThrough and, storing it as the
 // residual's gradient, GradientThroughResidual, below). `channel(c)` serves
 // a channels-first run of channel c, `columns(j)` channels-last columns [j, j + W).
+// A channels-last reduction calls prepare_rows(r0, r1, C) before it sums
+// each tile of rows [r0, r1).
 template <typename T>
 struct PlainGradient {
   struct At {
@@ -304,6 +306,7 @@ struct PlainGradient {
   };
   At channel(int64_t) const { return {}; }
   At columns(int64_t) const { return {}; }
+  void prepare_rows(int64_t, int64_t, int64_t) const {}
 };
 
 // Channels-first gradient sums of elements [lo, hi) of each channel of
@@ -349,7 +352,8 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
         b = load_op_n(x + offset, count) - Vec::loadu(center + j);
         a = gradient.columns(j)(load_op_n(dy + offset, count), b, offset, count);
       },
-      sum_dy.data(), sum_dyx.data());
+      sum_dy.data(), sum_dyx.data(),
+      [&](int64_t s0, int64_t s1) { gradient.prepare_rows(r0 + s0, r0 + s1, g.C); });
   for (int64_t c = 0; c < g.C; ++c) add(c, sum_dy[c], sum_dyx[c]);
 }
 
@@ -527,53 +531,6 @@ template <typename T, typename Act, typename Vec>
 inline Vec gradient_through(const Vec& dy, const Vec& x_centered, const Vec& scale, const Vec& shift) {
   return round_to_type<T>(Act::grad(dy, round_to_type<T>(at::vec::fmadd(x_centered, scale, shift))));
 }
-
-// The Gradient of channel_grad_sums for that gradient: scale and shift are
-// the forward's per-channel (or column) arrays.
-template <typename T, typename Act>
-struct GradientThrough {
-  using Vec = OpVec<T>;
-  const opmath_t<T>* scale;
-  const opmath_t<T>* shift;
-  struct At {
-    Vec scale, shift;
-    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t, int64_t) const {
-      return gradient_through<T, Act>(dy, x_centered, scale, shift);
-    }
-  };
-  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c])}; }
-  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j)}; }
-};
-
-// With a residual: dz = dy * act'(z), z = round(round((x - center) * scale
-// + shift) + residual), also stored to `out` (the residual's gradient, which
-// the pass after the sums reads as dy): one pass reads dy, x and the
-// residual, where storing dz first and summing it after would read it again.
-template <typename T, typename Act>
-struct GradientThroughResidual {
-  using Vec = OpVec<T>;
-  const opmath_t<T>* scale;
-  const opmath_t<T>* shift;
-  const T* residual;
-  T* out;
-  struct At {
-    Vec scale, shift;
-    const T* residual;
-    T* out;
-    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t offset, int64_t count) const {
-      const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));
-      const Vec dz = Act::grad(dy, round_to_type<T>(y + load_op_n(residual + offset, count)));
-      if (count == Vec::size()) {
-        store_op(out + offset, dz);
-      } else {
-        store_op_partial(out + offset, dz, count);
-      }
-      return round_to_type<T>(dz);
-    }
-  };
-  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c]), residual, out}; }
-  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j), residual, out}; }
-};
 
 // kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
 template <typename T, typename Act, bool kTraining>
@@ -753,6 +710,71 @@ void channel_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficient
   const int64_t rows = g.reduce_size();
   rows_form_pass<T, Form>(out, in, k, g.C, 0, rows, rows_per_set > 0 ? rows_per_set : std::max<int64_t>(rows, 1));
 }
+
+// The Gradient of channel_grad_sums for gradient_through's gradient: scale and shift are
+// the forward's per-channel (or column) arrays.
+template <typename T, typename Act>
+struct GradientThrough {
+  using Vec = OpVec<T>;
+  const opmath_t<T>* scale;
+  const opmath_t<T>* shift;
+  struct At {
+    Vec scale, shift;
+    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t, int64_t) const {
+      return gradient_through<T, Act>(dy, x_centered, scale, shift);
+    }
+  };
+  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c])}; }
+  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j)}; }
+  void prepare_rows(int64_t, int64_t, int64_t) const {}
+};
+
+// With a residual: dz = dy * act'(z), z = round(round((x - center) * scale
+// + shift) + residual), also stored to `out` (the residual's gradient, which
+// the pass after the sums reads as dy): one pass reads dy, x and the
+// residual, where storing dz first and summing it after would read them
+// again. Channels-first runs compute and store it as they sum; a
+// channels-last tile of rows first stores it row by row (stores down the
+// reduction's columns ran at half the speed; whole 512-row chunks of wide
+// rows left L2 before the sums read them) and the sums read it back from
+// L1. `forward` holds the forward's coefficients.
+template <typename T, typename Act>
+struct GradientThroughResidual {
+  using Vec = OpVec<T>;
+  const ChannelCoefficients<T>* forward;
+  const T* dy;
+  const T* x;
+  const T* residual;
+  T* out;
+  struct At {
+    Vec scale, shift;
+    const T* residual;
+    T* out;
+    Vec operator()(const Vec& dy, const Vec& x_centered, int64_t offset, int64_t count) const {
+      const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));
+      const Vec dz = Act::grad(dy, round_to_type<T>(y + load_op_n(residual + offset, count)));
+      if (count == Vec::size()) {
+        store_op(out + offset, dz);
+      } else {
+        store_op_partial(out + offset, dz, count);
+      }
+      return round_to_type<T>(dz);
+    }
+  };
+  // The stored gradient of a prepared chunk of rows.
+  struct Stored {
+    const T* out;
+    Vec operator()(const Vec&, const Vec&, int64_t offset, int64_t count) const {
+      return load_op_n(out + offset, count);
+    }
+  };
+  At channel(int64_t c) const { return {Vec(forward->beta[c]), Vec(forward->gamma[c]), residual, out}; }
+  Stored columns(int64_t) const { return {out}; }
+  void prepare_rows(int64_t r0, int64_t r1, int64_t C) const {
+    rows_form_pass<T, ActivationGradient<T, Act, true>>(out, {dy, x, residual}, *forward, C, r0, r1,
+                                                         std::max<int64_t>(r1, 1));
+  }
+};
 
 // Forward coefficients of channel c: y = (x - center) * beta + gamma, where
 // center is the mean rounded to op-math and gamma folds the rounding

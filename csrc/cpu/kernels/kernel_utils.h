@@ -390,12 +390,18 @@ inline std::vector<Op> column_array(int64_t columns) {
 // stay in registers and are folded into the arrays once per tile (the
 // cascade), while the tile itself, read once from memory, sits in L1.
 // (Partial sums kept in arrays and updated row by row stalled on the stores.)
-template <bool kWithSum, typename Vec, typename Terms>
+// tile(s0, s1), when given, runs before the tile of rows [s0, s1) is summed.
+struct NoTilePrologue {
+  void operator()(int64_t, int64_t) const {}
+};
+
+template <bool kWithSum, typename Vec, typename Terms, typename TilePrologue = NoTilePrologue>
 inline void column_cascade_sums(int64_t rows, int64_t width, const Terms& terms, typename Vec::value_type* sum,
-                                typename Vec::value_type* product) {
+                                typename Vec::value_type* product, const TilePrologue& tile = {}) {
   constexpr int64_t W = Vec::size();
   for (int64_t s0 = 0; s0 < rows; s0 += kCascadeSteps) {
     const int64_t s1 = std::min(rows, s0 + kCascadeSteps);
+    tile(s0, s1);
     for (int64_t j = 0; j < width; j += W) {
       const int64_t count = std::min(W, width - j);
       Vec part_sum(0), part_product(0);
