@@ -167,6 +167,26 @@ def test_relu_mask_is_recomputed_from_saved_statistics():
     assert all(torch.equal(a, e) for a, e in zip(grads[:3], ref_grads[:3]))
 
 
+@pytest.mark.parametrize("dtype,scale", [(torch.float16, 1e-7), (torch.bfloat16, 1e-38)], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_relu_mask_of_values_that_round_to_zero(dtype, scale, with_residual):
+    """Normalised values so small that many round to zero in the input's
+    dtype (float16 below 2^-25, bfloat16 below 2^-134): the unfused ReLU sees
+    those zeros, so the fused backward must mask them too."""
+    x = make_input((8, 3, 9, 9), dtype, "contiguous")
+    w, b = torch.full((3,), scale), torch.zeros(3)
+    residual = torch.zeros_like(x) if with_residual else None
+    dy = torch.ones_like(x)
+    out, grads = run(lambda x_, w_, b_, r_: bn_ext.batch_norm_act(x_, None, None, w_, b_, True, residual=r_), x, w, b,
+                     residual, dy)
+    ref, ref_grads = run(lambda x_, w_, b_, r_: unfused(x_, None, None, w_, b_, True, "relu", r_), x, w, b, residual,
+                         dy)
+    zeros = (ref == 0).sum().item()
+    assert 0 < zeros - (x <= x.double().mean((0, 2, 3), keepdim=True)).sum().item()  # some positives rounded to 0
+    assert torch.equal(out, ref)
+    assert all(g is None and e is None or torch.equal(g, e) for g, e in zip(grads, ref_grads))
+
+
 def test_momentum_none_and_num_batches_tracked():
     x, w, b, rm, rv, residual, _ = case((4, 3, 5, 5), torch.float32, "contiguous", True)
     tracked = torch.tensor(3)

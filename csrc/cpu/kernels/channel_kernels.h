@@ -446,6 +446,26 @@ inline OpVec<T> round_to_type(const OpVec<T>& v) {
   }
 }
 
+// The largest positive value that rounds to zero in T (ties go to the even 0).
+template <typename T>
+constexpr float largest_rounding_to_zero() {
+  if constexpr (std::is_same_v<T, at::Half>) return 0x1p-25f;
+  if constexpr (std::is_same_v<T, at::BFloat16>) return 0x1p-134f;
+  return 0.0f;
+}
+
+// dy * act'(round(v)) rounded to T, as a kernel storing round(v) and then
+// the gradient would compute it. ReLU's gradient is dy or 0, exact, and
+// round(v) > 0 exactly when v > largest_rounding_to_zero<T>(): no rounding.
+template <typename T, typename Act, typename Vec>
+inline Vec gradient_of_rounded(const Vec& dy, const Vec& v) {
+  if constexpr (std::is_same_v<Act, Relu>) {
+    return Vec::blendv(Vec(0), dy, v > Vec(static_cast<typename Vec::value_type>(largest_rounding_to_zero<T>())));
+  } else {
+    return round_to_type<T>(Act::grad(dy, round_to_type<T>(v)));
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Elementwise pass: out = Form::apply(operands, coefficients of channel c)
 // for every element of channel c. The operands are dy, x and aux (a third
@@ -520,7 +540,8 @@ struct ActivationGradient {
   static constexpr bool kUsesDy = true, kUsesX = true, kUsesAux = kResidual;
   template <typename Vec>
   static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
-    return Act::grad(v.dy, activation_input<T, kResidual>(v, k));
+    const Vec y = round_to_type<T>(Affine<false, true>::apply(v, k));
+    return gradient_of_rounded<T, Act>(v.dy, kResidual ? y + v.aux : y);
   }
 };
 
@@ -529,7 +550,7 @@ struct ActivationGradient {
 // takes its sums of and never stores.
 template <typename T, typename Act, typename Vec>
 inline Vec gradient_through(const Vec& dy, const Vec& x_centered, const Vec& scale, const Vec& shift) {
-  return round_to_type<T>(Act::grad(dy, round_to_type<T>(at::vec::fmadd(x_centered, scale, shift))));
+  return gradient_of_rounded<T, Act>(dy, at::vec::fmadd(x_centered, scale, shift));
 }
 
 // kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
@@ -752,13 +773,13 @@ struct GradientThroughResidual {
     T* out;
     Vec operator()(const Vec& dy, const Vec& x_centered, int64_t offset, int64_t count) const {
       const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));
-      const Vec dz = Act::grad(dy, round_to_type<T>(y + load_op_n(residual + offset, count)));
+      const Vec dz = gradient_of_rounded<T, Act>(dy, y + load_op_n(residual + offset, count));
       if (count == Vec::size()) {
         store_op(out + offset, dz);
       } else {
         store_op_partial(out + offset, dz, count);
       }
-      return round_to_type<T>(dz);
+      return dz;
     }
   };
   // The stored gradient of a prepared chunk of rows.
