@@ -109,6 +109,15 @@ def test_simd_instructions_only_in_level_code():
         if "%zmm" in line:
             wide[function] = line
     assert simd, "the kernels use SIMD instructions at the AVX2 level and above"
+    # GCC's clones (a constant-propagated std::vector constructor, say) are
+    # local to their object file: one holding SIMD code was built at a level
+    # and is called from that level's code only, never chosen by the linker
+    # for other callers, as an inline function of global linkage could be.
+    symbols = subprocess.run(["nm", bn_ext._C.__file__], capture_output=True, text=True, check=True).stdout
+    local_clones = {line.split()[-1] for line in symbols.splitlines()
+                    if line.split()[1:2] == ["t"] and re.search(r"\.(constprop|isra|part)\.\d+$", line)}
+    simd = {f: i for f, i in simd.items() if f not in local_clones}
+    wide = {f: i for f, i in wide.items() if f not in local_clones}
     outside = {f: i for f, i in simd.items() if not LEVEL_NAME.search(f)}
     assert not outside, list(outside.items())[:5]
     wide_outside = {f: i for f, i in wide.items() if not AVX512_NAME.search(f)}

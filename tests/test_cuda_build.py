@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not has_cuda_kernels(), reason="CPU-only build: 
 
 OPS = ["batch_norm_forward", "batch_norm_backward", "batch_norm_update_stats", "batch_norm_stats",
        "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward", "group_norm_forward",
-       "group_norm_backward", "layer_norm_channels_forward", "layer_norm_channels_backward"]
+       "group_norm_backward", "layer_norm_channels_forward", "layer_norm_channels_backward", "batch_norm_act_forward",
+       "batch_norm_act_backward"]
 
 
 def cuda_tool(name):
@@ -102,11 +103,16 @@ def test_no_kernel_spills_or_uses_a_stack(resource_usage):
 # Float32 kernels whose vectorised instantiation must load (and, for the
 # elementwise ones, store) 16 bytes per instruction.
 VECTOR_KERNELS = [
-    ("channel_affine<float, int, 4, bn_ext::cuda::Affine<false, true> >", True),   # forward / eval
+    # forward / eval
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<float, bn_ext::cuda::NoActivation, false> >", True),
     ("channel_affine<float, int, 4, bn_ext::cuda::Affine<true, true> >", True),    # training backward dx
     ("channel_affine<float, int, 4, bn_ext::cuda::Affine<true, false> >", True),   # eval backward dx
-    ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<bn_ext::cuda::Silu> >", True),  # GroupNorm + SiLU
-    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<bn_ext::cuda::Silu> >", True),
+    # GroupNorm + SiLU
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<float, bn_ext::cuda::Silu, false> >", True),
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<float, bn_ext::cuda::Silu, false> >", True),
+    # BatchNorm + add + ReLU: three inputs
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<float, bn_ext::cuda::Relu, true> >", True),
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<float, bn_ext::cuda::Relu, true> >", True),
     ("channels_first_partials<bn_ext::cuda::MomentsReduction<float, bn_ext::cuda::ChannelShift<float> >, int, 4>", False),
     ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float> >, int, 4>", False),
     # GroupNorm channels-last: per-(n, c) states about the group's first value

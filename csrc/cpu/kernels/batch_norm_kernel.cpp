@@ -98,9 +98,9 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   constexpr bool kThrough = !kResidual && !std::is_same_v<Act, NoActivation>;
   const double M = static_cast<double>(g.reduce_size());
   ChannelCoefficients<T> k(g.C);
-  // The forward's scale (weight * invstd, also the backward's alpha) and shift.
-  ChannelCoefficients<T> forward =
-      kThrough || kResidual ? forward_coefficients<T>(g, mean, invstd, w, b) : ChannelCoefficients<T>(0);
+  // The forward's scale (weight * invstd, also the backward's alpha) and
+  // shift (used with an activation or a residual; O(C) to set up).
+  const ChannelCoefficients<T> forward = forward_coefficients<T>(g, mean, invstd, w, b);
   for (int64_t c = 0; c < g.C; ++c) {
     k.center[c] = static_cast<Op>(mean[c]);
     if constexpr (kThrough) k.shift[c] = forward.gamma[c];
