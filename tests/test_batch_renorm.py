@@ -158,3 +158,16 @@ def test_compiles_without_graph_breaks():
         x = torch.randn(2, 4, 5, 5)
         torch.testing.assert_close(compiled(x), eager(x))
     torch.testing.assert_close(m.running_var, eager.running_var)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_matches_eager(training):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bn_ext.nn.BatchRenorm2d(4, warmup_steps=3)).train(training)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6)
+    program = torch.export.export(model, (x,))
+    exported = program.module()
+    for _ in range(2):
+        torch.testing.assert_close(exported(x), reference(x))
+    torch.testing.assert_close(exported.state_dict()["1.running_var"], reference[1].running_var)
