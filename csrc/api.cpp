@@ -3,6 +3,7 @@
 
 #include "cpu/dispatch.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/pow.h>
@@ -127,6 +128,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor&
       std::optional<c10::string_view>, std::array<bool, 4>)>("bn_ext::batch_norm_act_backward");
   return handle.call(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
                      view_of(activation), output_mask);
+}
+
+Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
+                    bool training, double momentum, double eps, double rmax, double dmax) {
+  if (!training) return batch_norm(input, running_mean, running_var, weight, bias, false, 0.0, eps);
+  TORCH_CHECK_VALUE(rmax >= 1.0 && dmax >= 0.0, "batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax=", rmax,
+                    " and dmax=", dmax);
+  auto defined = [](Optional t) { return t.has_value() && t->defined(); };
+  if (!defined(running_mean) || !defined(running_var)) {
+    return batch_norm(input, std::nullopt, std::nullopt, weight, bias, true, 0.0, eps);
+  }
+  static const auto stats = op<std::tuple<Tensor, Tensor>(const Tensor&)>("bn_ext::batch_norm_stats");
+  Tensor r, d, mean_b, sigma_b, sigma, old_mean;
+  {
+    const c10::AutoGradMode no_grad(false);  // r and d are constants of the backward
+    std::tie(mean_b, sigma_b) = stats.call(input.detach());
+    const double count = static_cast<double>(input.numel() / std::max<int64_t>(input.size(1), 1));
+    sigma_b = (sigma_b / count + eps).sqrt();
+    old_mean = running_mean->detach().to(at::kDouble);
+    sigma = (running_var->detach().to(at::kDouble) + eps).sqrt();
+    const auto param_dtype = defined(weight) ? weight->scalar_type() : running_mean->scalar_type();
+    r = (sigma_b / sigma).clamp(1.0 / rmax, rmax).to(param_dtype);
+    d = ((mean_b - old_mean) / sigma).clamp(-dmax, dmax).to(param_dtype);
+  }
+  const Tensor scaled_weight = defined(weight) ? *weight * r : r;
+  Tensor shifted_bias = defined(weight) ? *weight * d : d;
+  if (defined(bias)) shifted_bias = shifted_bias + *bias;
+  Tensor out = batch_norm(input, std::nullopt, std::nullopt, scaled_weight, shifted_bias, true, 0.0, eps);
+  const c10::AutoGradMode no_grad(false);  // running statistics are buffers
+  running_mean->copy_(old_mean + momentum * (mean_b - old_mean));
+  const Tensor new_sigma = sigma + momentum * (sigma_b - sigma);
+  running_var->copy_(new_sigma * new_sigma - eps);
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,

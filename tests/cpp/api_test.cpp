@@ -220,6 +220,26 @@ void batch_norm_act() {
   expect_close(grads[1], ref[1], 1e-5, "batch_norm_act + silu autograd: grad_residual");
 }
 
+// Batch Renormalization against its equations in float64, r and d clipped.
+void batch_renorm() {
+  auto x = torch::randn({6, 3, 4, 5}, torch::kDouble) * 2 + 1;
+  auto w = torch::rand({3}, torch::kDouble) + 0.5, b = torch::randn({3}, torch::kDouble);
+  auto rm = torch::full({3}, 4.0, torch::kDouble), rv = torch::full({3}, 0.01, torch::kDouble);
+  const double eps = 1e-3;
+  auto mu = x.mean({0, 2, 3}), sigma_b = (x.var({0, 2, 3}, false) + eps).sqrt(), sigma = (rv + eps).sqrt();
+  auto r = (sigma_b / sigma).clamp(1.0 / 3.0, 3.0), d = ((mu - rm) / sigma).clamp(-5.0, 5.0);
+  auto view = [](const torch::Tensor& t) { return t.view({1, -1, 1, 1}); };
+  auto expected = view(w) * ((x - view(mu)) / view(sigma_b) * view(r) + view(d)) + view(b);
+  auto new_var = (sigma + 0.01 * (sigma_b - sigma)).square() - eps;
+  auto new_mean = rm + 0.01 * (mu - rm);
+  auto out = bn_ext::batch_renorm(x, rm, rv, w, b, true);
+  expect_close(out, expected, 1e-10, "batch_renorm training output");
+  expect_close(rm, new_mean, 1e-12, "batch_renorm running_mean");
+  expect_close(rv, new_var, 1e-12, "batch_renorm running_var (sigma^2 - eps)");
+  expect_close(bn_ext::batch_renorm(x, rm, rv, w, b, false), at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false),
+               1e-10, "batch_renorm eval is batch_norm");
+}
+
 void group_norm_family() {
   auto x = randn({3, 8, 5, 6}) * 2 + 1;
   auto w = torch::rand({8}) + 0.5, b = torch::randn({8});
@@ -280,7 +300,8 @@ int main(int argc, char** argv) {
       {"rms_norm", rms_norm}, {"row_backward", row_backward},
       {"fold_conv", fold_conv}, {"fold_conv_transpose", fold_conv_transpose},
       {"fold_linear", fold_linear}, {"errors", errors}, {"autograd", autograd},
-      {"group_norm_family", group_norm_family}, {"batch_norm_act", batch_norm_act}, {"cpu_capability", cpu_capability}};
+      {"group_norm_family", group_norm_family}, {"batch_norm_act", batch_norm_act},
+      {"batch_renorm", batch_renorm}, {"cpu_capability", cpu_capability}};
   for (int i = 1; i < argc; ++i) {
     auto it = cases.find(argv[i]);
     if (it == cases.end()) {

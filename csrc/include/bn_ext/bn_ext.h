@@ -81,6 +81,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
     const Tensor& save_invstd, bool training, double eps, const std::optional<std::string>& activation,
     std::array<bool, 4> output_mask = {true, true, true, true});
 
+// --- Batch Renormalization (Ioffe, 2017) -------------------------------------
+
+// bn_ext.batch_renorm: training normalises with the batch statistics, scaled
+// by r = clip(sigma_B / sigma, 1 / rmax, rmax) and shifted by d =
+// clip((mean_B - running_mean) / sigma, -dmax, dmax) (sigma = sqrt(running_var
+// + eps); r and d constant for autograd), then moves running_mean and sigma
+// by `momentum` towards the batch's (running_var = sigma^2 - eps); eval is
+// batch_norm with the running statistics.
+Tensor batch_renorm(const Tensor& input, const std::optional<Tensor>& running_mean,
+                    const std::optional<Tensor>& running_var, const std::optional<Tensor>& weight = std::nullopt,
+                    const std::optional<Tensor>& bias = std::nullopt, bool training = false, double momentum = 0.01,
+                    double eps = 1e-3, double rmax = 3.0, double dmax = 5.0);
+
 // --- LayerNorm and RMSNorm over the trailing normalized_shape dims ------------
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape,
