@@ -49,7 +49,6 @@ inline double as_saved(double statistic) {
 template <typename T, typename Act, bool kResidual>
 void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNormGeometry& g, const double* w,
                           const double* b, double eps, double* mean, double* invstd) {
-  using Form = ActivatedAffine<T, Act, kResidual>;
   const FormInputs<T> in{nullptr, px, residual};
   ChannelCoefficients<T> k(g.C);
   if (!g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
@@ -63,7 +62,9 @@ void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNorm
         invstd[c] = as_saved<T>(invstd_of(m[c - c0], eps));
         set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
       }
-      block_form_pass<T, Form>(py, in, k, g, c0, c1);
+      with_centering(
+          k, [&](auto centered) { block_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g, c0, c1); },
+          c0, c1);
     });
     return;
   }
@@ -73,7 +74,9 @@ void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNorm
     invstd[c] = as_saved<T>(invstd_of(moments[c], eps));
     set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
   }
-  channel_form_pass<T, Form>(py, in, k, g);
+  with_centering(k, [&](auto centered) {
+    channel_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g);
+  });
 }
 
 template <typename T>
@@ -101,15 +104,21 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   // The forward's scale (weight * invstd, also the backward's alpha) and
   // shift (used with an activation or a residual; O(C) to set up).
   const ChannelCoefficients<T> forward = forward_coefficients<T>(g, mean, invstd, w, b);
+  // The sums are taken about the mean rounded to op-math (about zero they
+  // lost a digit of grad_weight); the dx pass takes the forward's center
+  // (zero where it folded the mean), from which the gradient through an
+  // activation recomputes the forward's z exactly.
+  auto sums_center = column_array<Op>(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    k.center[c] = static_cast<Op>(mean[c]);
+    sums_center[c] = static_cast<Op>(mean[c]);
+    k.center[c] = forward.center[c];
     if constexpr (kThrough) k.shift[c] = forward.gamma[c];
   }
   const auto gradient = [&] {
     if constexpr (kResidual) {
       return GradientThroughResidual<T, Act>{&forward, pdy, px, residual, pdres};
     } else if constexpr (kThrough) {
-      return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data()};
+      return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data(), forward.center.data()};
     } else {
       return PlainGradient<T>{};
     }
@@ -123,26 +132,36 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   // sum(dy * (x - mean)) from the sum about the rounded center.
   auto set_sums = [&](int64_t c, const GradSums& s) {
     sum_dy[c] = s.dy;
-    sum_dy_xmu[c] = s.dy_xc - (mean[c] - static_cast<double>(k.center[c])) * s.dy;
+    sum_dy_xmu[c] = s.dy_xc - (mean[c] - static_cast<double>(sums_center[c])) * s.dy;
   };
-  using TrainingForm = std::conditional_t<kThrough, AffineThrough<T, Act, true>, Affine<true, true>>;
+  // Centers all zero (means folded, see set_forward_coefficients) or not.
+  const bool centered = k.centered();
+  auto with_training_form = [&](const auto& fn) {
+    if constexpr (kThrough) {
+      fn(AffineThrough<T, Act, true>{});
+    } else if (centered) {
+      fn(Affine<true, true>{});
+    } else {
+      fn(Affine<true, true, false>{});
+    }
+  };
   using EvalForm = std::conditional_t<kThrough, AffineThrough<T, Act, false>, Affine<true, false>>;
   if (training && pdx != nullptr && !g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
     // A block of channels' sums and their dx in one task, dy and x still
     // in cache for the second read.
     for_each_channel_block(g, channels_per_block(g, 2 * sizeof(T)), 3, [&](int64_t c0, int64_t c1) {
       GradSums sums[kMaxBlockChannels];
-      add_block_grad_sums(pdy, px, k.center.data(), g, c0, c1, 0, g.reduce_size(), sums, gradient);
+      add_block_grad_sums(pdy, px, sums_center.data(), g, c0, c1, 0, g.reduce_size(), sums, gradient);
       for (int64_t c = c0; c < c1; ++c) {
         set_sums(c, sums[c - c0]);
         set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, true);
       }
-      block_form_pass<T, TrainingForm>(pdx, in, k, g, c0, c1);
+      with_training_form([&](auto form) { block_form_pass<T, decltype(form)>(pdx, in, k, g, c0, c1); });
     });
     return;
   }
   if (sums_pass) {
-    const auto sums = channel_grad_sums(pdy, px, k.center.data(), g, gradient);
+    const auto sums = channel_grad_sums(pdy, px, sums_center.data(), g, gradient);
     for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
   }
   if (pdx == nullptr) return;
@@ -150,7 +169,7 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
     set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
   }
   if (training) {
-    channel_form_pass<T, TrainingForm>(pdx, in, k, g);
+    with_training_form([&](auto form) { channel_form_pass<T, decltype(form)>(pdx, in, k, g); });
   } else {
     channel_form_pass<T, EvalForm>(pdx, {in.dy, kThrough ? px : nullptr}, k, g);
   }
@@ -180,8 +199,10 @@ void affine_forward(const Tensor& x, const Tensor& residual, const Tensor& y, co
     with_activation(act, [&](auto activation) {
       const auto k = forward_coefficients<scalar_t>(g, mean, invstd, w, b);
       with_residual(residual.defined(), [&](auto has_residual) {
-        channel_form_pass<scalar_t, ActivatedAffine<scalar_t, decltype(activation), has_residual()>>(
-            y.mutable_data_ptr<scalar_t>(), in, k, g);
+        with_centering(k, [&](auto centered) {
+          channel_form_pass<scalar_t, ActivatedAffine<scalar_t, decltype(activation), has_residual(), centered()>>(
+              y.mutable_data_ptr<scalar_t>(), in, k, g);
+        });
       });
     });
   });

@@ -246,7 +246,6 @@ bool fused_groups(const GroupNormGeometry& g) {
 template <typename T, typename Act>
 void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, const double* w, const double* b,
                                double eps, double* mean, double* rstd) {
-  using Form = ActivatedAffine<T, Act>;
   ChannelCoefficients<T> k = sample_coefficients<T>(g);
   auto set_group = [&](int64_t r, const Moments& m) {
     mean[r] = m.mean;
@@ -260,7 +259,13 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
       Moments m[kMaxBlockChannels];
       add_block_moments(x, rows, r0, r1, 0, rows.S, m);
       for (int64_t r = r0; r < r1; ++r) set_group(r, m[r - r0]);
-      block_form_pass<T, Form>(y, {nullptr, x}, k, channel_planes(g), r0 * Cg, r1 * Cg);
+      with_centering(
+          k,
+          [&](auto centered) {
+            block_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, channel_planes(g),
+                                                                           r0 * Cg, r1 * Cg);
+          },
+          r0 * Cg, r1 * Cg);
     });
     return;
   }
@@ -271,13 +276,18 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
       const int64_t n1 = std::min(g.N, n0 + batch);
       channels_last_group_moments(x, g, n0, n1, groups.data());
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group(r, groups[r]);
-      rows_form_pass<T, Form>(y, {nullptr, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
+      with_centering(k, [&](auto centered) {
+        rows_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, g.C, n0 * g.S, n1 * g.S,
+                                                                      g.S);
+      });
     }
     return;
   }
   const auto moments = channel_moments(x, group_rows(g));
   for (int64_t r = 0; r < g.N * g.G; ++r) set_group(r, moments[r]);
-  sample_form_pass<T, Form>(y, {nullptr, x}, k, g);
+  with_centering(k, [&](auto centered) {
+    sample_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, g);
+  });
 }
 
 // ---------------------------------------------------------------------------
