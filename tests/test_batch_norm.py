@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
-from conftest import DTYPES, TOLERANCE, assert_close, assert_error_within, param_dtype
+from conftest import DTYPES, TOLERANCE, assert_close, assert_error_within, last_level_cache_bytes, param_dtype
 
 # Shapes: C=1 and C not a multiple of any vector width; H·W=1; 2-D, 3-D and 5-D
 # inputs; a reduction long enough to be split into several stripes per channel.
@@ -291,6 +291,62 @@ def test_large_mean_small_std_no_worse_than_torch(layout):
     bn_ext.batch_norm(x, rm, rv, training=True, momentum=1.0)
     exact_var = x.double().var([0, 2, 3])
     torch.testing.assert_close(rv.double(), exact_var, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_means_folded_and_centered_in_one_pass(layout, training):
+    # Means within 8 standard deviations of zero fold into the shift; the
+    # others stay the center. Channels on both sides, and at the edge, in one
+    # pass: each must be as exact as torch's, which folds every mean.
+    C = 6
+    deviations = torch.tensor([0.0, 7.9, 8.1, -300.0, 1e4, -2.0], dtype=torch.float64)
+    std = 0.05
+    x = make_input((8, C, 16, 16), torch.float64, layout, mean=0.0, std=1.0)
+    x = (x * std + deviations.view(1, C, 1, 1) * std).float()
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = (deviations * std).float(), torch.full((C,), std**2).float()
+    if training:
+        rm_t = rv_t = None
+    else:
+        rm_t, rv_t = rm, rv
+    exact = F.batch_norm(x.double(), f64(rm_t), f64(rv_t), w.double(), b.double(), training)
+    ours = bn_ext.batch_norm(x, rm_t, rv_t, w, b, training)
+    theirs = F.batch_norm(x, rm_t, rv_t, w, b, training)
+    assert_error_within(ours, exact, theirs, msg="output", magnitude=exact.abs().max())
+    dy = make_input((8, C, 16, 16), torch.float32, layout, mean=0.0, std=1.0, seed=3)
+    xs = [t.clone().requires_grad_() for t in (x, x.double())]
+    grads = [torch.autograd.grad(fn(t), t, dy.to(t.dtype))[0] for fn, t in
+             ((lambda t: bn_ext.batch_norm(t, rm_t, rv_t, w, b, training), xs[0]),
+              (lambda t: F.batch_norm(t, f64(rm_t), f64(rv_t), w.double(), b.double(), training), xs[1]))]
+    xt = x.clone().requires_grad_()
+    peer = torch.autograd.grad(F.batch_norm(xt, rm_t, rv_t, w, b, training), xt, dy)[0]
+    assert_error_within(grads[0], grads[1], peer, msg="grad_input", magnitude=grads[1].abs().max())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_outputs_larger_than_the_last_level_cache(layout, dtype):
+    # Passes whose output is at least the last-level cache's size write it
+    # with streaming stores (kernel_utils.h); the values are the same. An
+    # output of 1.5 times the cache (at most 192 MB) takes that path.
+    nbytes = min(int(1.5 * last_level_cache_bytes()), 192 << 20)
+    C, S = 64, 96
+    N = -(-nbytes // (C * S * S * dtype.itemsize))
+    x = make_input((N, C, S, S), dtype, layout, mean=0.5, std=2.0)
+    w, b, rm, rv = make_params(C, dtype)
+    out_eval = bn_ext.batch_norm(x, rm, rv, w, b, training=False)
+    assert_close(out_eval, F.batch_norm(f64(x), f64(rm), f64(rv), f64(w), f64(b), False), dtype)
+    del out_eval
+    xg = x.clone().requires_grad_()
+    out = bn_ext.batch_norm(xg, None, None, w, b, training=True)
+    dy = make_input((N, C, S, S), dtype, layout, mean=0.0, std=1.0, seed=7)
+    (gx,) = torch.autograd.grad(out, xg, dy)
+    x64 = f64(x).requires_grad_()
+    ref = F.batch_norm(x64, None, None, f64(w), f64(b), True)
+    assert_close(out, ref, dtype)
+    (gx64,) = torch.autograd.grad(ref, x64, f64(dy))
+    assert_close(gx, gx64, dtype)
 
 
 @pytest.mark.parametrize("path", ["fused forward", "statistics", "channels_last"])

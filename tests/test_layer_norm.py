@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
-from conftest import DTYPES, assert_close, assert_error_within
+from conftest import DTYPES, assert_close, assert_error_within, last_level_cache_bytes
 from row_norm_cases import LAYOUTS, ROW_LENGTHS, SHAPES, f64, make_row_input, make_row_params
 
 # Which affine parameters exist: both, weight only (bias=False), none.
@@ -309,3 +309,25 @@ def test_parameters_of_wrong_dtype():
         bn_ext.layer_norm(torch.randn(2, 3), [3], torch.ones(3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="weight and bias must have the same dtype"):
         bn_ext.layer_norm(torch.randn(2, 3).half(), [3], torch.ones(3), torch.zeros(3).half())
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_outputs_larger_than_the_last_level_cache(op, dtype):
+    # LayerNorm's and RMSNorm's forward and dx with at least the last-level
+    # cache's size of output are written with streaming stores
+    # (kernel_utils.h); the values are the same. 1.5 times the cache, at most 192 MB.
+    D = 768
+    rows = -(-min(int(1.5 * last_level_cache_bytes()), 192 << 20) // (D * dtype.itemsize))
+    x = make_row_input((rows, D), dtype).requires_grad_()
+    weight, bias = make_row_params((D,), dtype)
+    dy = make_row_input((rows, D), dtype, mean=0.0, std=1.0, seed=9)
+    x64 = f64(x).requires_grad_()
+    if op == "layer_norm":
+        out, ref = bn_ext.layer_norm(x, D, weight, bias), F.layer_norm(x64, (D,), f64(weight), f64(bias))
+    else:
+        out, ref = bn_ext.rms_norm(x, D, weight, 1e-6), F.rms_norm(x64, (D,), f64(weight), 1e-6)
+    assert_close(out, ref, dtype)
+    (gx,) = torch.autograd.grad(out, x, dy)
+    (gx64,) = torch.autograd.grad(ref, x64, f64(dy))
+    assert_close(gx, gx64, dtype)

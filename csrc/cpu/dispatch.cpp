@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdlib>
+#include <fstream>
 #include <iterator>
 #include <string>
 
@@ -103,6 +104,26 @@ std::vector<std::string> available_cpu_capabilities() {
     if (level_rank(level.level) <= cpu_rank()) names.emplace_back(level.level);
   }
   return names;
+}
+
+// The largest cache level Linux lists for cpu0 (sysfs: "32768K"), else 32
+// MB. Not sysconf(_SC_LEVEL3_CACHE_SIZE): in a virtual machine glibc read
+// 320 MB from cpuid where the CPU's L3 is 32 MB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0; index < 8; ++index) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size");
+      int64_t size = 0;
+      std::string unit;
+      if (!(file >> size)) break;
+      file >> unit;
+      const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+      largest = std::max(largest, size * scale);
+    }
+    return largest > 0 ? largest : int64_t(32) << 20;
+  }();
+  return bytes;
 }
 
 }  // namespace bn_ext::cpu

@@ -614,17 +614,18 @@ struct ChannelCoefficients {
   }
 };
 
-// out[i..i+count) = form(...) on one vector (count < W: a masked tail).
+// out[i..i+count) = form(...) on one vector (count < W: a masked tail);
+// `stream`: streaming stores (see streams_output).
 template <typename T, typename Form>
 inline void form_vector(T* out, const FormInputs<T>& in, int64_t i, const FormCoefficients<OpVec<T>>& k,
-                        int64_t count = OpVec<T>::size()) {
+                        bool stream, int64_t count = OpVec<T>::size()) {
   FormOperands<OpVec<T>> v;
   if constexpr (Form::kUsesDy) v.dy = load_op_n(in.dy + i, count);
   if constexpr (Form::kUsesX) v.x = load_op_n(in.x + i, count);
   if constexpr (Form::kUsesAux) v.aux = load_op_n(in.aux + i, count);
   const OpVec<T> result = Form::apply(v, k);
   if (count == OpVec<T>::size()) {
-    store_op(out + i, result);
+    store_op(out + i, result, stream);
   } else {
     store_op_partial(out + i, result, count);
   }
@@ -633,7 +634,8 @@ inline void form_vector(T* out, const FormInputs<T>& in, int64_t i, const FormCo
 // Two float vectors per half-type vector at [i, i + 2W): converting them
 // back together packs 32 values at once, cheaper than twice 16.
 template <typename T, typename Form>
-inline void form_half_pair(T* out, const FormInputs<T>& in, int64_t i, const FormCoefficients<OpVec<T>> (&k)[2]) {
+inline void form_half_pair(T* out, const FormInputs<T>& in, int64_t i, const FormCoefficients<OpVec<T>> (&k)[2],
+                           bool stream) {
   using HalfVec = at::vec::Vectorized<T>;
   FormOperands<OpVec<T>> v[2];
   if constexpr (Form::kUsesDy) std::tie(v[0].dy, v[1].dy) = at::vec::convert_to_float<T>(HalfVec::loadu(in.dy + i));
@@ -641,21 +643,21 @@ inline void form_half_pair(T* out, const FormInputs<T>& in, int64_t i, const For
   if constexpr (Form::kUsesAux) {
     std::tie(v[0].aux, v[1].aux) = at::vec::convert_to_float<T>(HalfVec::loadu(in.aux + i));
   }
-  round_to_half_type<T>(Form::apply(v[0], k[0]), Form::apply(v[1], k[1])).store(out + i);
+  store_vector(out + i, round_to_half_type<T>(Form::apply(v[0], k[0]), Form::apply(v[1], k[1])), stream);
 }
 
 // Whole vectors [begin, end) of a single channel (end - begin a multiple of
 // the vector width), with coefficients k in every lane.
 template <typename T, typename Form>
 inline void form_run(T* out, const FormInputs<T>& in, int64_t begin, int64_t end,
-                     const FormCoefficients<OpVec<T>>& k) {
+                     const FormCoefficients<OpVec<T>>& k, bool stream) {
   constexpr int64_t W = OpVec<T>::size();
   int64_t i = begin;
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     const FormCoefficients<OpVec<T>> pair[2] = {k, k};
-    for (; i + 2 * W <= end; i += 2 * W) form_half_pair<T, Form>(out, in, i, pair);
+    for (; i + 2 * W <= end; i += 2 * W) form_half_pair<T, Form>(out, in, i, pair, stream);
   }
-  for (; i < end; i += W) form_vector<T, Form>(out, in, i, k);
+  for (; i < end; i += W) form_vector<T, Form>(out, in, i, k, stream);
 }
 
 // The elementwise pass over a contiguous span [begin, end) of channels-first
@@ -665,23 +667,23 @@ inline void form_run(T* out, const FormInputs<T>& in, int64_t begin, int64_t end
 // planes) need a partial vector only at the span's end.
 template <typename T, typename Form>
 void form_span(T* out, const FormInputs<T>& in, int64_t begin, int64_t end, const ChannelCoefficients<T>& k,
-               const BatchNormGeometry& g) {
+               const BatchNormGeometry& g, bool stream = false) {
   constexpr int64_t W = OpVec<T>::size();
   int64_t plane = begin / g.S, c = plane % g.C;
   for (int64_t i = begin; i < end;) {
     const int64_t run_end = std::min(end, (plane + 1) * g.S);
     const int64_t whole = i + (run_end - i) / W * W;
-    form_run<T, Form>(out, in, i, whole, k.broadcast(c));
+    form_run<T, Form>(out, in, i, whole, k.broadcast(c), stream);
     i = whole;
     const int64_t next = c + 1 == g.C ? 0 : c + 1;
     if (i < run_end) {
       const int64_t lanes = run_end - i;
       if (std::min(end, run_end + g.S) - run_end >= W - lanes) {
         // Lanes [0, lanes) of channel c, the rest of the next channel.
-        form_vector<T, Form>(out, in, i, k.split(c, next, lanes));
+        form_vector<T, Form>(out, in, i, k.split(c, next, lanes), stream);
         i += W;
       } else {
-        form_vector<T, Form>(out, in, i, k.broadcast(c), lanes);
+        form_vector<T, Form>(out, in, i, k.broadcast(c), stream, lanes);
         i = run_end;
       }
     }
@@ -703,11 +705,13 @@ void block_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<
 
 // The elementwise pass over channels-last rows [row_begin, row_end) of C
 // values; row r takes the coefficient set r / rows_per_set. Row by row in
-// memory order, the coefficients read from L1.
+// memory order, the coefficients read from L1; streamed when the output is
+// large (see streams_output).
 template <typename T, typename Form>
 void rows_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
                     int64_t row_end, int64_t rows_per_set) {
   constexpr int64_t W = OpVec<T>::size();
+  const bool stream = streams_output((row_end - row_begin) * C * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
     // Locals, not the struct's fields: the stores below may alias memory
     // (no strict aliasing in kernel files), which would reload them each step.
@@ -720,11 +724,14 @@ void rows_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T
       if constexpr (at::vec::is_reduced_floating_point_v<T>) {
         for (; c + 2 * W <= width; c += 2 * W) {
           const FormCoefficients<OpVec<T>> pair[2] = {coefficients.load(c), coefficients.load(c + W)};
-          form_half_pair<T, Form>(out_row, row, c, pair);
+          form_half_pair<T, Form>(out_row, row, c, pair, stream);
         }
       }
-      for (; c < width; c += W) form_vector<T, Form>(out_row, row, c, coefficients.load(c), std::min(W, width - c));
+      for (; c < width; c += W) {
+        form_vector<T, Form>(out_row, row, c, coefficients.load(c), stream, std::min(W, width - c));
+      }
     }
+    finish_streaming(stream);
   });
 }
 
@@ -735,8 +742,11 @@ void channel_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficient
                        int64_t rows_per_set = 0) {
   if (!g.channels_last) {
     const int64_t total = g.N * g.C * g.S;
-    at::parallel_for(0, total, kElementwiseGrain,
-                     [&](int64_t begin, int64_t end) { form_span<T, Form>(out, in, begin, end, k, g); });
+    const bool stream = streams_output(total * static_cast<int64_t>(sizeof(T)));
+    at::parallel_for(0, total, kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      form_span<T, Form>(out, in, begin, end, k, g, stream);
+      finish_streaming(stream);
+    });
     return;
   }
   const int64_t rows = g.reduce_size();

@@ -24,9 +24,11 @@ constexpr int64_t kMaxRowBlocks = 32;
 
 // Runs row_fn(row, sums) for every row, where `sums` points at n_sums * cols
 // zeroed op-math accumulators private to the row's block, and returns the
-// per-column totals with the blocks added in order.
+// per-column totals with the blocks added in order. `streamed`: the rows'
+// outputs were written with streaming stores (see streams_output).
 template <typename Acc, typename RowFn>
-std::vector<double> rows_with_column_sums(const RowGeometry& g, int64_t n_sums, const RowFn& row_fn) {
+std::vector<double> rows_with_column_sums(const RowGeometry& g, int64_t n_sums, const RowFn& row_fn,
+                                          bool streamed = false) {
   const int64_t width = n_sums * g.cols;
   const int64_t blocks =
       n_sums == 0 ? std::max<int64_t>(1, g.rows)
@@ -38,6 +40,7 @@ std::vector<double> rows_with_column_sums(const RowGeometry& g, int64_t n_sums, 
       Acc* sums = width ? partial.data() + b * width : nullptr;
       for (int64_t r = part_begin(b, blocks, g.rows); r < part_begin(b + 1, blocks, g.rows); ++r) row_fn(r, sums);
     }
+    finish_streaming(streamed);
   });
   std::vector<double> total(width, 0.0);
   at::parallel_for(0, width, kElementwiseGrain, [&](int64_t j0, int64_t j1) {
@@ -75,9 +78,10 @@ inline OpVec<T> weight_vector(const P* weight, int64_t j, int64_t count) {
 // y = ((x - center) - remainder) * rstd * weight + bias over a row, the
 // row's mean kept in two parts (center, remainder) so a large mean keeps
 // its precision; RMSNorm passes center = remainder = 0 and no bias.
+// `stream`: streaming stores (see streams_output).
 template <typename T, typename P>
 inline void normalize_row(const T* x, const P* weight, const P* bias, T* y, int64_t D, opmath_t<T> center,
-                          opmath_t<T> remainder, opmath_t<T> rstd) {
+                          opmath_t<T> remainder, opmath_t<T> rstd, bool stream) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vcenter(center), vremainder(remainder), vrstd(rstd);
@@ -87,7 +91,7 @@ inline void normalize_row(const T* x, const P* weight, const P* bias, T* y, int6
     if (weight) v = v * weight_vector<T>(weight, j, count);
     if (bias) v = v + weight_vector<T>(bias, j, count);
     if (count == W) {
-      store_op(y + j, v);
+      store_op(y + j, v, stream);
     } else {
       store_op_partial(y + j, v, count);
     }
@@ -99,6 +103,7 @@ void layer_norm_forward_kernel(const T* x, const P* weight, const P* bias, T* y,
                                opmath_t<T>* rstd_out, const RowGeometry& g, double eps) {
   using Op = opmath_t<T>;
   const int64_t D = g.cols;
+  const bool stream = streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
   rows_with_column_sums<Op>(g, 0, [&](int64_t r, Op*) {
     const Moments m = long_run_moments(x + r * D, D);
     const double rstd = 1.0 / std::sqrt(m.m2 / static_cast<double>(D) + eps);
@@ -106,8 +111,8 @@ void layer_norm_forward_kernel(const T* x, const P* weight, const P* bias, T* y,
     rstd_out[r] = static_cast<Op>(rstd);
     const Op center = static_cast<Op>(m.mean);
     normalize_row(x + r * D, weight, bias, y + r * D, D, center, static_cast<Op>(m.mean - static_cast<double>(center)),
-                  static_cast<Op>(rstd));
-  });
+                  static_cast<Op>(rstd), stream);
+  }, stream);
 }
 
 // dx of one row, and its contributions to the column sums (`sums` null when
@@ -116,7 +121,7 @@ void layer_norm_forward_kernel(const T* x, const P* weight, const P* bias, T* y,
 //   dweight += dy * x_hat, dbias += dy (LayerNorm only: kWithBias)
 template <bool kWithBias, typename T, typename P>
 inline void row_backward(const T* dy, const T* x, const P* weight, T* dx, opmath_t<T>* sums, int64_t D,
-                         opmath_t<T> mu, opmath_t<T> rstd, opmath_t<T> mean_g, opmath_t<T> mean_gx) {
+                         opmath_t<T> mu, opmath_t<T> rstd, opmath_t<T> mean_g, opmath_t<T> mean_gx, bool stream) {
   using Vec = OpVec<T>;
   constexpr int64_t W = Vec::size();
   const Vec vmu(mu), vrs(rstd), vmean_g(mean_g), vmean_gx(mean_gx);
@@ -127,7 +132,7 @@ inline void row_backward(const T* dy, const T* x, const P* weight, T* dx, opmath
     if (dx) {
       const Vec v = (dyv * weight_vector<T>(weight, j, count) - vmean_g - xhat * vmean_gx) * vrs;
       if (count == W) {
-        store_op(dx + j, v);
+        store_op(dx + j, v, stream);
       } else {
         store_op_partial(dx + j, v, count);
       }
@@ -147,6 +152,7 @@ std::vector<double> layer_norm_backward_kernel(const T* dy, const T* x, const P*
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
+  const bool stream = dx && streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
   return rows_with_column_sums<Op>(g, param_grads ? 2 : 0, [&](int64_t r, Op* sums) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
@@ -162,8 +168,8 @@ std::vector<double> layer_norm_backward_kernel(const T* dy, const T* x, const P*
       mean_g = static_cast<Op>(sum_g / static_cast<double>(D));
       mean_gx = static_cast<Op>(sum_gx / static_cast<double>(D));
     }
-    row_backward<true>(dyr, xr, weight, dx ? dx + r * D : nullptr, sums, D, mu, rs, mean_g, mean_gx);
-  });
+    row_backward<true>(dyr, xr, weight, dx ? dx + r * D : nullptr, sums, D, mu, rs, mean_g, mean_gx, stream);
+  }, stream);
 }
 
 template <typename T, typename P>
@@ -172,6 +178,7 @@ void rms_norm_forward_kernel(const T* x, const P* weight, T* y, opmath_t<T>* rst
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
+  const bool stream = streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
   rows_with_column_sums<Op>(g, 0, [&](int64_t r, Op*) {
     const T* xr = x + r * D;
     const double sum_sq =
@@ -179,8 +186,8 @@ void rms_norm_forward_kernel(const T* x, const P* weight, T* y, opmath_t<T>* rst
             .second;
     const Op rs = static_cast<Op>(1.0 / std::sqrt(sum_sq / static_cast<double>(D) + eps));
     rstd_out[r] = rs;
-    normalize_row(xr, weight, static_cast<const P*>(nullptr), y + r * D, D, Op(0), Op(0), rs);
-  });
+    normalize_row(xr, weight, static_cast<const P*>(nullptr), y + r * D, D, Op(0), Op(0), rs, stream);
+  }, stream);
 }
 
 // RMSNorm is row_backward with mu = 0, mean_g = 0 and
@@ -191,6 +198,7 @@ std::vector<double> rms_norm_backward_kernel(const T* dy, const T* x, const P* w
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
+  const bool stream = dx && streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
   return rows_with_column_sums<Op>(g, weight_grad ? 1 : 0, [&](int64_t r, Op* dweight) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
@@ -203,8 +211,8 @@ std::vector<double> rms_norm_backward_kernel(const T* dy, const T* x, const P* w
                          }).second;
       mean_gx = static_cast<Op>(sum * static_cast<double>(rs) / static_cast<double>(D));
     }
-    row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), mean_gx);
-  });
+    row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), mean_gx, stream);
+  }, stream);
 }
 
 // ---------------------------------------------------------------------------
