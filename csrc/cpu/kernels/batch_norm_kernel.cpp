@@ -63,7 +63,10 @@ void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNorm
         set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
       }
       with_centering(
-          k, [&](auto centered) { block_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g, c0, c1); },
+          k,
+          [&](auto centered) {
+            block_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g, c0, c1);
+          },
           c0, c1);
     });
     return;

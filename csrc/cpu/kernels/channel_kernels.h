@@ -711,7 +711,8 @@ template <typename T, typename Form>
 void rows_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
                     int64_t row_end, int64_t rows_per_set) {
   constexpr int64_t W = OpVec<T>::size();
-  const bool stream = streams_output((row_end - row_begin) * C * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
+  const bool stream = streams_output(out + row_begin * C, (row_end - row_begin) * row_bytes, row_bytes);
   at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
     // Locals, not the struct's fields: the stores below may alias memory
     // (no strict aliasing in kernel files), which would reload them each step.
@@ -742,7 +743,8 @@ void channel_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficient
                        int64_t rows_per_set = 0) {
   if (!g.channels_last) {
     const int64_t total = g.N * g.C * g.S;
-    const bool stream = streams_output(total * static_cast<int64_t>(sizeof(T)));
+    const int64_t bytes = static_cast<int64_t>(sizeof(T));
+    const bool stream = streams_output(out, total * bytes, g.S * bytes);
     at::parallel_for(0, total, kElementwiseGrain, [&](int64_t begin, int64_t end) {
       form_span<T, Form>(out, in, begin, end, k, g, stream);
       finish_streaming(stream);

@@ -98,14 +98,20 @@ inline at::vec::Vectorized<T> round_to_half_type(const OpVec<T>& lo, const OpVec
 // out of the caches, a loss for outputs read again while still cached (a
 // 103 MB float pass 7.3-8.3 -> 6.0-7.2 ms; a 13 MB one, inside the 32 MB L3,
 // 0.40-0.46 -> 0.49-0.60 ms; AVX2, AMD EPYC Zen 4). So a pass streams outputs
-// of at least the last-level cache's size (cpu/dispatch.cpp), and only
-// vectors aligned to their width; a pass that streamed ends with
-// finish_streaming() before its data is read.
-// Whether a pass writing `bytes` streams them (see above).
-inline bool streams_output(int64_t bytes) {
+// of at least the last-level cache's size (cpu/dispatch.cpp), and only where
+// its runs of output (rows, planes) are whole 64-byte lines from an aligned
+// start: a line written partly by streaming and partly by plain stores is
+// flushed and read again (7x7 bfloat16 planes ran 12x slower). A pass that
+// streamed ends with finish_streaming() before its data is read.
+constexpr int64_t kLineBytes = 64;
+
+// Whether a pass writing `bytes` from `out`, in runs of `run_bytes`, streams them.
+inline bool streams_output(const void* out, int64_t bytes, int64_t run_bytes) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  return bytes >= last_level_cache_bytes();
+  return bytes >= last_level_cache_bytes() && run_bytes % kLineBytes == 0 &&
+         reinterpret_cast<uintptr_t>(out) % kLineBytes == 0;
 #else
+  (void)out, (void)bytes, (void)run_bytes;
   return false;
 #endif
 }

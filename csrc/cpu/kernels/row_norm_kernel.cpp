@@ -103,7 +103,8 @@ void layer_norm_forward_kernel(const T* x, const P* weight, const P* bias, T* y,
                                opmath_t<T>* rstd_out, const RowGeometry& g, double eps) {
   using Op = opmath_t<T>;
   const int64_t D = g.cols;
-  const bool stream = streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const bool stream = streams_output(y, g.rows * row_bytes, row_bytes);
   rows_with_column_sums<Op>(g, 0, [&](int64_t r, Op*) {
     const Moments m = long_run_moments(x + r * D, D);
     const double rstd = 1.0 / std::sqrt(m.m2 / static_cast<double>(D) + eps);
@@ -152,7 +153,8 @@ std::vector<double> layer_norm_backward_kernel(const T* dy, const T* x, const P*
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
-  const bool stream = dx && streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const bool stream = dx && streams_output(dx, g.rows * row_bytes, row_bytes);
   return rows_with_column_sums<Op>(g, param_grads ? 2 : 0, [&](int64_t r, Op* sums) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
@@ -178,7 +180,8 @@ void rms_norm_forward_kernel(const T* x, const P* weight, T* y, opmath_t<T>* rst
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
-  const bool stream = streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const bool stream = streams_output(y, g.rows * row_bytes, row_bytes);
   rows_with_column_sums<Op>(g, 0, [&](int64_t r, Op*) {
     const T* xr = x + r * D;
     const double sum_sq =
@@ -198,7 +201,8 @@ std::vector<double> rms_norm_backward_kernel(const T* dy, const T* x, const P* w
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t D = g.cols;
-  const bool stream = dx && streams_output(g.rows * D * static_cast<int64_t>(sizeof(T)));
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  const bool stream = dx && streams_output(dx, g.rows * row_bytes, row_bytes);
   return rows_with_column_sums<Op>(g, weight_grad ? 1 : 0, [&](int64_t r, Op* dweight) {
     const T* dyr = dy + r * D;
     const T* xr = x + r * D;
