@@ -125,12 +125,12 @@ MUTANTS = [
     Mutant("cpu-bf16-truncated-avx2", UTILS, "AVX2 float to bfloat16 truncates instead of rounding to nearest even",
            "    const __m128i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))\n"
            "                                                            : at::vec::cvtfp32_fp16(__m256(v));\n"
-           "    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
+           "    if (!(stream && stream_store(p, packed))) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
            "    const __m256i bits = _mm256_srli_epi32(_mm256_castps_si256(__m256(v)), 16);\n"
            "    const __m128i packed = std::is_same_v<T, at::BFloat16>\n"
            "        ? _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1))\n"
            "        : at::vec::cvtfp32_fp16(__m256(v));\n"
-           "    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
+           "    if (!(stream && stream_store(p, packed))) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
            BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
     # (Channels-first stripes are merged in float64 and rarely change a bit
     # when their count does; channels-last stripes sum rows in float32.)
@@ -149,8 +149,8 @@ MUTANTS = [
            "return static_cast<double>(static_cast<opmath_t<T>>(statistic));", "return statistic;", BN_ACT_TESTS),
     Mutant("cpu-bn-act-residual-unrounded", CHANNELS, "BatchNorm + add backward: the normalised value not rounded "
            "to T before the residual is added (half types' masks and gradients drift)",
-           "const Vec y = round_to_type<T>(at::vec::fmadd(x_centered, scale, shift));",
-           "const Vec y = at::vec::fmadd(x_centered, scale, shift);", BN_ACT_TESTS),
+           "const Vec y = round_to_type<T>(at::vec::fmadd(x - center, scale, shift));",
+           "const Vec y = at::vec::fmadd(x - center, scale, shift);", BN_ACT_TESTS),
     Mutant("cpu-bn-act-residual-tail-not-stored", CHANNELS, "BatchNorm + add backward: the residual's gradient not "
            "stored for a run's or row's partial vector",
            "        store_op_partial(out + offset, dz, count);\n      }\n      return dz;",
@@ -167,9 +167,15 @@ MUTANTS = [
     Mutant("cpu-layer-norm-zeroed-bias-grad", ROW_KERNEL, "LayerNorm's grad_bias column sums never added to",
            "(Vec::loadu(sums + D + j, count) + dyv).store(sums + D + j, count);",
            "Vec::loadu(sums + D + j, count).store(sums + D + j, count);", ROW_TESTS),
+    Mutant("cpu-center-skipped", CHANNELS, "the forward's elementwise pass skips the center where some "
+           "channels keep theirs (means over 8 standard deviations from zero)",
+           "out = at::vec::fmadd(kCentered ? v.x - k.center : v.x, k.beta, out);",
+           "out = at::vec::fmadd(v.x, k.beta, out);", BN_TESTS),
+    Mutant("cpu-row-order-partials-kept", UTILS, "channels-last row-order sums: a tile's partial products not "
+           "reset, so earlier tiles count again",
+           "      std::fill_n(part_product, padded, Acc(0));\n", "", BN_TESTS),
     Mutant("cpu-rms-norm-gradient-sign", ROW_KERNEL, "RMSNorm backward: the mean(g * x_hat) term with the wrong sign",
-           "row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), mean_gx);",
-           "row_backward<false>(dyr, xr, weight, dx ? dx + r * D : nullptr, dweight, D, Op(0), rs, Op(0), -mean_gx);",
+           "dweight, D, Op(0), rs, Op(0), mean_gx, stream);", "dweight, D, Op(0), rs, Op(0), -mean_gx, stream);",
            ROW_TESTS),
 ]
 
