@@ -294,7 +294,7 @@ inline void add_grad_sums(GradSums& total, double dy, double dy_xc) {
 }
 
 // The gradient the sums below are taken of, at one vector of `count` lanes
-// from element `offset` (given dy, x and x less the sums' center): dy itself, or dy through an activation of the
+// from element `offset` (given dy and x): dy itself, or dy through an activation of the
 // forward value recomputed from x (GradientThrough and, storing it as the
 // residual's gradient, GradientThroughResidual, below). `channel(c)` serves
 // a channels-first run of channel c, `columns(j)` channels-last columns [j, j + W).
@@ -303,7 +303,7 @@ inline void add_grad_sums(GradSums& total, double dy, double dy_xc) {
 template <typename T>
 struct PlainGradient {
   struct At {
-    OpVec<T> operator()(const OpVec<T>& dy, const OpVec<T>&, const OpVec<T>&, int64_t, int64_t) const { return dy; }
+    OpVec<T> operator()(const OpVec<T>& dy, const OpVec<T>&, int64_t, int64_t) const { return dy; }
   };
   At channel(int64_t) const { return {}; }
   At columns(int64_t) const { return {}; }
@@ -329,7 +329,7 @@ void add_block_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, con
           [&](int64_t e, int64_t count, Vec& a, Vec& b) {
             const Vec xv = load_op_n(x + off + e, count);
             b = xv - vcenter;
-            a = grad(load_op_n(dy + off + e, count), xv, b, off + e, count);
+            a = grad(load_op_n(dy + off + e, count), xv, off + e, count);
           },
           acc_dy[c - c0], acc_dyx[c - c0]);
     });
@@ -353,7 +353,7 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
         const int64_t offset = (r0 + s) * g.C + j;
         const Vec xv = load_op_n(x + offset, count);
         b = xv - Vec::loadu(center + j);
-        a = gradient.columns(j)(load_op_n(dy + offset, count), xv, b, offset, count);
+        a = gradient.columns(j)(load_op_n(dy + offset, count), xv, offset, count);
       },
       sum_dy.data(), sum_dyx.data(),
       [&](int64_t s0, int64_t s1) { gradient.prepare_rows(r0 + s0, r0 + s1, g.C); });
@@ -766,7 +766,7 @@ struct GradientThrough {
   const opmath_t<T>* center;
   struct At {
     Vec scale, shift, center;
-    Vec operator()(const Vec& dy, const Vec& x, const Vec&, int64_t, int64_t) const {
+    Vec operator()(const Vec& dy, const Vec& x, int64_t, int64_t) const {
       return gradient_through<T, Act>(dy, x - center, scale, shift);
     }
   };
@@ -796,7 +796,7 @@ struct GradientThroughResidual {
     Vec scale, shift, center;
     const T* residual;
     T* out;
-    Vec operator()(const Vec& dy, const Vec& x, const Vec&, int64_t offset, int64_t count) const {
+    Vec operator()(const Vec& dy, const Vec& x, int64_t offset, int64_t count) const {
       const Vec y = round_to_type<T>(at::vec::fmadd(x - center, scale, shift));
       const Vec dz = gradient_of_rounded<T, Act>(dy, y + load_op_n(residual + offset, count));
       if (count == Vec::size()) {
@@ -810,7 +810,7 @@ struct GradientThroughResidual {
   // The stored gradient of a prepared chunk of rows.
   struct Stored {
     const T* out;
-    Vec operator()(const Vec&, const Vec&, const Vec&, int64_t offset, int64_t count) const {
+    Vec operator()(const Vec&, const Vec&, int64_t offset, int64_t count) const {
       return load_op_n(out + offset, count);
     }
   };
