@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -215,6 +216,16 @@ _INSTANCE_NORM_FUNCTION_ARGS = {
     _aten.instance_norm.default: _BN_FUNCTION_ARGS[_aten.batch_norm.default],
 }
 _BN_FUNCTION_ARGS.update(_INSTANCE_NORM_FUNCTION_ARGS)
+# bn_ext's own forward operators (as torch.export records bn_ext's modules)
+# return (out, save_mean, save_invstd); only out may be read for them to fold.
+_BN_EXT_FORWARD_ARGS = {
+    _ops.batch_norm_forward.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "eps"),
+    _ops.batch_norm_act_forward.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "eps",
+                                          "activation", "residual"),
+}
+_BN_FUNCTION_ARGS.update(_BN_EXT_FORWARD_ARGS)
+# The aten op of each batch_norm_act activation, for what is left of a folded call.
+_ACTIVATION_OPS = {"relu": _aten.relu.default, "silu": _aten.silu.default}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _LAYER_FUNCTION_ARGS = {
@@ -269,6 +280,11 @@ class _Norm:
     bias: Tensor | None
     eps: float
     training: bool
+    # What the forward does after normalising (a fused activation, residual
+    # add): a module called as tail(out) or tail(out, residual); None if nothing.
+    tail: nn.Module | None = None
+    activation: str | None = None  # a functional call's fused activation
+    residual: Any = None  # a functional call's residual node
 
     def affine_args(self) -> tuple:
         return self.running_mean, self.running_var, self.eps, _detach(self.weight), _detach(self.bias)
@@ -345,6 +361,45 @@ def _overrides_forward(bn: nn.Module) -> bool:
     return type(bn).forward not in known
 
 
+def _unknown_forward(bn: nn.Module) -> bool:
+    """A forward of its own that folding cannot keep (_activation_tail knows the BatchNorm + activation ones)."""
+    return _overrides_forward(bn) and _activation_tail(bn) is None
+
+
+_OWN_FORWARD = ("{0.__module__}.{0.__qualname__} has a forward of its own: removing the module would drop what it "
+                "does after normalising")
+
+
+def _activation_tail(bn: nn.Module) -> nn.Module | None:
+    """What a BatchNorm + activation module does after normalising, as a
+    module called tail(out[, residual]): bn_ext's BatchNormAct (its activation
+    of out + residual), and timm's BatchNormAct2d and its bn_ext twin (drop,
+    then act). None for any other module."""
+    from bn_ext import nn as bn_nn
+
+    forward = type(bn).forward
+    if forward is bn_nn.BatchNormAct2d.forward:
+        activation = {"relu": nn.ReLU(), "silu": nn.SiLU()}.get(bn.activation, nn.Identity())
+        return NormThenActivation(nn.Identity(), activation)
+    timm_classes = bn_nn._timm_batch_norm_act_classes()
+    if forward is bn_nn._TimmBatchNormActForward.forward or type(bn) in timm_classes:
+        return NormThenActivation(nn.Identity(), nn.Sequential(bn.drop, bn.act))
+    return None
+
+
+class NormThenActivation(nn.Module):
+    """act(norm(input) + residual): a BatchNorm + activation module once its
+    BatchNorm is folded away (norm is Identity) or frozen (FrozenBatchNorm)."""
+
+    def __init__(self, norm: nn.Module, act: nn.Module):
+        super().__init__()
+        self.norm, self.act = norm, act
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        out = self.norm(input)
+        return self.act(out if residual is None else out + residual)
+
+
 def _node_label(node: torch.fx.Node) -> str:
     """The module path a functional node came from (torch.export records it), else its name."""
     stack = node.meta.get("nn_module_stack")
@@ -359,7 +414,8 @@ def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
     if node.op == "call_module":
         m = root.get_submodule(node.target)
         if isinstance(m, _FOLDABLE_NORMS):
-            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training)
+            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training,
+                         _activation_tail(m))
         return None
     if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS:
         return None
@@ -368,8 +424,23 @@ def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
         values = {n: _fetch(root, _arg(node, names, n)) for n in ("running_mean", "running_var", "weight", "bias")}
     except LookupError:
         return None  # statistics computed in the graph, not constants
+    activation = _arg(node, names, "activation") if "activation" in names else None
+    residual = _arg(node, names, "residual") if "residual" in names else None
     return _Norm(node, _node_label(node), None, values["running_mean"], values["running_var"], values["weight"],
-                 values["bias"], _arg(node, names, "eps", 1e-5), bool(_arg(node, names, "training", False)))
+                 values["bias"], _arg(node, names, "eps", 1e-5), bool(_arg(node, names, "training", False)),
+                 activation=None if activation == "none" else activation, residual=residual)
+
+
+def _norm_output(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The node holding a norm call's output: the call itself, or for bn_ext's
+    forward operators the item 0 of its result; None when another item (the
+    saved statistics) is read or the output is not."""
+    if node.target not in _BN_EXT_FORWARD_ARGS:
+        return node
+    items = {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+    if len(items) != len(node.users) or any(u.users for i, u in items.items() if i != 0):
+        return None
+    return items.get(0)
 
 
 def _as_layer(root: nn.Module, node: torch.fx.Node) -> _Layer | None:
@@ -692,21 +763,28 @@ class _GraphFolder:
             return why
         if norm.module is None and not self.rewrite_graph:
             return "functional batch_norm call: folded only with inplace=False (the result is a GraphModule)"
+        if norm.module is not None and _unknown_forward(norm.module):
+            return _OWN_FORWARD.format(type(norm.module))
+        output = _norm_output(norm.node)
+        if output is None:
+            return "its saved statistics are read, or its output is not"
         source = norm.node.args[0]
         layer = _as_layer(self.root, source) if isinstance(source, torch.fx.Node) else None
-        users = _value_users(norm.node)
+        users = _value_users(output)
         next_layer = _as_layer(self.root, users[0]) if len(users) == 1 else None
         producer = self.neighbour(layer, layer.node, "producer") if layer is not None else None
         consumer = None
-        if next_layer is not None:
-            consumer = self.neighbour(next_layer, norm.node, "consumer")
-            consumer.feeds_input = next_layer.node.args[0] is norm.node
+        if next_layer is not None and norm.tail is None and norm.activation is None and norm.residual is None:
+            consumer = self.neighbour(next_layer, output, "consumer")
+            consumer.feeds_input = next_layer.node.args[0] is output
             consumer.zero_padded = next_layer.zero_padded()
         choice = _choose_fold(producer, consumer, absorbed)
         if isinstance(choice, tuple):
             side, neighbour = choice
             (self.fold_after if side == "after" else self.fold_before)(norm, neighbour.layer)
             return None
+        if next_layer is not None and consumer is None:
+            choice.append(f"its activation or residual add stands between it and {_describe(self.root, users[0])}")
         if not choice:
             consumers = ", ".join(_describe(self.root, u) for u in users) or "nothing"
             choice.append(
@@ -746,12 +824,28 @@ class _GraphFolder:
         self.quantization.append(weight_quantization(layer.name, weight, layer.kind, layer.groups()))
 
     def remove(self, norm: _Norm, replacement: torch.fx.Node) -> None:
-        norm.node.replace_all_uses_with(replacement)
-        self.graph.erase_node(norm.node)
+        """Drop the norm's normalisation: its output becomes `replacement`
+        (the folded layer's), followed by what the norm did after normalising."""
+        if norm.tail is not None:
+            # The module keeps its call, with the input already replacement.
+            _replace_submodule(self.root, norm.name, norm.tail)
+            return
         if norm.module is not None:
+            norm.node.replace_all_uses_with(replacement)
+            self.graph.erase_node(norm.node)
             _replace_submodule(self.root, norm.name, nn.Identity())
-        else:
-            self.graph_rewritten = True
+            return
+        output = _norm_output(norm.node)
+        with self.graph.inserting_before(norm.node):
+            if norm.residual is not None:
+                replacement = self.graph.call_function(_aten.add.Tensor, (replacement, norm.residual))
+            if norm.activation is not None:
+                replacement = self.graph.call_function(_ACTIVATION_OPS[norm.activation], (replacement,))
+        output.replace_all_uses_with(replacement)
+        for item in list(norm.node.users):
+            self.graph.erase_node(item)
+        self.graph.erase_node(norm.node)
+        self.graph_rewritten = True
 
     def fold_layer_norms(self) -> list[tuple[str, list[str]]]:
         folded = []
@@ -787,8 +881,9 @@ def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.
 def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
     """Replace unfolded BatchNorm modules that have running statistics by their exact affine map."""
     for norm in folder.unfolded_norms:
-        if norm.module is not None and norm.running_mean is not None and not _overrides_forward(norm.module):
-            _replace_submodule(root, norm.name, FrozenBatchNorm(norm.module))
+        if norm.module is not None and norm.running_mean is not None and not _unknown_forward(norm.module):
+            frozen = FrozenBatchNorm(norm.module)
+            _replace_submodule(root, norm.name, frozen if norm.tail is None else NormThenActivation(frozen, norm.tail.act))
             folder.frozen.append(norm.name)
 
 
@@ -1046,7 +1141,8 @@ class _RuntimeFolder:
         for name, bn in list(modules.items()):
             if not isinstance(bn, _FOLDABLE_NORMS):
                 continue
-            norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False)
+            norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False,
+                         _activation_tail(bn))
             calls = [(inputs, outputs) for who, inputs, outputs in events if who == name]
             reason = self.try_fold(norm, calls, readers, producer, first_inputs, modules, absorbed)
             if reason is not None:
@@ -1066,9 +1162,8 @@ class _RuntimeFolder:
 
     def try_fold(self, norm, calls, readers, producer, first_inputs, modules, absorbed) -> str | None:
         bn = norm.module
-        if _overrides_forward(bn):
-            return (f"{type(bn).__module__}.{type(bn).__qualname__} has a forward of its own: removing the module "
-                    "would drop what it does after normalising (fx tracing folds such subclasses)")
+        if _unknown_forward(bn):
+            return _OWN_FORWARD.format(type(bn)) + " (fx tracing folds such subclasses)"
         why = _why_not_fold_norm(bn.running_mean is not None, False, len(calls))
         if why is not None:
             return why
@@ -1082,6 +1177,8 @@ class _RuntimeFolder:
         after = self.neighbour(out_readers[0], outputs[0], readers, modules) if len(out_readers) == 1 else None
         if after is not None:
             after.feeds_input = first_inputs.get(after.key) == outputs[0]
+        if norm.tail is not None and after is not None:
+            after.blocked = f"its activation or residual add stands between it and {after.label}"
         choice = _choose_fold(before, after, absorbed)
         if not isinstance(choice, tuple):
             source = producer.get(inputs[0], "the model input")
@@ -1098,7 +1195,7 @@ class _RuntimeFolder:
             weight, bias = _ops.fuse_bn_conv_weights(layer.weight.detach(), _detach(layer.bias), *norm.affine_args(),
                                                      getattr(layer, "groups", 1))
         _set_layer_weights(self.root, _Layer(None, neighbour.key, "module", layer), weight, bias)
-        _replace_submodule(self.root, norm.name, nn.Identity())
+        _replace_submodule(self.root, norm.name, norm.tail or nn.Identity())
         self.report_folded.append((norm.name, neighbour.key, side))
         self.quantization.append(weight_quantization(neighbour.key, weight, neighbour.kind,
                                                      getattr(layer, "groups", 1)))

@@ -530,11 +530,157 @@ class UntraceableBatchNormAct(nn.Module):
         return y * 2 if y.sum() > 0 else y
 
 
-def test_trace_fallback_keeps_a_subclass_with_its_own_forward():
+def test_trace_fallback_folds_timm_batch_norm_act_keeping_its_activation():
     folded, report = fold_and_check(UntraceableBatchNormAct(), torch.randn(2, 3, 6, 6))
     assert report.method.startswith("execution")
+    assert report.folded == [("bn", "conv", "after")]
+    assert isinstance(folded.bn, bn_ext.fold.NormThenActivation) and isinstance(folded.bn.act[1], nn.ReLU)
+
+
+class DoubledBatchNorm(nn.BatchNorm2d):
+    """A subclass whose forward the folder does not know."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class UntraceableDoubled(UntraceableBatchNormAct):
+    def __init__(self):
+        super().__init__()
+        self.bn = DoubledBatchNorm(8)
+
+
+def test_trace_fallback_keeps_a_subclass_with_its_own_forward():
+    folded, report = fold_and_check(UntraceableDoubled(), torch.randn(2, 3, 6, 6))
+    assert report.method.startswith("execution")
     assert "has a forward of its own" in dict(report.left)["bn"]
-    assert type(folded.bn).__name__ == "BatchNormAct2d"  # neither removed nor frozen without its activation
+    assert type(folded.bn) is DoubledBatchNorm  # neither removed nor frozen without its doubling
+
+
+# --- bn_ext's BatchNorm + activation (+ residual) modules ----------------------------
+
+
+class ConvBatchNormAct(nn.Module):
+    """conv -> BatchNormAct(+ the block input as residual) -> BatchNormAct after a pool (nothing to fold
+    into: frozen) -> conv -> BatchNormAct -> conv (folds only into its producer)."""
+
+    def __init__(self, activation, residual, untraceable=False):
+        super().__init__()
+        Act = bn_ext.nn.BatchNormAct2d
+        self.residual, self.untraceable = residual, untraceable
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = Act(4, activation=activation)
+        self.pooled_bn = Act(4, activation=activation)
+        self.conv2 = nn.Conv2d(4, 6, 1)
+        self.bn2 = Act(6, activation=activation)
+        self.conv3 = nn.Conv2d(6, 6, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x), x if self.residual else None)
+        y = self.pooled_bn(F.max_pool2d(y, 2))
+        if self.untraceable and y.sum() > 1e30:
+            return y
+        return self.conv3(self.bn2(self.conv2(y)))
+
+
+@pytest.mark.parametrize("untraceable", [False, True], ids=["fx", "trace"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+def test_batch_norm_act_folds_into_its_producer_keeping_activation_and_residual(activation, residual, untraceable):
+    model = randomise_batch_norms(ConvBatchNormAct(activation, residual, untraceable))
+    x = torch.randn(2, 4, 8, 8)
+    snapshot = state_snapshot(model)
+    folded, report = bn_ext.fold_model(model, x)
+    assert_unchanged(model, snapshot)
+    assert report.method.startswith("execution" if untraceable else "torch.fx")
+    assert sorted(report.folded) == [("bn", "conv", "after"), ("bn2", "conv2", "after")]
+    assert report.frozen == ["pooled_bn"] and "pooled_bn" in dict(report.left)
+    acts = {"relu": nn.ReLU, "silu": nn.SiLU, None: nn.Identity}
+    for name in ("bn", "bn2"):
+        tail = getattr(folded, name)
+        assert isinstance(tail, bn_ext.fold.NormThenActivation) and isinstance(tail.norm, nn.Identity)
+        assert type(tail.act) is acts[activation]
+    assert isinstance(folded.pooled_bn.norm, bn_ext.fold.FrozenBatchNorm)
+    assert type(folded.pooled_bn.act) is acts[activation]
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4)
+        # Each activation, and the residual, changes the output: the check above would see one dropped.
+        for name in ("bn", "pooled_bn", "bn2") if activation else ():
+            broken = copy.deepcopy(folded)
+            getattr(broken, name).act = nn.Identity()
+            assert (broken(x) - expected).abs().max() > 1e-2, name
+        if residual:
+            broken = copy.deepcopy(folded)
+            broken.residual = False
+            assert (broken(x) - expected).abs().max() > 1e-2
+
+
+def test_batch_norm_act_never_folds_into_the_layer_after_it():
+    model = calibrate(nn.Sequential(bn_ext.nn.BatchNormAct2d(3), nn.Conv2d(3, 4, 1)), (2, 3, 6, 6))
+    folded, report = bn_ext.fold_model(model, torch.randn(2, 3, 6, 6))
+    assert report.folded == [] and "activation or residual add stands between it and '1'" in dict(report.left)["0"]
+    assert isinstance(folded[0], bn_ext.fold.NormThenActivation) and isinstance(folded[0].act, nn.ReLU)
+
+
+def test_timm_models_converted_to_bn_ext_fold():
+    # convert gives timm's BatchNormAct2d a bn_ext twin, which fx keeps whole.
+    torch.manual_seed(0)
+    model = randomise_batch_norms(timm.create_model("efficientnet_b0", pretrained=False))
+    converted = bn_ext.nn.convert(copy.deepcopy(model)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    folded, report = bn_ext.fold_model(converted, x)
+    assert report.batch_norms_after <= 0.1 * report.batch_norms_before, str(report)
+    assert any(isinstance(m, bn_ext.fold.NormThenActivation) for m in folded.modules())
+    with torch.no_grad():
+        expected = model.eval()(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", None])
+def test_exported_bn_ext_modules_fold(activation):
+    """torch.export records bn_ext's modules as bn_ext's forward operators; they fold like aten.batch_norm,
+    the fused call leaving its residual add and activation as aten ops."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = bn_ext.nn.BatchNorm2d(4)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = bn_ext.nn.BatchNormAct2d(4, activation=activation)
+
+        def forward(self, x):
+            return self.bn2(self.conv2(self.bn(self.conv(x))), x)
+
+    model = calibrate(Block(), (2, 4, 6, 6))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    program = torch.export.export(model, (x,))
+    folded, report = bn_ext.fold.fold_exported_program(program, (x,))
+    assert report.batch_norms_before == 2 and report.batch_norms_after == 0, str(report)
+    targets = [str(n.target) for n in folded.graph.nodes if n.op == "call_function"]
+    assert not any("bn_ext" in t for t in targets), targets
+    assert "aten.add.Tensor" in targets
+    assert (f"aten.{activation}.default" in targets) == (activation is not None)
+    torch.testing.assert_close(folded.module()(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_exported_batch_norm_whose_statistics_are_read_is_left():
+    class ReadsStatistics(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x, mean, var):
+            out, save_mean, _ = torch.ops.bn_ext.batch_norm_forward(self.conv(x), None, None, mean, var, False, 1e-5)
+            return out + save_mean.sum()
+
+    x = torch.randn(2, 3, 4, 4)
+    program = torch.export.export(ReadsStatistics(), (x, torch.zeros(4), torch.ones(4)))
+    _, report = bn_ext.fold.fold_exported_program(program)
+    assert report.folded == []
 
 
 def test_a_fold_that_fails_verification_raises_with_the_report():
