@@ -1,6 +1,6 @@
 """BatchNorm -> ReLU and BatchNorm -> add -> ReLU rewritten into fused
 bn_ext.nn.BatchNormAct calls, found by data flow in a torch.fx trace
-(bn_ext.nn.convert(fuse_activations=True)).
+(bn_ext.nn.convert(fuse_activations=True)), and back (bn_ext.nn.revert).
 
 The fused call computes what the unfused ops compute, bit for bit, outputs
 and gradients (tests/test_batch_norm_act.py). A pattern is fused only where
@@ -92,6 +92,7 @@ def _fuse_graph(gm: torch.fx.GraphModule) -> int:
         twin._modules = dict(module._modules)
         twin.__class__ = fused_classes[type(module)]
         twin.activation = "relu"
+        twin.unfused_class = type(module)  # what unfuse_activations restores
         gm.set_submodule(bn.target, twin)
         if residual is None:
             relu.replace_all_uses_with(bn)
@@ -131,3 +132,32 @@ def fuse_activations(module: nn.Module) -> nn.Module:
     result = copy.copy(module)
     result._modules = {**module._modules, **changed}
     return result
+
+
+def unfuse_activations(model: nn.Module) -> nn.Module:
+    """Undo fuse_activations in place: each fused call of `model`'s
+    GraphModules becomes its BatchNorm, then the add, then torch.relu again."""
+    for gm in model.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        unfused = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            module = gm.get_submodule(node.target)
+            if "unfused_class" not in module.__dict__:
+                continue
+            module.__class__ = module.__dict__.pop("unfused_class")
+            del module.activation
+            residual = node.kwargs.get("residual")
+            node.kwargs = {}
+            with gm.graph.inserting_after(node):
+                value = node if residual is None else gm.graph.call_function(operator.add, (node, residual))
+            with gm.graph.inserting_after(value):
+                relu = gm.graph.call_function(torch.relu, (value,))
+            node.replace_all_uses_with(relu, delete_user_cb=lambda user: user is not value and user is not relu)
+            unfused += 1
+        if unfused:
+            gm.graph.lint()
+            gm.recompile()
+    return model

@@ -374,8 +374,14 @@ def convert(model: torch.nn.Module, *, fuse_activations: bool = False) -> torch.
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `convert`: switch bn_ext norm layers back to torch.nn, in place."""
-    return _swap_classes(model, {twin: base for base, twin in _twins().items()})
+    """Undo `convert`: switch bn_ext norm layers back to torch.nn, in place.
+    The fused calls of a `fuse_activations` result are unfused first
+    (BatchNorm, add, torch.relu), so it computes what the unfused model does;
+    the layers it did not fuse are shared with the model it came from, which
+    they switch back in too."""
+    from bn_ext.activation_fusion import unfuse_activations
+
+    return _swap_classes(unfuse_activations(model), {twin: base for base, twin in _twins().items()})
 
 
 # SyncBatchNorm lives with the distributed code; it is a module of this namespace too.

@@ -290,16 +290,28 @@ def test_fuse_activations_in_torchvision_resnets_is_bitwise(name, channels_last)
     # Parameters are shared, not copied: an optimizer of `model` steps the fused model.
     assert {id(p) for p in fused.parameters()} == {id(p) for p in model.parameters()}
     x = torch.randn(2, 3, 64, 64).to(memory_format=fmt)
+    _assert_steps_equal(fused, reference, x)
+    # revert unfuses: BatchNorm, add and relu again, on torch.nn's modules.
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in reference.modules())
+    bn_ext.nn.revert(fused)
+    bn_ext.nn.revert(reference)
+    assert not any(type(m).__module__.startswith("bn_ext") for m in fused.modules())
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in fused.modules()) == norms
+    _assert_steps_equal(fused, reference, x)
+
+
+def _assert_steps_equal(model, reference, x):
+    """A training step and an eval step: outputs, gradients and state bitwise equal."""
     for training in (True, False):
-        fused.train(training)
+        model.train(training)
         reference.train(training)
-        for p in list(fused.parameters()) + list(reference.parameters()):
+        for p in list(model.parameters()) + list(reference.parameters()):
             p.grad = None
-        out, grads = _train_step(fused, x)
+        out, grads = _train_step(model, x)
         ref, ref_grads = _train_step(reference, x)
         assert torch.equal(out, ref)
         assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[k], ref_grads[k]) for k in grads)
-        for (key, value), (ref_key, ref_value) in zip(fused.state_dict().items(), reference.state_dict().items()):
+        for (key, value), (ref_key, ref_value) in zip(model.state_dict().items(), reference.state_dict().items()):
             assert key == ref_key and torch.equal(value, ref_value)
 
 
@@ -328,6 +340,9 @@ def test_fuse_activations_inside_untraceable_models_and_only_where_safe():
     assert type(fused.bn) is bn_ext.nn.BatchNorm2d and type(model.block[1]) is bn_ext.nn.BatchNorm2d
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(fused(x), model(x))
+    bn_ext.nn.revert(fused)
+    assert type(fused.block.get_submodule("1")) is torch.nn.BatchNorm2d
+    assert torch.equal(fused(x), bn_ext.nn.revert(model)(x))
 
 
 def test_fuse_activations_leaves_a_reused_module_alone():

@@ -623,6 +623,23 @@ def test_batch_norm_act_never_folds_into_the_layer_after_it():
     assert isinstance(folded[0], bn_ext.fold.NormThenActivation) and isinstance(folded[0].act, nn.ReLU)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_resnet_with_fused_activations_folds_completely(channels_last):
+    import torchvision
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = randomise_batch_norms(torchvision.models.resnet50(num_classes=10)).to(memory_format=fmt)
+    fused = bn_ext.nn.convert(copy.deepcopy(model), fuse_activations=True).eval()
+    x = torch.randn(1, 3, 64, 64).to(memory_format=fmt)
+    folded, report = bn_ext.fold_model(fused, x)
+    assert report.batch_norms_before == 53 and report.batch_norms_after == 0, str(report)
+    assert sum(isinstance(m, bn_ext.fold.NormThenActivation) for m in folded.modules()) == 49
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(folded(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_timm_models_converted_to_bn_ext_fold():
     # convert gives timm's BatchNormAct2d a bn_ext twin, which fx keeps whole.
     torch.manual_seed(0)
