@@ -109,16 +109,25 @@ VECTOR_KERNELS = [
     ("channel_affine<float, int, 4, bn_ext::cuda::Affine<true, false> >", True),   # eval backward dx
     # GroupNorm + SiLU
     ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<float, bn_ext::cuda::Silu, false> >", True),
-    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<float, bn_ext::cuda::Silu, false> >", True),
+    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<float, bn_ext::cuda::Silu> >", True),
     # BatchNorm + add + ReLU: three inputs
     ("channel_affine<float, int, 4, bn_ext::cuda::ActivatedAffine<float, bn_ext::cuda::Relu, true> >", True),
-    ("channel_affine<float, int, 4, bn_ext::cuda::ActivationGradient<float, bn_ext::cuda::Relu, true> >", True),
+    # BatchNorm + ReLU backward: dx recomputes dz = dy * relu'(z) (with and without the residual)
+    ("channel_affine<float, int, 4, bn_ext::cuda::AffineThroughActivation<float, bn_ext::cuda::Relu, false> >", True),
+    ("channel_affine<float, int, 4, bn_ext::cuda::AffineThroughActivation<float, bn_ext::cuda::Relu, true> >", True),
     ("channels_first_partials<bn_ext::cuda::MomentsReduction<float, bn_ext::cuda::ChannelShift<float> >, int, 4>", False),
-    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float> >, int, 4>", False),
+    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float>, "
+     "bn_ext::cuda::PlainGradient>, int, 4>", False),
+    # ... and its sums, storing dz as the residual's gradient
+    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float>, "
+     "bn_ext::cuda::GradientThrough<float, bn_ext::cuda::Relu, true> >, int, 4>", False),
+    ("channels_first_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerChannel<float>, "
+     "bn_ext::cuda::GradientThrough<float, bn_ext::cuda::Relu, false> >, int, 4>", False),
     # GroupNorm channels-last: per-(n, c) states about the group's first value
     ("channels_last_partials<bn_ext::cuda::MomentsReduction<float, bn_ext::cuda::DomainGroupShift<float> >, int, 4>",
      False),
-    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerGroup<float> >, int, 4>", False),
+    ("channels_last_partials<bn_ext::cuda::GradSumsReduction<float, bn_ext::cuda::PerGroup<float>, "
+     "bn_ext::cuda::PlainGradient>, int, 4>", False),
     ("row_norm_forward<float, false, true>", True),           # LayerNorm, warp per row
     ("row_norm_forward<float, false, false>", True),          # LayerNorm, block per row
     ("row_norm_forward<float, true, true>", True),            # RMSNorm

@@ -10,6 +10,7 @@
 
 #include <array>
 #include <string_view>
+#include <type_traits>
 #ifndef BN_EXT_CUDA_EMULATOR
 #include <torch/library.h>
 #endif
@@ -81,31 +82,48 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_cuda(const Tensor& input, 
                                      std::nullopt);
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
-                                                            const std::optional<Tensor>& weight,
-                                                            const Tensor& save_mean, const Tensor& save_invstd,
-                                                            bool training, double eps,
-                                                            std::array<bool, 3> output_mask) {
+// BatchNorm's backward of dz, the gradient of the pre-activation value z:
+// dy itself without activation and residual, else dy * act'(z) with z
+// recomputed from x, the residual and the saved statistics in both passes.
+// dz is stored only as the residual's gradient, which the dx pass then reads.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
+    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& residual,
+    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, double eps, std::optional<std::string_view> activation,
+    std::array<bool, 4> output_mask) {
   (void)eps;  // used by the autograd formula of this op, not by the kernel
   check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
+  check_param(bias, "bias", input, input.size(1), "the input's channel count, input.size(1)");
+  check_residual(residual, input);
+  const Activation act = parse_activation(activation, "batch_norm_act_backward");
   const int64_t C = input.size(1);
   const DeviceGuard guard(input);
   const auto fmt = batch_norm_memory_format(input);
   const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);
+  const Tensor res = has(residual) ? residual->contiguous(fmt) : Tensor();
   const BatchNormGeometry g = batch_norm_geometry(x);
   const auto acc = stat_dtype(x.scalar_type());
   const auto acc_options = x.options().dtype(acc);
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  const bool wants_residual_grad = output_mask[3] && res.defined();
   Tensor grad_input = output_mask[0] ? at::empty_like(x) : at::empty({0}, x.options());
   Tensor grad_weight = at::empty({output_mask[1] ? C : 0}, acc_options);
   Tensor grad_bias = at::empty({output_mask[2] ? C : 0}, acc_options);
+  Tensor grad_residual = wants_residual_grad ? at::empty_like(x) : at::empty({0}, input.options());
   const Tensor mean = save_mean.to(acc).contiguous(), invstd = save_invstd.to(acc).contiguous();
-  const auto w = as_acc(weight, acc);
-  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
+  const auto w = as_acc(weight, acc), b = as_acc(bias, acc);
+  const bool through = act != Activation::kNone || res.defined();
+  const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]) || wants_residual_grad;
   dispatch_device_type(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     Tensor coefficients = at::empty({output_mask[0] ? kCoefficientCount * C : 0}, acc_options);
+    Tensor forward = at::empty({through ? kCoefficientCount * C : 0}, acc_options);
+    if (through) {
+      map_channels(C, ForwardCoefficientsFromStats<A>{device_data_or_null<A>(w), device_data_or_null<A>(b),
+                                                      device_data<A>(mean), device_data<A>(invstd),
+                                                      device_data_mut<A>(forward), C});
+    }
     const BackwardFinish<A> finish{device_data_or_null<A>(w),
                                    device_data<A>(mean),
                                    device_data<A>(invstd),
@@ -114,70 +132,57 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                    output_mask[1] ? device_data_mut<A>(grad_weight) : nullptr,
                                    output_mask[2] ? device_data_mut<A>(grad_bias) : nullptr,
                                    output_mask[0] ? device_data_mut<A>(coefficients) : nullptr,
-                                   C};
-    if (need_sums && x.numel() > 0) {
-      reduce_channels<T>(GradSumsReduction<T>{device_data<T>(x), device_data<T>(dy), device_data<A>(mean)}, g, finish,
-                         acc_options);
-    } else if (C > 0) {
-      finish_without_reduction<Sums<A>>(C, finish);
-    }
-    if (output_mask[0]) {
-      if (training) {
-        affine_pass<T, Affine<true, true>>(g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(grad_input),
-                                   device_data<A>(coefficients));
-      } else {
-        affine_pass<T, Affine<true, false>>(g, device_data<T>(dy), nullptr, device_data_mut<T>(grad_input),
-                                    device_data<A>(coefficients));
-      }
-    }
-  });
-  return {grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype)};
-}
-
-// The gradient dz = dy * act'(z) of the pre-activation value z, recomputed
-// from the saved statistics, is the residual's and BatchNorm's dy.
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward_cuda(
-    const Tensor& grad_out, const Tensor& input, const std::optional<Tensor>& residual,
-    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& save_mean,
-    const Tensor& save_invstd, bool training, double eps, std::optional<std::string_view> activation,
-    std::array<bool, 4> output_mask) {
-  check_batch_norm_backward_args(grad_out, input, weight, save_mean, save_invstd);
-  check_param(bias, "bias", input, input.size(1), "the input's channel count, input.size(1)");
-  check_residual(residual, input);
-  const Activation act = parse_activation(activation, "batch_norm_act_backward");
-  const DeviceGuard guard(input);
-  Tensor dz = grad_out;
-  Tensor grad_residual = at::empty({0}, input.options());
-  if (act != Activation::kNone || has(residual)) {
-    const auto fmt = batch_norm_memory_format(input);
-    const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);
-    const Tensor res = has(residual) ? residual->contiguous(fmt) : Tensor();
-    const BatchNormGeometry g = batch_norm_geometry(x);
-    const auto acc = stat_dtype(x.scalar_type());
-    const auto acc_options = x.options().dtype(acc);
-    const Tensor mean = save_mean.to(acc).contiguous(), invstd = save_invstd.to(acc).contiguous();
-    const auto w = as_acc(weight, acc), b = as_acc(bias, acc);
-    dz = at::empty_like(x);
-    dispatch_device_type(x.scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      using A = acc_t<T>;
-      Tensor coefficients = at::empty({kCoefficientCount * g.C}, acc_options);
-      map_channels(g.C, ForwardCoefficientsFromStats<A>{device_data_or_null<A>(w), device_data_or_null<A>(b),
-                                                        device_data<A>(mean), device_data<A>(invstd),
-                                                        device_data_mut<A>(coefficients), g.C});
-      with_activation(act, [&](auto activation) {
-        with_residual(res.defined(), [&](auto has_residual) {
-          affine_pass<T, ActivationGradient<T, decltype(activation), has_residual()>>(
-              g, device_data<T>(dy), device_data<T>(x), device_data_mut<T>(dz), device_data<A>(coefficients), 1,
-              has_residual() ? device_data<T>(res) : nullptr);
-        });
+                                   C,
+                                   through,
+                                   device_data_or_null<A>(b)};
+    with_activation(act, [&](auto activation) {
+      with_residual(res.defined(), [&](auto has_residual) {
+        using Act = decltype(activation);
+        constexpr bool kThrough = !std::is_same_v<Act, NoActivation> || has_residual();
+        using Gradient = std::conditional_t<kThrough, GradientThrough<T, Act, has_residual()>, PlainGradient>;
+        Gradient gradient{};
+        if constexpr (kThrough) {
+          gradient = {has_residual() ? device_data<T>(res) : nullptr,
+                      wants_residual_grad ? device_data_mut<T>(grad_residual) : nullptr, device_data<A>(forward), C};
+        }
+        if (need_sums && x.numel() > 0) {
+          reduce_channels<T>(
+              GradSumsReduction<T, PerChannel<A>, Gradient>{device_data<T>(x), device_data<T>(dy), {device_data<A>(mean)},
+                                                            gradient},
+              g, finish, acc_options);
+        } else if (C > 0) {
+          finish_without_reduction<Sums<A>>(C, finish);
+        }
+        if (!output_mask[0]) return;
+        T* dx = device_data_mut<T>(grad_input);
+        const A* k = device_data<A>(coefficients);
+        if (kThrough && !wants_residual_grad) {
+          affine_pass<T, AffineThroughActivation<T, Act, has_residual()>>(g, device_data<T>(dy), device_data<T>(x), dx,
+                                                                         k, 1, has_residual() ? device_data<T>(res) : nullptr);
+        } else {
+          // dz is dy, or stored as the residual's gradient.
+          const T* dz = wants_residual_grad ? device_data<T>(grad_residual) : device_data<T>(dy);
+          if (training) {
+            affine_pass<T, Affine<true, true>>(g, dz, device_data<T>(x), dx, k);
+          } else {
+            affine_pass<T, Affine<true, false>>(g, dz, nullptr, dx, k);
+          }
+        }
       });
     });
-    if (output_mask[3] && has(residual)) grad_residual = dz;
-  }
-  auto [grad_input, grad_weight, grad_bias] = batch_norm_backward_cuda(
-      dz, input, weight, save_mean, save_invstd, training, eps, {output_mask[0], output_mask[1], output_mask[2]});
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  });
+  return {grad_input, grad_weight.to(param_dtype), grad_bias.to(param_dtype), grad_residual};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
+                                                            const std::optional<Tensor>& weight,
+                                                            const Tensor& save_mean, const Tensor& save_invstd,
+                                                            bool training, double eps,
+                                                            std::array<bool, 3> output_mask) {
+  auto [grad_input, grad_weight, grad_bias, grad_residual] =
+      batch_norm_act_backward_cuda(grad_out, input, std::nullopt, weight, std::nullopt, save_mean, save_invstd,
+                                   training, eps, std::nullopt, {output_mask[0], output_mask[1], output_mask[2], false});
+  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {

@@ -47,7 +47,12 @@ void reduce_channels(const R& r, const BatchNormGeometry& g, const Finish& finis
   constexpr int kFields = sizeof(State) / sizeof(A);
   const cudaStream_t stream = current_stream();
   const int target_blocks = kBlocksPerSm * sm_count();
-  const bool vectorize = can_vectorize<T>(g, {r.x, r.dy});
+  bool vectorize;
+  if constexpr (R::kReadsDy) {
+    vectorize = can_vectorize<T>(g, {r.x, r.dy, r.gradient.aux, r.gradient.dz});
+  } else {
+    vectorize = can_vectorize<T>(g, {r.x});
+  }
   int count = 1;
   at::Tensor partials;
   auto launch = [&](auto v_tag) {

@@ -17,7 +17,8 @@ constexpr int kBatchNormThreads = 256;
 constexpr int kChannelsLastRows = 8;
 
 // Per-channel coefficient arrays, each of C values, stored back to back.
-enum Coefficient { kCenter = 0, kAlpha = 1, kBeta = 2, kGamma = 3, kCoefficientCount = 4 };
+// kShift: the forward's bias, for a backward form that recomputes the forward value.
+enum Coefficient { kCenter = 0, kAlpha = 1, kBeta = 2, kGamma = 3, kShift = 4, kCoefficientCount = 5 };
 
 // A value of each channel (its first element) that its statistics are taken
 // about: x - shift is exact for values near the mean, so a large mean
@@ -58,21 +59,8 @@ struct PerGroup {
   __device__ __forceinline__ A operator()(int64_t c) const { return mean[c / channels]; }
 };
 
-// ... or sum(dy) and sum(dy * (x - mean)) for the backward.
-template <typename T, typename Mean = PerChannel<acc_t<T>>>
-struct GradSumsReduction {
-  using A = acc_t<T>;
-  using State = Sums<A>;
-  static constexpr bool kReadsDy = true;
-  const T* x;
-  const T* dy;
-  Mean mean;
-  __device__ __forceinline__ A center(int64_t c) const { return mean(c); }
-  __device__ __forceinline__ static void add(State& s, A x, A dy, A center) {
-    s.first += dy;
-    s.second += dy * (x - center);
-  }
-};
+// ... or sum(dy) and sum(dy * (x - mean)) for the backward: GradSumsReduction,
+// below with the activations it may take dy through.
 
 // Channels-first partials. Block (c, p) of a blockDim (bx, by) grid walks
 // items = (plane n, chunk of bx * V elements of the plane); row y of the block
@@ -93,7 +81,10 @@ __global__ void channels_first_partials(R r, index_t C, index_t S, index_t chunk
     const index_t offset = (n * C + c) * S + s0;
     A x[V], dy[V];
     load_acc<V>(r.x + offset, x);
-    if constexpr (R::kReadsDy) load_acc<V>(r.dy + offset, dy);
+    if constexpr (R::kReadsDy) {
+      load_acc<V>(r.dy + offset, dy);
+      r.gradient(dy, x, offset, int64_t(c), 0);
+    }
 #pragma unroll
     for (int v = 0; v < V; ++v) R::add(s, x[v], R::kReadsDy ? dy[v] : A(0), center);
   }
@@ -127,7 +118,10 @@ __global__ void channels_last_partials(R r, index_t M, index_t C, typename R::St
       const index_t offset = (n * M + m) * C + c0;
       A x[V], dy[V];
       load_acc<V>(r.x + offset, x);
-      if constexpr (R::kReadsDy) load_acc<V>(r.dy + offset, dy);
+      if constexpr (R::kReadsDy) {
+        load_acc<V>(r.dy + offset, dy);
+        r.gradient(dy, x, offset, int64_t(n) * C + c0, 1);
+      }
 #pragma unroll
       for (int v = 0; v < V; ++v) R::add(s[v], x[v], R::kReadsDy ? dy[v] : A(0), center[v]);
     }
@@ -264,12 +258,16 @@ struct BackwardFinish {
   A* grad_bias;     // null: not asked for
   A* coefficients;  // null: dx not asked for
   int64_t C;
+  bool stores_shift = false;  // kShift = bias (AffineThroughActivation's)
+  const A* bias = nullptr;    // null: 0
   __device__ __forceinline__ void operator()(int64_t c, const Sums<A>& s) const {
     const A sum_dy = s.first, sum_dy_xmu = s.second;
     if (grad_weight) grad_weight[c] = sum_dy_xmu * invstd[c];
     if (grad_bias) grad_bias[c] = sum_dy;
     if (!coefficients) return;
-    const A alpha = (weight ? weight[c] : A(1)) * invstd[c];
+    // Written as the forward's scale (weight * invstd) so the recomputed forward value is exact.
+    const A alpha = weight ? weight[c] * invstd[c] : invstd[c];
+    if (stores_shift) coefficients[kShift * C + c] = bias ? bias[c] : A(0);
     coefficients[kCenter * C + c] = mean[c];
     coefficients[kAlpha * C + c] = alpha;
     coefficients[kBeta * C + c] = training ? -alpha * invstd[c] * invstd[c] * sum_dy_xmu / count : A(0);
@@ -308,13 +306,15 @@ struct RunningStatsUpdate {
 // gamma). A form reads only the operands it declares.
 //   Affine<kReadsDy, kReadsX>: [dy * alpha] + [(x - center) * beta] + gamma
 //   ActivatedAffine<T, Act, kResidual>: act(Affine<false, true> [+ aux])
-//   ActivationGradient<T, Act, kResidual>: dy * act'(z) for that forward value z
+//   ActivationGradient<T, Act>: dy * act'(z) for that forward value z (no residual)
+//   AffineThroughActivation<T, Act, kResidual>: Affine<true, true> of that dy * act'(z)
 // The activations round z to T where the unfused ops would have stored it.
+// Only AffineThroughActivation reads the fifth coefficient, shift.
 template <bool kDy, bool kX>
 struct Affine {
-  static constexpr bool kReadsDy = kDy, kReadsX = kX, kReadsAux = false;
+  static constexpr bool kReadsDy = kDy, kReadsX = kX, kReadsAux = false, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma) {
+  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma, A = A(0)) {
     A o = gamma;
     if constexpr (kDy) o += dy * alpha;
     if constexpr (kX) o += (x - center) * beta;
@@ -376,21 +376,87 @@ __device__ __forceinline__ A activation_input(A x, A aux, A center, A alpha, A b
 
 template <typename T, typename Act, bool kResidual = false>
 struct ActivatedAffine {
-  static constexpr bool kReadsDy = false, kReadsX = true, kReadsAux = kResidual;
+  static constexpr bool kReadsDy = false, kReadsX = true, kReadsAux = kResidual, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A, A x, A aux, A center, A alpha, A beta, A gamma) {
+  __device__ __forceinline__ static A apply(A, A x, A aux, A center, A alpha, A beta, A gamma, A = A(0)) {
     return Act::value(activation_input<T, kResidual>(x, aux, center, alpha, beta, gamma));
   }
 };
 
-template <typename T, typename Act, bool kResidual = false>
+template <typename T, typename Act>
 struct ActivationGradient {
-  static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = kResidual;
+  static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = false, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A aux, A center, A alpha, A beta, A gamma) {
-    return Act::grad(dy, activation_input<T, kResidual>(x, aux, center, alpha, beta, gamma));
+  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma, A = A(0)) {
+    return Act::grad(dy, activation_input<T, false>(x, A(0), center, alpha, beta, gamma));
   }
 };
+
+// BatchNorm + activation's dx: the forward value is z = (x - center) * alpha
+// + shift [+ aux], as the forward computed it (center the mean, alpha =
+// weight * invstd its scale, shift its bias), and dz rounds as it is stored.
+template <typename T, typename Act, bool kResidual>
+struct AffineThroughActivation {
+  static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = kResidual, kReadsShift = true;
+  template <typename A>
+  __device__ __forceinline__ static A apply(A dy, A x, A aux, A center, A alpha, A beta, A gamma, A shift) {
+    const A dz = round_to_type<T>(Act::grad(dy, activation_input<T, kResidual>(x, aux, center, A(0), alpha, shift)));
+    return Affine<true, true>::apply(dz, x, A(0), center, alpha, beta, gamma);
+  }
+};
+
+// The gradient a backward's sums take: dy itself ...
+struct PlainGradient {
+  const void* aux = nullptr;  // no third input, no output
+  void* dz = nullptr;
+  template <int V, typename index_t, typename A>
+  __device__ __forceinline__ void operator()(A (&)[V], const A (&)[V], index_t, int64_t, int64_t) const {}
+};
+
+// ... or dz = dy * act'(z), rounded to T as the unfused ops store it, of the
+// forward's value z recomputed from x [+ aux] and the forward's coefficients
+// (entry e of `entries`); stored to dz where it is wanted (the residual's gradient).
+template <typename T, typename Act, bool kResidual>
+struct GradientThrough {
+  using A = acc_t<T>;
+  const T* aux;  // the residual, if kResidual
+  T* dz;         // null: not stored
+  const A* forward;
+  int64_t entries;
+  // Elements offset .. offset + V of entries entry + v * entry_step.
+  template <int V, typename index_t>
+  __device__ __forceinline__ void operator()(A (&dy)[V], const A (&x)[V], index_t offset, int64_t entry,
+                                             int64_t entry_step) const {
+    A av[V];
+    if constexpr (kResidual) load_acc<V>(aux + offset, av);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int64_t e = entry + v * entry_step;
+      const A z = activation_input<T, kResidual>(x[v], kResidual ? av[v] : A(0), forward[kCenter * entries + e], A(0),
+                                                 forward[kBeta * entries + e], forward[kGamma * entries + e]);
+      dy[v] = round_to_type<T>(Act::grad(dy[v], z));
+    }
+    if (dz) store_acc<V>(dz + offset, dy);
+  }
+};
+
+// ... or sum(dz) and sum(dz * (x - mean)) for the backward, dz = Gradient's.
+template <typename T, typename Mean = PerChannel<acc_t<T>>, typename Gradient = PlainGradient>
+struct GradSumsReduction {
+  using A = acc_t<T>;
+  using State = Sums<A>;
+  static constexpr bool kReadsDy = true;
+  const T* x;
+  const T* dy;
+  Mean mean;
+  Gradient gradient{};
+  __device__ __forceinline__ A center(int64_t c) const { return mean(c); }
+  __device__ __forceinline__ static void add(State& s, A x, A dy, A center) {
+    s.first += dy;
+    s.second += dy * (x - center);
+  }
+};
+
 
 // The elementwise pass over `numel` elements, V at a time (grid-stride).
 // Channels-first (inner = S): element i takes coefficient entry (i / S) % C.
@@ -416,7 +482,8 @@ __global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x
       o[v] = Form::apply(Form::kReadsDy ? gv[v] : A(0), Form::kReadsX ? xv[v] : A(0),
                          Form::kReadsAux ? av[v] : A(0), coefficients[kCenter * entries + cv],
                          coefficients[kAlpha * entries + cv], coefficients[kBeta * entries + cv],
-                         coefficients[kGamma * entries + cv]);
+                         coefficients[kGamma * entries + cv],
+                         Form::kReadsShift ? coefficients[kShift * entries + cv] : A(0));
     }
     store_acc<V>(out + i, o);
   }
