@@ -117,15 +117,28 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
     k.center[c] = forward.center[c];
     if constexpr (kThrough) k.shift[c] = forward.gamma[c];
   }
-  const auto gradient = [&] {
-    if constexpr (kResidual) {
-      return GradientThroughResidual<T, Act>{&forward, pdy, px, residual, pdres};
-    } else if constexpr (kThrough) {
-      return GradientThrough<T, Act>{forward.beta.data(), forward.gamma.data(), forward.center.data()};
+  // Centers all zero (means folded, see set_forward_coefficients) or not.
+  const bool centered = k.centered();
+  // fn(gradient, training form, eval form) of this centering.
+  auto with_forms = [&](const auto& fn) {
+    auto call = [&](auto is_centered) {
+      constexpr bool kCentered = is_centered();
+      if constexpr (kResidual) {
+        fn(GradientThroughResidual<T, Act>{&forward, pdy, px, residual, pdres}, Affine<true, true, kCentered>{},
+           Affine<true, false>{});
+      } else if constexpr (kThrough) {
+        fn(GradientThrough<T, Act, kCentered>{forward.beta.data(), forward.gamma.data(), forward.center.data()},
+           AffineThrough<T, Act, true, kCentered>{}, AffineThrough<T, Act, false, kCentered>{});
+      } else {
+        fn(PlainGradient<T>{}, Affine<true, true, kCentered>{}, Affine<true, false>{});
+      }
+    };
+    if (centered) {
+      call(std::true_type{});
     } else {
-      return PlainGradient<T>{};
+      call(std::false_type{});
     }
-  }();
+  };
   // What the dx pass reads as the gradient: the stored dz, or dy.
   const FormInputs<T> in{kResidual ? pdres : pdy, px};
   const bool sums_pass = need_sums || (training && pdx != nullptr);
@@ -137,45 +150,36 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
     sum_dy[c] = s.dy;
     sum_dy_xmu[c] = s.dy_xc - (mean[c] - static_cast<double>(sums_center[c])) * s.dy;
   };
-  // Centers all zero (means folded, see set_forward_coefficients) or not.
-  const bool centered = k.centered();
-  auto with_training_form = [&](const auto& fn) {
-    if constexpr (kThrough) {
-      fn(AffineThrough<T, Act, true>{});
-    } else if (centered) {
-      fn(Affine<true, true>{});
-    } else {
-      fn(Affine<true, true, false>{});
+  with_forms([&](const auto& gradient, auto training_form, auto eval_form) {
+    using TrainingForm = decltype(training_form);
+    if (training && pdx != nullptr && !g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
+      // A block of channels' sums and their dx in one task, dy and x still
+      // in cache for the second read.
+      for_each_channel_block(g, channels_per_block(g, 2 * sizeof(T)), 3, [&](int64_t c0, int64_t c1) {
+        GradSums sums[kMaxBlockChannels];
+        add_block_grad_sums(pdy, px, sums_center.data(), g, c0, c1, 0, g.reduce_size(), sums, gradient);
+        for (int64_t c = c0; c < c1; ++c) {
+          set_sums(c, sums[c - c0]);
+          set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, true);
+        }
+        block_form_pass<T, TrainingForm>(pdx, in, k, g, c0, c1);
+      });
+      return;
     }
-  };
-  using EvalForm = std::conditional_t<kThrough, AffineThrough<T, Act, false>, Affine<true, false>>;
-  if (training && pdx != nullptr && !g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
-    // A block of channels' sums and their dx in one task, dy and x still
-    // in cache for the second read.
-    for_each_channel_block(g, channels_per_block(g, 2 * sizeof(T)), 3, [&](int64_t c0, int64_t c1) {
-      GradSums sums[kMaxBlockChannels];
-      add_block_grad_sums(pdy, px, sums_center.data(), g, c0, c1, 0, g.reduce_size(), sums, gradient);
-      for (int64_t c = c0; c < c1; ++c) {
-        set_sums(c, sums[c - c0]);
-        set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, true);
-      }
-      with_training_form([&](auto form) { block_form_pass<T, decltype(form)>(pdx, in, k, g, c0, c1); });
-    });
-    return;
-  }
-  if (sums_pass) {
-    const auto sums = channel_grad_sums(pdy, px, sums_center.data(), g, gradient);
-    for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
-  }
-  if (pdx == nullptr) return;
-  for (int64_t c = 0; c < g.C; ++c) {
-    set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
-  }
-  if (training) {
-    with_training_form([&](auto form) { channel_form_pass<T, decltype(form)>(pdx, in, k, g); });
-  } else {
-    channel_form_pass<T, EvalForm>(pdx, {in.dy, kThrough ? px : nullptr}, k, g);
-  }
+    if (sums_pass) {
+      const auto sums = channel_grad_sums(pdy, px, sums_center.data(), g, gradient);
+      for (int64_t c = 0; c < g.C; ++c) set_sums(c, sums[c]);
+    }
+    if (pdx == nullptr) return;
+    for (int64_t c = 0; c < g.C; ++c) {
+      set_backward_coefficients(k, c, mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], M, training);
+    }
+    if (training) {
+      channel_form_pass<T, TrainingForm>(pdx, in, k, g);
+    } else {
+      channel_form_pass<T, decltype(eval_form)>(pdx, {in.dy, kThrough ? px : nullptr}, k, g);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------

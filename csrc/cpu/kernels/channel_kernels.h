@@ -480,7 +480,7 @@ inline Vec gradient_of_rounded(const Vec& dy, const Vec& v) {
 //   ActivatedAffine<Act, kResidual>: act(Affine<false, true> [+ aux]), with the
 //     roundings of the unfused ops (the sum rounded to T before act)
 //   ActivationGradient<Act, kResidual>: dy * act'(z) for that forward value z
-//   AffineThrough<Act, kTraining>: Affine<true, kTraining> of the gradient through act, the
+//   AffineThrough<Act, kTraining, kCentered>: Affine<true, kTraining> of the gradient through act, the
 //     forward value z = (x - center) * alpha + shift (BatchNorm's weight * invstd
 //     is both the forward scale and the backward alpha).
 template <typename Vec>
@@ -559,12 +559,13 @@ inline Vec gradient_through(const Vec& dy, const Vec& x_centered, const Vec& sca
 }
 
 // kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
-template <typename T, typename Act, bool kTraining>
+// kCentered false: every center is zero, as Affine's.
+template <typename T, typename Act, bool kTraining, bool kCentered = true>
 struct AffineThrough {
   static constexpr bool kUsesDy = true, kUsesX = true, kUsesAux = false;
   template <typename Vec>
   static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
-    const Vec xc = v.x - k.center;
+    const Vec xc = kCentered ? v.x - k.center : v.x;
     const Vec dz = gradient_through<T, Act>(v.dy, xc, k.alpha, k.shift);
     if constexpr (kTraining) return at::vec::fmadd(dz, k.alpha, at::vec::fmadd(xc, k.beta, k.gamma));
     return at::vec::fmadd(dz, k.alpha, k.gamma);
@@ -758,7 +759,8 @@ void channel_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficient
 // The Gradient of channel_grad_sums for gradient_through's gradient: scale,
 // shift and center are the forward's per-channel (or column) arrays (its
 // center, zero where it folded the mean, need not be the sums' center).
-template <typename T, typename Act>
+// kCentered false: every center is zero, neither loaded nor subtracted.
+template <typename T, typename Act, bool kCentered = true>
 struct GradientThrough {
   using Vec = OpVec<T>;
   const opmath_t<T>* scale;
@@ -767,11 +769,13 @@ struct GradientThrough {
   struct At {
     Vec scale, shift, center;
     Vec operator()(const Vec& dy, const Vec& x, int64_t, int64_t) const {
-      return gradient_through<T, Act>(dy, x - center, scale, shift);
+      return gradient_through<T, Act>(dy, kCentered ? x - center : x, scale, shift);
     }
   };
-  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c]), Vec(center[c])}; }
-  At columns(int64_t j) const { return {Vec::loadu(scale + j), Vec::loadu(shift + j), Vec::loadu(center + j)}; }
+  At channel(int64_t c) const { return {Vec(scale[c]), Vec(shift[c]), kCentered ? Vec(center[c]) : Vec(0)}; }
+  At columns(int64_t j) const {
+    return {Vec::loadu(scale + j), Vec::loadu(shift + j), kCentered ? Vec::loadu(center + j) : Vec(0)};
+  }
   void prepare_rows(int64_t, int64_t, int64_t) const {}
 };
 
