@@ -883,7 +883,9 @@ def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
     for norm in folder.unfolded_norms:
         if norm.module is not None and norm.running_mean is not None and not _unknown_forward(norm.module):
             frozen = FrozenBatchNorm(norm.module)
-            _replace_submodule(root, norm.name, frozen if norm.tail is None else NormThenActivation(frozen, norm.tail.act))
+            if norm.tail is not None:
+                frozen = NormThenActivation(frozen, norm.tail.act)
+            _replace_submodule(root, norm.name, frozen)
             folder.frozen.append(norm.name)
 
 
