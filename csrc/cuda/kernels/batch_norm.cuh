@@ -59,8 +59,8 @@ struct PerGroup {
   __device__ __forceinline__ A operator()(int64_t c) const { return mean[c / channels]; }
 };
 
-// ... or sum(dy) and sum(dy * (x - mean)) for the backward: GradSumsReduction,
-// below with the activations it may take dy through.
+// The backward's reduction, GradSumsReduction (sum(dz) and sum(dz * (x -
+// mean))), follows the activations it may take dy through, further below.
 
 // Channels-first partials. Block (c, p) of a blockDim (bx, by) grid walks
 // items = (plane n, chunk of bx * V elements of the plane); row y of the block
@@ -456,7 +456,6 @@ struct GradSumsReduction {
     s.second += dy * (x - center);
   }
 };
-
 
 // The elementwise pass over `numel` elements, V at a time (grid-stride).
 // Channels-first (inner = S): element i takes coefficient entry (i / S) % C.
