@@ -29,12 +29,17 @@ SHAPES = [
 # Memory layouts: dense default, channels-last (4-D/5-D only) and a strided
 # view (every other element of the last dim), which must be read correctly.
 LAYOUTS = ["contiguous", "channels_last", "strided"]
+# Channels-last rows wider than the kernels' row-order walk (512 columns),
+# which they sum down the columns instead: 4 KB rows at float32 (C1024) and
+# bfloat16 (C2048), taken a cache line at a time at AVX2, and a width that
+# is not (C1056), over several 16-row tiles.
+WIDE_CHANNELS_LAST = [(4, 1024, 5, 5), (4, 2048, 3, 3), (3, 1056, 4, 4)]
 SHAPE_LAYOUTS = [
     pytest.param(shape, layout, id=f"{shape}-{layout}")
     for shape in SHAPES
     for layout in LAYOUTS
     if layout != "channels_last" or len(shape) in (4, 5)
-]
+] + [pytest.param(shape, "channels_last", id=f"{shape}-channels_last") for shape in WIDE_CHANNELS_LAST]
 
 
 def make_input(shape, dtype, layout, mean=0.5, std=2.0, seed=0):

@@ -24,6 +24,9 @@ CASES = [
     pytest.param((2, 64, 16, 16), 32, id="16x16-32g"),
     pytest.param((1, 4, 80, 70), 2, id="long-groups"),
     pytest.param((2, 10, 2, 3, 4), 5, id="3d"),
+    # Channels-last rows wider than the row-order walk's 512 columns, 4 KB
+    # at float32 (see test_batch_norm.WIDE_CHANNELS_LAST).
+    pytest.param((2, 1024, 5, 5), 32, id="wide-rows"),
 ]
 
 # Layouts: contiguous; torch's channels_last(_3d); a strided view that is

@@ -105,10 +105,12 @@ void add_group_column_sums(const GroupNormGeometry& g, int64_t r0, int64_t r1, c
   for (int64_t r = r0; r < r1; r += kChunkRows) {
     std::fill(sum.begin(), sum.end(), Op(0));
     std::fill(squares.begin(), squares.end(), Op(0));
-    column_cascade_sums<kWithSum, Vec>(
-        std::min(r1, r + kChunkRows) - r, g.C,
-        [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = b = terms(r + s, j, count); }, sum.data(),
-        squares.data());
+    with_moments_column_block<T>(g.C, [&](auto block) {
+      column_cascade_sums<kWithSum, Vec, block()>(
+          std::min(r1, r + kChunkRows) - r, g.C,
+          [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = b = terms(r + s, j, count); }, sum.data(),
+          squares.data());
+    });
     for (int64_t group = 0, c = 0; group < g.G; ++group) {
       double group_sum = 0.0, group_squares = 0.0;
       for (int64_t end = c + Cg; c < end; ++c) group_sum += sum[c], group_squares += squares[c];
