@@ -135,6 +135,16 @@ MUTANTS = [
            "        : at::vec::cvtfp32_fp16(__m256(v));\n"
            "    if (!(stream && stream_store(p, packed))) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);",
            BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
+    Mutant("cpu-wide-rows-block-vector-dropped", UTILS,
+           "the line-wide column walk of 4 KB channels-last rows (AVX2) drops its second vector's sum",
+           "    if constexpr (kWithSum) part_sum[v()] += a;",
+           "    if constexpr (kWithSum) part_sum[v()] += v() == 1 ? Vec(0) : a;",
+           BN_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
+    Mutant("cpu-short-plane-split-lane-off", CHANNELS,
+           "a vector spanning two short planes gives its first plane's last lane the next channel's coefficients",
+           "    const Vec first = Vec::arange(Op(0), Op(1)) < Vec(static_cast<Op>(lanes));",
+           "    const Vec first = Vec::arange(Op(0), Op(1)) < Vec(static_cast<Op>(lanes - 1));",
+           BN_TESTS),
     # (Channels-first stripes are merged in float64 and rarely change a bit
     # when their count does; channels-last stripes sum rows in float32.)
     Mutant("cpu-thread-count-split", CHANNELS, "channels-last row stripes counted from the thread count",
