@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import bn_ext
-from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, param_dtype
+from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, last_level_cache_bytes, param_dtype
 
 # Shapes and group counts: (N, C) with no positions, 1-D/3-D inputs, one
 # group, one channel per group, a group longer than a cache chunk, planes
@@ -27,6 +27,12 @@ CASES = [
     # Channels-last rows wider than the row-order walk's 512 columns, 4 KB
     # at float32 (see test_batch_norm.WIDE_CHANNELS_LAST).
     pytest.param((2, 1024, 5, 5), 32, id="wide-rows"),
+    # Groups of 4 KB and more, channels-first, reduced and normalised in one
+    # task: planes that end inside a vector (7x7), planes of whole vectors
+    # (8x8), planes shorter than a float32 vector at AVX512 (3x3).
+    pytest.param((2, 256, 7, 7), 4, id="fused-7x7"),
+    pytest.param((2, 128, 8, 8), 2, id="fused-8x8"),
+    pytest.param((2, 512, 3, 3), 4, id="fused-3x3"),
 ]
 
 # Layouts: contiguous; torch's channels_last(_3d); a strided view that is
@@ -170,6 +176,27 @@ def test_group_norm_exact_when_the_first_values_are_outliers(layout, dtype):
     out = bn_ext.group_norm(x, 4, weight, bias)
     expected = F.group_norm(f64(x), 4, f64(weight), f64(bias))
     assert_error_within(out, expected, F.group_norm(x, 4, weight, bias), msg="out")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_norm_outputs_larger_than_the_last_level_cache(layout, dtype):
+    # Channels-first groups reduced and normalised one task each write an
+    # output of the last-level cache's size or more with streaming stores
+    # (kernel_utils.h), forward and backward; the values are the same.
+    nbytes = min(int(1.5 * last_level_cache_bytes()), 192 << 20)
+    C, S = 64, 96
+    N = -(-nbytes // (C * S * S * dtype.itemsize))
+    x = make_input((N, C, S, S), dtype, layout).requires_grad_()
+    weight, bias = make_params(C, dtype)
+    dy = make_input((N, C, S, S), dtype, layout, mean=0.0, std=1.0, seed=7)
+    out = bn_ext.group_norm(x, 32, weight, bias)
+    (gx,) = torch.autograd.grad(out, x, dy)
+    x64 = f64(x).requires_grad_()
+    ref = F.group_norm(x64, 32, f64(weight), f64(bias))
+    assert_close(out, ref, dtype)
+    (gx64,) = torch.autograd.grad(ref, x64, f64(dy))
+    assert_close(gx, gx64, dtype)
 
 
 def test_group_norm_nonfinite_inputs_propagate():

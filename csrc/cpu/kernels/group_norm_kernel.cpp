@@ -58,30 +58,28 @@ void sample_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients
   }
 }
 
-// Forward coefficients of every channel of group r = n * G + group.
+// The entry of group r's first channel in k: k's entries for all samples,
+// or (`first_group` given) for a block of groups from that one, C/G a group.
 template <typename T>
-void set_group_forward_coefficients(ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t r, double mean,
-                                    double rstd, const double* w, const double* b) {
-  const int64_t n = r / g.G, Cg = g.group_channels();
-  for (int64_t c = r % g.G * Cg; c < (r % g.G + 1) * Cg; ++c) {
-    set_forward_coefficients(k, coefficient_index(k, g, n, c), mean, rstd, w[c], b[c]);
+int64_t group_entry(const ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t r, int64_t first_group = -1) {
+  const int64_t Cg = g.group_channels();
+  return first_group >= 0 ? (r - first_group) * Cg : coefficient_index(k, g, r / g.G, r % g.G * Cg);
+}
+
+// Forward coefficients of every channel of group r = n * G + group, from
+// entry `at` of k on.
+template <typename T>
+void set_group_forward_coefficients(ChannelCoefficients<T>& k, int64_t at, const GroupNormGeometry& g, int64_t r,
+                                    double mean, double rstd, const double* w, const double* b) {
+  const int64_t c0 = r % g.G * g.group_channels();
+  for (int64_t j = 0; j < g.group_channels(); ++j) {
+    set_forward_coefficients(k, at + j, mean, rstd, w[c0 + j], b[c0 + j]);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Channels-last reductions: tasks of (sample, stripe of rows), each walking
 // its stripe in chunks of rows; per-channel partials merged in stripe order.
-
-template <typename ChunkFn>
-void for_each_sample_chunk(const GroupNormGeometry& g, int64_t stripes, int64_t n0, int64_t n1, const ChunkFn& fn) {
-  at::parallel_for(n0 * stripes, n1 * stripes, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / stripes, stripe = task % stripes;
-      const int64_t lo = part_begin(stripe, stripes, g.S), hi = part_begin(stripe + 1, stripes, g.S);
-      for (int64_t r = lo; r < hi; r += kChunkRows) fn(n, task, r, std::min(hi, r + kChunkRows));
-    }
-  });
-}
 
 // Channels-last moments. Each (sample, group) takes one shift, the mean of
 // its values in the sample's first rows, broadcast over its channels; every
@@ -198,26 +196,65 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
   });
 }
 
+// Rows of gradient sums a row-order walk takes in op-math before it adds
+// them into float64.
+constexpr int64_t kRowOrderSumRows = 64;
+
+// Gradient sums about `center` (a column array) of rows [r0, r1) of C
+// values, added into the float64 column arrays sum_dy and sum_dyx: row by
+// row in memory order, op-math partials per column (in L1) over
+// kRowOrderSumRows rows at a time. (Walked down the columns, as BatchNorm's
+// column_cascade_sums does, rows 4 KB apart share L1 sets: N16 C1024 14x14
+// bfloat16's sums took 1.6x as long, C2048 7x7 1.1-1.3x; AMD EPYC Zen 4.)
+template <typename T>
+void add_row_order_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, int64_t C, int64_t r0, int64_t r1,
+                             double* sum_dy, double* sum_dyx) {
+  using Op = opmath_t<T>;
+  using Vec = OpVec<T>;
+  constexpr int64_t W = Vec::size();
+  auto part_dy = column_array<Op>(C), part_dyx = column_array<Op>(C);
+  for (int64_t s0 = r0; s0 < r1; s0 += kRowOrderSumRows) {
+    std::fill(part_dy.begin(), part_dy.end(), Op(0));
+    std::fill(part_dyx.begin(), part_dyx.end(), Op(0));
+    for (int64_t s = s0; s < std::min(r1, s0 + kRowOrderSumRows); ++s) {
+      // Lanes past the last column load dy = 0: they add nothing.
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t count = std::min(W, C - j);
+        const Vec dyv = load_op_n(dy + s * C + j, count);
+        const Vec xc = load_op_n(x + s * C + j, count) - Vec::loadu(center + j);
+        (Vec::loadu(part_dy.data() + j) + dyv).store(part_dy.data() + j);
+        at::vec::fmadd(dyv, xc, Vec::loadu(part_dyx.data() + j)).store(part_dyx.data() + j);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy[c] += static_cast<double>(part_dy[c]);
+      sum_dyx[c] += static_cast<double>(part_dyx[c]);
+    }
+  }
+}
+
 // Per (n, c) gradient sums about k's centers of samples [n0, n1) of a
 // channels-last input, into sums[n * C + c].
 template <typename T>
 void channels_last_sample_grad_sums(const T* dy, const T* x, const ChannelCoefficients<T>& k,
                                     const GroupNormGeometry& g, int64_t n0, int64_t n1, GradSums* sums) {
   const int64_t stripes = stripe_count(sample_rows(g));
-  std::vector<GradSums> partial((n1 - n0) * stripes * g.C);
-  for_each_sample_chunk(g, stripes, n0, n1, [&](int64_t n, int64_t task, int64_t r0, int64_t r1) {
-    const int64_t offset = n * g.S * g.C;
-    add_rows_grad_sums(dy + offset, x + offset, k.center.data() + n * k.stride, sample_rows(g), r0, r1,
-                       [&](int64_t c, double sum_dy, double sum_dyx) {
-                         add_grad_sums(partial[(task - n0 * stripes) * g.C + c], sum_dy, sum_dyx);
-                       });
+  // Per task: sum(dy) of each channel, then sum(dy * (x - center)).
+  std::vector<double> partial((n1 - n0) * stripes * 2 * g.C, 0.0);
+  at::parallel_for(n0 * stripes, n1 * stripes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / stripes, stripe = task % stripes, offset = n * g.S * g.C;
+      double* p = &partial[(task - n0 * stripes) * 2 * g.C];
+      add_row_order_grad_sums(dy + offset, x + offset, k.center.data() + n * k.stride, g.C,
+                              part_begin(stripe, stripes, g.S), part_begin(stripe + 1, stripes, g.S), p, p + g.C);
+    }
   });
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t c = 0; c < g.C; ++c) {
       GradSums total;
       for (int64_t s = 0; s < stripes; ++s) {
-        const GradSums& p = partial[((n - n0) * stripes + s) * g.C + c];
-        add_grad_sums(total, p.dy, p.dy_xc);
+        const double* p = &partial[((n - n0) * stripes + s) * 2 * g.C];
+        add_grad_sums(total, p[c], p[g.C + c]);
       }
       sums[n * g.C + c] = total;
     }
@@ -235,6 +272,26 @@ int64_t samples_per_batch(const GroupNormGeometry& g, int64_t tensors) {
   return std::clamp<int64_t>(kSampleBatchBytes / sample_bytes, 1, std::max<int64_t>(g.N, 1));
 }
 
+// fn(n0, n1) for the channels-last batches of samples [n0, n1), one after
+// another, each parallel within; or, where the samples share out evenly
+// over the threads, a sample a task: its statistics and its elementwise
+// pass then run on one core, the sample's inputs still in that core's
+// cache, with no wait between them. (Batches of five N16 C2048 7x7
+// samples left a thread idle a sixth of the time, and the elementwise pass
+// read rows the other core had summed.)
+template <typename T, typename BatchFn>
+void for_each_sample_batch(const GroupNormGeometry& g, int64_t tensors, const BatchFn& fn) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && (g.N % threads == 0 || g.N >= 4 * threads)) {
+    at::parallel_for(0, g.N, 1, [&](int64_t a, int64_t b) {
+      for (int64_t n = a; n < b; ++n) fn(n, n + 1);
+    });
+    return;
+  }
+  const int64_t batch = samples_per_batch<T>(g, tensors);
+  for (int64_t n0 = 0; n0 < g.N; n0 += batch) fn(n0, std::min(g.N, n0 + batch));
+}
+
 // ---------------------------------------------------------------------------
 // GroupNorm forward.
 
@@ -245,44 +302,59 @@ bool fused_groups(const GroupNormGeometry& g) {
   return !g.channels_last && !short_planes<T>(group_rows(g)) && stripe_count(group_rows(g)) == 1;
 }
 
+// Whether a fused channels-first pass, writing whole groups a task, streams
+// its output (see streams_output).
+template <typename T>
+bool streams_output_of_groups(const T* out, const GroupNormGeometry& g) {
+  const int64_t group_bytes = g.group_channels() * g.S * static_cast<int64_t>(sizeof(T));
+  return streams_output(out, g.N * g.G * group_bytes, group_bytes);
+}
+
 template <typename T, typename Act>
 void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, const double* w, const double* b,
                                double eps, double* mean, double* rstd) {
+  const int64_t Cg = g.group_channels();
+  if (fused_groups<T>(g)) {
+    // A block of groups' statistics and their normalisation in one task, x
+    // still in cache; the block's coefficients its own (a few KB, not N * C).
+    const BatchNormGeometry rows = group_rows(g);
+    const bool stream = streams_output_of_groups(y, g);
+    for_each_channel_block(rows, channels_per_block(rows, sizeof(T)), 2, [&](int64_t r0, int64_t r1) {
+      Moments m[kMaxBlockChannels];
+      add_block_moments(x, rows, r0, r1, 0, rows.S, m);
+      const int64_t channels = (r1 - r0) * Cg, offset = r0 * Cg * g.S;
+      ChannelCoefficients<T> block(channels);
+      for (int64_t r = r0; r < r1; ++r) {
+        mean[r] = m[r - r0].mean;
+        rstd[r] = invstd_of(m[r - r0], eps);
+        set_group_forward_coefficients(block, group_entry(block, g, r, r0), g, r, mean[r], rstd[r], w, b);
+      }
+      with_centering(block, [&](auto centered) {
+        block_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(
+            y + offset, {nullptr, x + offset}, block, {false, 1, channels, g.S}, 0, channels, stream);
+      });
+    });
+    return;
+  }
   ChannelCoefficients<T> k = sample_coefficients<T>(g);
   auto set_group = [&](int64_t r, const Moments& m) {
     mean[r] = m.mean;
     rstd[r] = invstd_of(m, eps);
-    set_group_forward_coefficients(k, g, r, mean[r], rstd[r], w, b);
+    set_group_forward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, b);
   };
-  if (fused_groups<T>(g)) {
-    const BatchNormGeometry rows = group_rows(g);
-    const int64_t Cg = g.group_channels();
-    for_each_channel_block(rows, channels_per_block(rows, sizeof(T)), 2, [&](int64_t r0, int64_t r1) {
-      Moments m[kMaxBlockChannels];
-      add_block_moments(x, rows, r0, r1, 0, rows.S, m);
-      for (int64_t r = r0; r < r1; ++r) set_group(r, m[r - r0]);
+  if (g.channels_last) {
+    std::vector<Moments> groups(g.N * g.G);
+    for_each_sample_batch<T>(g, 1, [&](int64_t n0, int64_t n1) {
+      channels_last_group_moments(x, g, n0, n1, groups.data());
+      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group(r, groups[r]);
       with_centering(
           k,
           [&](auto centered) {
-            block_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, channel_planes(g),
-                                                                           r0 * Cg, r1 * Cg);
+            rows_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, g.C, n0 * g.S,
+                                                                          n1 * g.S, g.S);
           },
-          r0 * Cg, r1 * Cg);
+          n0 * k.stride, n1 * k.stride);
     });
-    return;
-  }
-  if (g.channels_last) {
-    std::vector<Moments> groups(g.N * g.G);
-    const int64_t batch = samples_per_batch<T>(g, 1);
-    for (int64_t n0 = 0; n0 < g.N; n0 += batch) {
-      const int64_t n1 = std::min(g.N, n0 + batch);
-      channels_last_group_moments(x, g, n0, n1, groups.data());
-      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group(r, groups[r]);
-      with_centering(k, [&](auto centered) {
-        rows_form_pass<T, ActivatedAffine<T, Act, false, centered()>>(y, {nullptr, x}, k, g.C, n0 * g.S, n1 * g.S,
-                                                                      g.S);
-      });
-    }
     return;
   }
   const auto moments = channel_moments(x, group_rows(g));
@@ -298,9 +370,11 @@ void group_norm_forward_kernel(const T* x, T* y, const GroupNormGeometry& g, con
 //   dx = rstd * w * dy - rstd * A / D - (x - mean) * rstd^3 * B / D
 //   dweight[c] = sum_n rstd * sum(dy * (x - mean)),  dbias[c] = sum(dy)
 
+// Backward coefficients of every channel of group r, from entry `at` of k
+// on, whose centers hold the group's mean.
 template <typename T>
-void set_group_backward_coefficients(ChannelCoefficients<T>& k, const GroupNormGeometry& g, int64_t r, double mean,
-                                     double rstd, const double* w, const std::vector<GradSums>& sums) {
+void set_group_backward_coefficients(ChannelCoefficients<T>& k, int64_t at, const GroupNormGeometry& g, int64_t r,
+                                     double mean, double rstd, const double* w, const std::vector<GradSums>& sums) {
   using Op = opmath_t<T>;
   const int64_t n = r / g.G, Cg = g.group_channels();
   const int64_t c0 = r % g.G * Cg, c1 = c0 + Cg;
@@ -311,12 +385,29 @@ void set_group_backward_coefficients(ChannelCoefficients<T>& k, const GroupNormG
   }
   const double D = static_cast<double>(Cg * g.S);
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t i = coefficient_index(k, g, n, c);
+    const int64_t i = at + c - c0;
     const double beta = -rstd * rstd * rstd * B / D;
     k.alpha[i] = static_cast<Op>(rstd * w[c]);
     k.beta[i] = static_cast<Op>(beta);
     k.gamma[i] = static_cast<Op>(-rstd * A / D - beta * (mean - static_cast<double>(k.center[i])));
   }
+}
+
+// dweight and dbias (when param_grads) from the per (n, c) sums.
+void group_norm_param_grads(const GroupNormGeometry& g, const double* rstd, const std::vector<GradSums>& sums,
+                            bool param_grads, double* dweight, double* dbias) {
+  if (!param_grads) return;
+  at::parallel_for(0, g.C, grain_for(8 * g.N), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double dw = 0.0, db = 0.0;
+      for (int64_t n = 0, r = c / g.group_channels(); n < g.N; ++n, r += g.G) {
+        dw += rstd[r] * sums[n * g.C + c].dy_xc;
+        db += sums[n * g.C + c].dy;
+      }
+      dweight[c] = dw;
+      dbias[c] = db;
+    }
+  });
 }
 
 template <typename T>
@@ -325,11 +416,11 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
                                 double* dbias) {
   using Op = opmath_t<T>;
   const int64_t Cg = g.group_channels();
-  ChannelCoefficients<T> k = sample_coefficients<T>(g);
-  for (int64_t r = 0; r < g.N * g.G; ++r) {
-    const int64_t first = coefficient_index(k, g, r / g.G, r % g.G * Cg);
-    std::fill_n(k.center.begin() + first, Cg, static_cast<Op>(mean[r]));
-  }
+  // Entries [at, at + C/G) of k (from group `first_group` on, as
+  // group_entry) centered on group r's mean, rounded to op-math.
+  auto set_centers = [&](ChannelCoefficients<T>& k, int64_t r, int64_t first_group = -1) {
+    std::fill_n(k.center.begin() + group_entry(k, g, r, first_group), Cg, static_cast<Op>(mean[r]));
+  };
   // Per (n, c), entry r * C/G + j for channel j of group r: sum(dy) and
   // sum(dy * (x - mean)), from the raw sums about the rounded center.
   std::vector<GradSums> sums(g.N * g.C);
@@ -338,49 +429,55 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
     for (int64_t j = 0; j < Cg; ++j) sums[r * Cg + j] = {raw[j].dy, raw[j].dy_xc - off * raw[j].dy};
   };
   if (dx != nullptr && fused_groups<T>(g)) {
-    // A block of groups' sums and their dx in one task, dy and x still in cache.
-    const BatchNormGeometry rows = group_rows(g), planes = channel_planes(g);
+    // A block of groups' sums and their dx in one task, dy and x still in
+    // cache; the block's coefficients its own.
+    const BatchNormGeometry rows = group_rows(g);
+    const bool stream = streams_output_of_groups(dx, g);
     for_each_channel_block(rows, channels_per_block(rows, 2 * sizeof(T)), 3, [&](int64_t r0, int64_t r1) {
-      std::vector<GradSums> block((r1 - r0) * Cg);
-      add_block_grad_sums(dy, x, k.center.data(), planes, r0 * Cg, r1 * Cg, 0, g.S, block.data());
-      for (int64_t r = r0; r < r1; ++r) {
-        set_group_sums(r, &block[(r - r0) * Cg]);
-        set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      const int64_t channels = (r1 - r0) * Cg, first = r0 * Cg, offset = first * g.S;
+      const BatchNormGeometry planes{false, 1, channels, g.S};
+      ChannelCoefficients<T> block(channels);
+      for (int64_t r = r0; r < r1; ++r) set_centers(block, r, r0);
+      if (plane_sums_fit<T>(g.S)) {
+        plane_grad_sums(dy + offset, x + offset, block.center.data(), g.S, 0, channels, &sums[first]);
+      } else {
+        add_block_grad_sums(dy + offset, x + offset, block.center.data(), planes, 0, channels, 0, g.S, &sums[first]);
       }
-      block_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, planes, r0 * Cg, r1 * Cg);
+      for (int64_t r = r0; r < r1; ++r) {
+        set_group_sums(r, &sums[r * Cg]);
+        set_group_backward_coefficients(block, group_entry(block, g, r, r0), g, r, mean[r], rstd[r], w, sums);
+      }
+      block_form_pass<T, Affine<true, true>>(dx + offset, {dy + offset, x + offset}, block, planes, 0, channels,
+                                             stream);
     });
-  } else if (g.channels_last) {
+    group_norm_param_grads(g, rstd, sums, param_grads, dweight, dbias);
+    return;
+  }
+  ChannelCoefficients<T> k = sample_coefficients<T>(g);
+  for (int64_t r = 0; r < g.N * g.G; ++r) set_centers(k, r);
+  if (g.channels_last) {
     // Batches of samples: their sums, then their dx, dy and x still in cache.
     std::vector<GradSums> raw(g.N * g.C);
-    const int64_t batch = samples_per_batch<T>(g, 2);
-    for (int64_t n0 = 0; n0 < g.N; n0 += batch) {
-      const int64_t n1 = std::min(g.N, n0 + batch);
+    for_each_sample_batch<T>(g, 2, [&](int64_t n0, int64_t n1) {
       channels_last_sample_grad_sums(dy, x, k, g, n0, n1, raw.data());
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
-      if (dx == nullptr) continue;
-      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      if (dx == nullptr) return;
+      for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) {
+        set_group_backward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, sums);
+      }
       rows_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
-    }
+    });
   } else {
     const auto raw = channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
     for (int64_t r = 0; r < g.N * g.G; ++r) set_group_sums(r, &raw[r * Cg]);
     if (dx != nullptr) {
-      for (int64_t r = 0; r < g.N * g.G; ++r) set_group_backward_coefficients(k, g, r, mean[r], rstd[r], w, sums);
+      for (int64_t r = 0; r < g.N * g.G; ++r) {
+        set_group_backward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, sums);
+      }
       sample_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g);
     }
   }
-  if (!param_grads) return;
-  at::parallel_for(0, g.C, grain_for(8 * g.N), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double dw = 0.0, db = 0.0;
-      for (int64_t n = 0, r = c / Cg; n < g.N; ++n, r += g.G) {
-        dw += rstd[r] * sums[n * g.C + c].dy_xc;
-        db += sums[n * g.C + c].dy;
-      }
-      dweight[c] = dw;
-      dbias[c] = db;
-    }
-  });
+  group_norm_param_grads(g, rstd, sums, param_grads, dweight, dbias);
 }
 
 // ---------------------------------------------------------------------------
@@ -542,7 +639,9 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& dx, const GroupNo
     if (act != Activation::kNone) {
       through = at::empty_like(x);
       ChannelCoefficients<scalar_t> k = sample_coefficients<scalar_t>(g);
-      for (int64_t r = 0; r < g.N * g.G; ++r) set_group_forward_coefficients(k, g, r, mean[r], rstd[r], w, b);
+      for (int64_t r = 0; r < g.N * g.G; ++r) {
+        set_group_forward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, b);
+      }
       with_activation(act, [&](auto activation) {
         sample_form_pass<scalar_t, ActivationGradient<scalar_t, decltype(activation)>>(
             through.mutable_data_ptr<scalar_t>(), {pdy, px}, k, g);
