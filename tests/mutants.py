@@ -168,6 +168,20 @@ MUTANTS = [
            "stored for a run's or row's partial vector",
            "        store_op_partial(out + offset, dz, count);\n      }\n      return dz;",
            "      }\n      return dz;", BN_ACT_TESTS),
+    Mutant("cpu-gn-plane-split-lane-off", CHANNELS, "GroupNorm channels-first gradient sums: a vector spanning "
+           "two planes gives its first plane's last lane to the next channel",
+           "const Vec first = Vec::arange(Op(0), Op(1)) < Vec(static_cast<Op>(run_end - i));",
+           "const Vec first = Vec::arange(Op(0), Op(1)) < Vec(static_cast<Op>(run_end - i - 1));", GN_TESTS),
+    Mutant("cpu-gn-plane-split-next-center", CHANNELS, "GroupNorm channels-first gradient sums: the next plane's "
+           "lanes of a split vector centered on this plane's group",
+           "(load_op(x + i) - Vec::blendv(Vec(center[c + 1]), vcenter, first));", "(load_op(x + i) - vcenter);",
+           GN_TESTS),
+    Mutant("cpu-gn-row-order-partials-kept", GN_KERNEL, "GroupNorm channels-last gradient sums: a block of rows' "
+           "partials not reset, so earlier blocks count again",
+           "    std::fill(part_dy.begin(), part_dy.end(), Op(0));\n", "", GN_TESTS),
+    Mutant("cpu-bf16-rounding-truncates", CHANNELS, "bfloat16 rounding of fused values truncates instead of "
+           "rounding to nearest even (AVX2)", "(bits + Bits(0x7FFF) + ((bits >> Bits(16)) & Bits(1)))", "bits",
+           GN_TESTS + BN_ACT_TESTS, env={"BN_EXT_CPU_CAPABILITY": "AVX2"}, level="AVX2"),
     Mutant("cpu-gn-layer-norm-channels-projection", GN_KERNEL,
            "LayerNorm over channels backward: dx without its x_hat * mean(g * x_hat) term",
            "- xhat * Vec::loadu(mean_gx.data() + j)) *", ") *", GN_TESTS),

@@ -64,6 +64,13 @@ inline OpVec<T> load_op(const T* p) {
   }
 }
 
+// Whether this level has the AVX512_BF16 conversion instructions.
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+constexpr bool kBFloat16Instructions = true;
+#else
+constexpr bool kBFloat16Instructions = false;
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 // float to bfloat16, rounding to nearest even as torch does. At the
 // AVX512_BF16 level one instruction does it instead of about eight; that
