@@ -164,6 +164,30 @@ def test_group_norm_exact_on_large_means(layout, dtype):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_norm_gradients_of_groups_far_apart(layout, dtype):
+    # Each group about a mean of its own, tens of standard deviations from its
+    # neighbours': a vector that spans two planes at a group's edge (45 planes
+    # of 49 end a group mid-vector; several groups a task) must take each
+    # plane's values about its own group's mean.
+    shape, groups = (4, 360, 7, 7), 8
+    offsets = torch.tensor([0.0, 60.0, -40.0, 120.0, -80.0, 30.0, 90.0, -20.0], dtype=torch.float64)
+    offsets = offsets.repeat_interleave(shape[1] // groups)
+    x = (make_input(shape, torch.float64, "contiguous") + offsets.view(1, -1, 1, 1)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    x.requires_grad_()
+    weight, bias = make_params(shape[1], dtype)
+    dy = make_input(shape, dtype, layout, mean=0.0, std=1.0, seed=5)
+    gx, gw = torch.autograd.grad(bn_ext.group_norm(x, groups, weight.requires_grad_(), bias), (x, weight), dy)
+    x64, w64 = f64(x).requires_grad_(), f64(weight).requires_grad_()
+    ex, ew = torch.autograd.grad(F.group_norm(x64, groups, w64, f64(bias)), (x64, w64), f64(dy))
+    xt, wt = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    px, pw = torch.autograd.grad(F.group_norm(xt, groups, wt, bias), (xt, wt), dy)
+    assert_error_within(gx, ex, px, msg="grad_input")
+    assert_error_within(gw, ew, pw, msg="grad_weight")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_norm_exact_when_the_first_values_are_outliers(layout, dtype):
     # The first 16 positions of every channel at 1e3, the rest near 0: each
     # group's shift (the mean of its first values) lies ~8 standard
