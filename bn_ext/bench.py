@@ -869,7 +869,7 @@ def _figure(value: float | None, spec: str) -> str:
 def report(results: list[Result], bandwidth: float, threads: int, output: Path, device: str = "cpu") -> None:
     if device == "cpu":
         machine = (f"{_cpu_name()}, {threads} threads, CPU kernels {bn_ext.cpu_capability()}, "
-                   f"torch {torch.__version__}")
+                   f"torch {torch.__version__} (kernels {torch.backends.cpu.get_cpu_capability()})")
     else:
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     print(f"\nbn_ext {bn_ext.__version__} vs torch, {machine}; copy bandwidth {bandwidth:.1f} GB/s")
@@ -907,6 +907,7 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
     data = {
         "machine": machine,
         "cpu_capability": bn_ext.cpu_capability(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "copy_bandwidth_gbps": bandwidth,
         "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
                                              "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
