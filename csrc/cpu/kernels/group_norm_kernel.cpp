@@ -130,7 +130,9 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
   };
   // Shifts: per sample a column array, each channel holding its group's.
   std::vector<Op> shift(samples * stride, Op(0));
-  const int64_t shift_rows = std::min(g.S, kShiftSamples);
+  // Rows enough for kShiftSamples values of each group: one row of a wide
+  // group (16 rows were a third of N16 C2048 7x7's reading).
+  const int64_t shift_rows = std::min(g.S, (kShiftSamples + Cg - 1) / Cg);
   at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
     for (int64_t n = a; n < b; ++n) {
       Op* sn = shift.data() + (n - n0) * stride;
