@@ -415,18 +415,23 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
                         int64_t r1, const Add& add, const Gradient& gradient = {}) {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
-  auto sum_dy = column_array<Op>(g.C), sum_dyx = column_array<Op>(g.C);
+  const int64_t C = g.C;
+  auto sum_dy = column_array<Op>(C), sum_dyx = column_array<Op>(C);
+  // Captured by value: the stores to the partial sums may alias anything
+  // reached through a reference (no strict aliasing), so the pointers and the
+  // gradient's coefficient pointers were loaded again for every vector.
+  const Gradient through = gradient;
   column_cascade_sums<true, Vec>(
-      r1 - r0, g.C,
-      [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) {
-        const int64_t offset = (r0 + s) * g.C + j;
+      r1 - r0, C,
+      [dy, x, center, r0, C, through](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) {
+        const int64_t offset = (r0 + s) * C + j;
         const Vec xv = load_op_n(x + offset, count);
         b = xv - Vec::loadu(center + j);
-        a = gradient.columns(j)(load_op_n(dy + offset, count), xv, offset, count);
+        a = through.columns(j)(load_op_n(dy + offset, count), xv, offset, count);
       },
       sum_dy.data(), sum_dyx.data(),
-      [&](int64_t s0, int64_t s1) { gradient.prepare_rows(r0 + s0, r0 + s1, g.C); });
-  for (int64_t c = 0; c < g.C; ++c) add(c, sum_dy[c], sum_dyx[c]);
+      [&](int64_t s0, int64_t s1) { gradient.prepare_rows(r0 + s0, r0 + s1, C); });
+  for (int64_t c = 0; c < C; ++c) add(c, sum_dy[c], sum_dyx[c]);
 }
 
 template <typename T, typename Gradient = PlainGradient<T>>
@@ -482,7 +487,7 @@ struct Relu {
   }
   template <typename Vec>
   static Vec grad(const Vec& dy, const Vec& z) {
-    return Vec::blendv(Vec(0), dy, z > Vec(0));
+    return pass_where_greater(dy, z, typename Vec::value_type(0));
   }
 };
 
@@ -542,7 +547,7 @@ constexpr float largest_rounding_to_zero() {
 template <typename T, typename Act, typename Vec>
 inline Vec gradient_of_rounded(const Vec& dy, const Vec& v) {
   if constexpr (std::is_same_v<Act, Relu>) {
-    return Vec::blendv(Vec(0), dy, v > Vec(static_cast<typename Vec::value_type>(largest_rounding_to_zero<T>())));
+    return pass_where_greater(dy, v, static_cast<typename Vec::value_type>(largest_rounding_to_zero<T>()));
   } else {
     return round_to_type<T>(Act::grad(dy, round_to_type<T>(v)));
   }

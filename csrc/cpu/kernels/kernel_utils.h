@@ -153,6 +153,25 @@ inline bool stream_store(void* p, __m512d v) {
 }
 #endif
 
+// dy where v > threshold, zero elsewhere (NaN v: zero). At AVX512 one
+// compare into a mask register and a zeroing move: Vectorized's compare then
+// blendv go through a vector of lane masks (two instructions more), which
+// made the fused BatchNorm + ReLU backward's sums 25% slower than plain
+// BatchNorm's on bfloat16 channels-last inputs.
+template <typename V>
+inline at::vec::Vectorized<V> pass_where_greater(const at::vec::Vectorized<V>& dy, const at::vec::Vectorized<V>& v,
+                                                  V threshold) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<V, float>) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(threshold), _CMP_GT_OQ), dy);
+  } else if constexpr (std::is_same_v<V, double>) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(v, _mm512_set1_pd(threshold), _CMP_GT_OQ), dy);
+  }
+#endif
+  using Vec = at::vec::Vectorized<V>;
+  return Vec::blendv(Vec(0), dy, v > Vec(threshold));
+}
+
 // Makes a pass's streaming stores visible before its output is read.
 inline void finish_streaming(bool streamed) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -568,14 +587,29 @@ inline void column_cascade_sums(int64_t rows, int64_t width, const Terms& terms,
       tile(s0, s1);
       std::fill_n(part_sum, padded, Acc(0));
       std::fill_n(part_product, padded, Acc(0));
-      for (int64_t s = s0; s < s1; ++s) {
+      // Rows [s, s + pair) added to each column vector in turn: a pair of
+      // rows loads and stores the partial sums (and the terms their
+      // coefficients) once for two rows, in the same order of additions.
+      // (Row by row, the fused BatchNorm + ReLU backward's sums of bfloat16
+      // N32 C256 28x28 took 1.22x plain BatchNorm's, AVX512_BF16.)
+      auto add_rows = [&](int64_t s, auto pair) {
         for (int64_t j = 0; j < width; j += W) {
-          Vec a, b;
-          terms(s, j, std::min(W, width - j), a, b);
-          if constexpr (kWithSum) (Vec::loadu(part_sum + j) + a).store(part_sum + j);
-          at::vec::fmadd(a, b, Vec::loadu(part_product + j)).store(part_product + j);
+          const int64_t count = std::min(W, width - j);
+          Vec row_sum = kWithSum ? Vec::loadu(part_sum + j) : Vec(0);
+          Vec row_product = Vec::loadu(part_product + j);
+          for (int64_t r = 0; r < pair(); ++r) {
+            Vec a, b;
+            terms(s + r, j, count, a, b);
+            if constexpr (kWithSum) row_sum += a;
+            row_product = at::vec::fmadd(a, b, row_product);
+          }
+          if constexpr (kWithSum) row_sum.store(part_sum + j);
+          row_product.store(part_product + j);
         }
-      }
+      };
+      int64_t s = s0;
+      for (; s + 2 <= s1; s += 2) add_rows(s, std::integral_constant<int64_t, 2>{});
+      if (s < s1) add_rows(s, std::integral_constant<int64_t, 1>{});
       for (int64_t j = 0; j < width; j += W) {
         if constexpr (kWithSum) (Vec::loadu(sum + j) + Vec::loadu(part_sum + j)).store(sum + j);
         (Vec::loadu(product + j) + Vec::loadu(part_product + j)).store(product + j);
