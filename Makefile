@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test demo bench gpu-check mutants check-aarch64 clean
+.PHONY: all venv build test check demo bench gpu-check mutants check-aarch64 clean
 
 all: build
 
@@ -21,15 +21,17 @@ venv: $(STAMP)
 
 # Built in place, and installed into the venv as an editable package once, so
 # .venv/bin/python imports this checkout's bn_ext from any folder (the
-# editable install reuses the in-place build's objects).
+# editable install reuses the in-place build's objects). setup.py builds the
+# operators with CMake in build/cmake, the tree tests/cpp/run.sh installs.
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	@(cd / && $(abspath $(PY)) -c "import bn_ext, sys; sys.exit(bn_ext.__file__ != '$(CURDIR)/bn_ext/__init__.py')" 2>/dev/null) \
 		|| $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-# The operator tests of the CPU kernels, repeated at every lower SIMD level
-# this CPU runs (the whole suite runs at the best one).
-CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_operators.py
+# The CPU kernel tests, repeated at every lower SIMD level this CPU runs (the
+# whole suite runs at the best one). Tests marked level_independent (argument
+# checks, module state, conversion) run once.
+CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py
 
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).
@@ -37,9 +39,14 @@ test: build
 	$(PY) -m pytest -q -ra
 	@for level in $$($(PY) -c "import bn_ext; print(*bn_ext.cpu_capabilities()[:-1])"); do \
 		echo "CPU kernel tests at $$level:"; \
-		BN_EXT_CPU_CAPABILITY=$$level $(PY) -m pytest -q -p no:cacheprovider $(CPU_KERNEL_TESTS) || exit 1; \
+		BN_EXT_CPU_CAPABILITY=$$level $(PY) -m pytest -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
 	done
 	PY=$(PY) bash tests/cpp/run.sh
+
+# For iteration: one CPU level (the best), and of each parametrized test the
+# fewest cases that still hold every parameter value once (tests/conftest.py).
+check: build
+	$(PY) -m pytest -q -p no:cacheprovider --quick
 
 demo: build
 	$(PY) -m bn_ext demo
@@ -56,9 +63,10 @@ gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) tests/gpu_check.py --output $(GPU_CHECK_DIR)
 
 # Planted faults the tests must catch (tests/mutants.py); not part of `make
-# test`: it rebuilds a private copy of the tree once per fault.
+# test`: it rebuilds a private copy of the tree once per fault. FAMILY=name
+# runs one family's (batch_norm, row_norm, group_norm, cuda, fold).
 mutants: $(STAMP)
-	$(PY) tests/mutants.py
+	$(PY) tests/mutants.py $(if $(FAMILY),--family $(FAMILY))
 
 # Every CPU source compiled for aarch64 with Debian's cross compiler (not run).
 check-aarch64: $(STAMP)

@@ -1,4 +1,12 @@
-"""Builds bn_ext._C with torch.utils.cpp_extension.
+"""Builds bn_ext: the CMake library libbn_ext (every operator and kernel) and
+the Python module bn_ext._C on top of it, with torch.utils.cpp_extension.
+
+The operators are compiled once, by CMake, into build/cmake -- the same build
+tree that tests/cpp/run.sh installs for C++ consumers -- and the library is
+copied into the package beside _C, which holds only the Python bindings
+(csrc/python_module.cpp) and finds the library through its run path ($ORIGIN).
+Editing one kernel file rebuilds that file's SIMD levels and relinks the
+library; editing a Python file rebuilds nothing.
 
 Environment switches:
   BN_EXT_WITH_CUDA=1|0        force the CUDA kernels in or out (default: in when
@@ -7,6 +15,10 @@ Environment switches:
   CUDA_HOME                   the CUDA toolkit root, when it cannot be found
                               from nvcc on PATH.
   TORCH_CUDA_ARCH_LIST        CUDA architectures (default "8.0;9.0").
+  BN_EXT_CPU_LEVELS           the SIMD levels to compile, e.g. "DEFAULT;AVX2"
+                              (default: every level the compiler has; a
+                              shorter list builds faster and runs on fewer CPUs).
+  MAX_JOBS                    parallel compile jobs.
 
 The CPU kernel files (csrc/cpu/kernels/*_kernel.cpp) are compiled once per
 SIMD level -- DEFAULT, and on x86-64 AVX2, AVX512 and AVX512_BF16 (where the
@@ -27,6 +39,10 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CMAKE_BUILD = os.path.join(ROOT, "build", "cmake")
+# The soname CMakeLists.txt gives libbn_ext (its major version): the file _C
+# loads from its own folder.
+LIBRARY = "libbn_ext.so.0"
 
 
 def _is_toolkit_root(path):
@@ -54,39 +70,81 @@ def find_cuda_home():
     return next((c for c in candidates if _is_toolkit_root(c)), None)
 
 
-def cuda_sources():
-    return sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-
-
-def want_cuda(cuda_home):
+def want_cuda(cuda_home, torch):
     forced = os.environ.get("BN_EXT_WITH_CUDA")
-    import torch
-
     if forced is not None and forced not in ("0", "1"):
         raise SystemExit(f"BN_EXT_WITH_CUDA must be 0 or 1, got {forced!r}")
-    available = cuda_home is not None and torch.version.cuda is not None and bool(cuda_sources())
+    sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    available = cuda_home is not None and torch.version.cuda is not None and bool(sources)
     if forced == "1" and not available:
         raise SystemExit(
             "BN_EXT_WITH_CUDA=1 but no CUDA build is possible: "
-            f"toolkit root={cuda_home!r}, torch.version.cuda={torch.version.cuda!r}, "
-            f"CUDA sources={len(cuda_sources())}"
+            f"toolkit root={cuda_home!r}, torch.version.cuda={torch.version.cuda!r}, CUDA sources={len(sources)}"
         )
     return available if forced is None else forced == "1"
 
 
-KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*_kernel.cpp"))
+def tool_path():
+    """PATH with this Python's scripts folder first: the cmake and ninja that
+    requirements.txt (or the build's own requirements) installed beside it."""
+    return os.pathsep.join([sysconfig.get_path("scripts"), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
-_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-# Per level: the compiler flags and ATen's vector level (whose macros select
-# Vectorized's implementation). CPU_CAPABILITY itself names the level: it is
-# the namespace of the level's code, ATen's inline vector code included.
-CPU_LEVELS = {
-    "DEFAULT": ([], "DEFAULT"),
-    "AVX2": (["-mavx2", "-mfma", "-mf16c"], "AVX2"),
-    "AVX512": (_AVX512, "AVX512"),
-    # ATen's AVX512 vectors, plus the bfloat16 conversion instructions.
-    "AVX512_BF16": (_AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY_AVX512_BF16"], "AVX512"),
-}
+
+def cmake_library(torch, with_cuda, levels):
+    """Configures and builds libbn_ext in build/cmake; returns the path of the
+    shared library."""
+    path = tool_path()
+    cmake = shutil.which("cmake", path=path)
+    if cmake is None:
+        raise SystemExit("bn_ext needs CMake 3.25 or newer to build: pip install cmake (requirements.txt pins it)")
+    env = dict(os.environ, PATH=path)
+    configure = [cmake, "-S", ROOT, "-B", CMAKE_BUILD, "-DCMAKE_PREFIX_PATH=" + torch.utils.cmake_prefix_path,
+                 "-DBUILD_SHARED_LIBS=ON", f"-DBN_EXT_WITH_CUDA={'ON' if with_cuda else 'OFF'}", "-DBN_EXT_CPU_LEVELS=" + ";".join(levels)]
+    if not os.path.exists(os.path.join(CMAKE_BUILD, "CMakeCache.txt")):
+        if shutil.which("ninja", path=path) is None:
+            raise SystemExit("bn_ext's build needs ninja: pip install ninja")
+        configure += ["-G", "Ninja"]
+    subprocess.run(configure, check=True, env=env, stdout=subprocess.DEVNULL)
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
+    subprocess.run([cmake, "--build", CMAKE_BUILD, "--target", "bn_ext", "-j", jobs], check=True, env=env)
+    namelink = os.path.join(CMAKE_BUILD, "libbn_ext.so")
+    if os.readlink(namelink) != LIBRARY:
+        raise SystemExit(f"libbn_ext's soname is {os.readlink(namelink)}, setup.py expects {LIBRARY}")
+    return os.path.realpath(namelink)
+
+
+def replace_file(src, dst):
+    """Copies src to dst unless they are equal, through a new file: a process
+    that has the old library mapped keeps it intact."""
+    if os.path.exists(dst) and open(src, "rb").read() == open(dst, "rb").read():
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.copy2(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def cmake_build_ext(base, torch, with_cuda, levels):
+    """build_ext that builds libbn_ext with CMake first and puts it beside _C."""
+
+    class BuildWithCMake(base):
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                # pip's editable install builds in a fresh temporary folder:
+                # build where `build_ext --inplace` does instead, so its
+                # objects are reused and only what changed is compiled.
+                self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+        def build_extension(self, ext):
+            library = cmake_library(torch, with_cuda, levels)
+            targets = {os.path.dirname(self.get_ext_fullpath(ext.name))}
+            if getattr(self, "editable_mode", False):
+                targets.add(os.path.join(ROOT, "bn_ext"))
+            for folder in targets:
+                replace_file(library, os.path.join(folder, LIBRARY))
+            super().build_extension(ext)
+
+    return BuildWithCMake
 
 
 def compiler_accepts(flags):
@@ -99,53 +157,17 @@ def compiler_accepts(flags):
 
 
 def cpu_levels():
-    """The levels this compiler builds for this architecture, lowest first."""
+    """The SIMD levels to compile, lowest first: BN_EXT_CPU_LEVELS, else what
+    CMakeLists.txt would choose on its own (every x86-64 level the compiler
+    has). Passed to CMake, so _build_info names what was built."""
+    if os.environ.get("BN_EXT_CPU_LEVELS"):
+        return os.environ["BN_EXT_CPU_LEVELS"].split(";")
     if platform.machine() not in ("x86_64", "AMD64"):
         return ["DEFAULT"]
-    return [level for level, (flags, _) in CPU_LEVELS.items() if compiler_accepts(flags)]
+    return ["DEFAULT", "AVX2", "AVX512"] + (["AVX512_BF16"] if compiler_accepts(["-mavx512bf16"]) else [])
 
 
-def level_flags(level):
-    flags, aten_level = CPU_LEVELS[level]
-    return flags + [f"-DCPU_CAPABILITY={level}", f"-DCPU_CAPABILITY_{aten_level}"]
-
-
-def kernel_build_ext(base):
-    """build_ext that compiles the kernel files once per level and links them in."""
-
-    class BuildWithCpuLevels(base):
-        def finalize_options(self):
-            super().finalize_options()
-            if getattr(self, "editable_mode", False):
-                # pip's editable install builds in a fresh temporary folder:
-                # build where `build_ext --inplace` does instead, so its
-                # objects are reused and only what changed is compiled.
-                self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
-
-        def build_extension(self, ext):
-            # The extension's own C++ flags at this point hold everything torch
-            # adds (C++ standard, ABI); each level adds its own.
-            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-            objects = []
-            # Ascending order: an inline function shared by several levels'
-            # objects (from c10, say) resolves to the lowest level's copy,
-            # which every CPU that runs a caller of it can execute.
-            for level in ext.cpu_levels:
-                objects += self.compiler.compile(
-                    KERNEL_SOURCES,
-                    output_dir=os.path.join(self.build_temp, "cpu_levels", level),
-                    macros=ext.define_macros,
-                    include_dirs=ext.include_dirs,
-                    extra_postargs={"cxx": cxx + level_flags(level), "nvcc": []},
-                    depends=ext.depends,
-                )
-            ext.extra_objects = objects
-            super().build_extension(ext)
-
-    return BuildWithCpuLevels
-
-
-def write_build_info(torch, levels, cuda_archs):
+def write_build_info(torch, levels, cuda_archs, library):
     """bn_ext/_build_info.py: what `import bn_ext` checks before it loads the
     extension (the torch it was built against) and `python -m bn_ext info`
     prints. Rewritten only when it changes."""
@@ -155,6 +177,7 @@ def write_build_info(torch, levels, cuda_archs):
         f"CPU_LEVELS = {tuple(levels)!r}\n"
         f"CUDA_VERSION = {torch.version.cuda if cuda_archs else None!r}\n"
         f"CUDA_ARCHS = {cuda_archs!r}\n"
+        f"LIBRARY = {library!r}\n"
     )
     path = os.path.join(ROOT, "bn_ext", "_build_info.py")
     if not os.path.exists(path) or open(path).read() != text:
@@ -165,37 +188,29 @@ def write_build_info(torch, levels, cuda_archs):
 def extensions():
     cuda_home = find_cuda_home()
     if cuda_home:
-        # cpp_extension reads CUDA_HOME when it is imported.
+        # torch's CMake config (through bn_extTorchHints.cmake) reads CUDA_HOME.
         os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils import cpp_extension
 
-    with_cuda = want_cuda(cuda_home)
-    openmp = "OpenMP" in torch.__config__.parallel_info()
-    levels = cpu_levels()
-    cxx = ["-O3", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", *[f"-DBN_EXT_HAVE_{level}" for level in levels]]
-    cxx += ["-fopenmp"] if openmp else []
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    kwargs = dict(
-        name="bn_ext._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"] if openmp else [],
-    )
+    with_cuda = want_cuda(cuda_home, torch)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        kwargs["sources"] += cuda_sources()
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo", "-DBN_EXT_WITH_CUDA"]
-        kwargs["extra_compile_args"]["cxx"].append("-DBN_EXT_WITH_CUDA")
-        extension = cpp_extension.CUDAExtension(**kwargs)
-    else:
-        extension = cpp_extension.CppExtension(**kwargs)
-    extension.cpu_levels = levels
-    write_build_info(torch, levels, os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None)
-    # setup.py rebuilds the extension only when one of these is newer than it.
-    extension.depends = KERNEL_SOURCES + sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
-    return [extension], kernel_build_ext(cpp_extension.BuildExtension)
+    levels = cpu_levels()
+    write_build_info(torch, levels, os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None, LIBRARY)
+    extension = cpp_extension.CppExtension(
+        name="bn_ext._C",
+        sources=["csrc/python_module.cpp"],
+        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        extra_compile_args={"cxx": ["-O3"]},
+        library_dirs=[CMAKE_BUILD],
+        libraries=["bn_ext"],
+        extra_link_args=["-Wl,-rpath,$ORIGIN"],
+        # _C is rebuilt only when one of these is newer than it; the library
+        # under it is CMake's to keep up to date.
+        depends=["csrc/include/bn_ext/bn_ext.h"],
+    )
+    return [extension], cmake_build_ext(cpp_extension.BuildExtension, torch, with_cuda, levels)
 
 
 ext_modules, build_ext = extensions()

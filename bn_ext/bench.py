@@ -31,7 +31,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -720,19 +719,21 @@ def kernel_timings(quick: bool, pattern: str | None, compile_peer: bool, path: P
                                                 "compiled": medians[-1] if len(fns) > 2 + (calls.plain is not None)
                                                 else None}
         del calls, fns
-    path.write_text(json.dumps(timings))
+        # After every case: an interrupted run leaves the medians it has.
+        path.write_text(json.dumps(timings, indent=1))
 
 
-def _kernel_timings_in_child(quick, pattern, threads, compile_peer) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernels.json"
-        command = [sys.executable, "-m", "bn_ext", "bench", "--kernel-timings", str(path)]
-        command += ["--quick"] if quick else []
-        command += ["--filter", pattern] if pattern else []
-        command += ["--threads", str(threads)] if threads else []
-        command += [] if compile_peer else ["--no-compile"]
-        subprocess.run(command, env={**os.environ, **KERNEL_ENV}, check=True)
-        return json.loads(path.read_text())
+def _kernel_timings_in_child(quick, pattern, threads, compile_peer, path: Path) -> dict[str, list[float]]:
+    """The kernel medians, timed in a child process (KERNEL_ENV) that writes
+    them to `path` (output/kernels.json) case by case."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "bn_ext", "bench", "--kernel-timings", str(path)]
+    command += ["--quick"] if quick else []
+    command += ["--filter", pattern] if pattern else []
+    command += ["--threads", str(threads)] if threads else []
+    command += [] if compile_peer else ["--no-compile"]
+    subprocess.run(command, env={**os.environ, **KERNEL_ENV}, check=True)
+    return json.loads(path.read_text())
 
 
 def run(quick: bool = False, pattern: str | None = None, threads: int | None = None,
@@ -751,7 +752,8 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
         torch.set_num_threads(threads)
     try:
         cases = _selected(quick, pattern)
-        kernels = _kernel_timings_in_child(quick, pattern, threads, compile_peer) if device == "cpu" else {}
+        kernels = (_kernel_timings_in_child(quick, pattern, threads, compile_peer, output / "kernels.json")
+                   if device == "cpu" else {})
         bandwidth = copy_bandwidth(device)
         results = []
         repeats, min_seconds = _repetitions(quick)
@@ -781,6 +783,7 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
                                 plain_ms=kernel.get("plain"))
             results.append(result)
             del calls
+            write_json(results, bandwidth, _machine(device, torch.get_num_threads()), output, complete=False)
         report(results, bandwidth, torch.get_num_threads(), output, device)
     finally:
         torch.set_num_threads(threads_before)
@@ -866,12 +869,37 @@ def _figure(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(results: list[Result], bandwidth: float, threads: int, output: Path, device: str = "cpu") -> None:
+def _machine(device: str, threads: int) -> str:
     if device == "cpu":
-        machine = (f"{_cpu_name()}, {threads} threads, CPU kernels {bn_ext.cpu_capability()}, "
-                   f"torch {torch.__version__} (kernels {torch.backends.cpu.get_cpu_capability()})")
-    else:
-        machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return (f"{_cpu_name()}, {threads} threads, CPU kernels {bn_ext.cpu_capability()}, "
+                f"torch {torch.__version__} (kernels {torch.backends.cpu.get_cpu_capability()})")
+    return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+
+
+def write_json(results: list[Result], bandwidth: float, machine: str, output: Path, complete: bool) -> None:
+    """output/bench.json: rewritten after every case (complete: false) and
+    at the end, so an interrupted run leaves the cases it finished."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.group, []).append(r)
+    data = {
+        "machine": machine,
+        "complete": complete,
+        "cpu_capability": bn_ext.cpu_capability(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "copy_bandwidth_gbps": bandwidth,
+        "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
+                                             "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
+                                             "fused_cost": r.fused_cost}
+                    for r in results],
+        "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "bench.json").write_text(json.dumps(data, indent=2))
+
+
+def report(results: list[Result], bandwidth: float, threads: int, output: Path, device: str = "cpu") -> None:
+    machine = _machine(device, threads)
     print(f"\nbn_ext {bn_ext.__version__} vs torch, {machine}; copy bandwidth {bandwidth:.1f} GB/s")
     if device == "cpu":
         print("ratio: torch / bn_ext, kernel against kernel (outputs in reused memory); compile: torch.compile / "
@@ -903,19 +931,7 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
               f"{_figure(geomean(compiled) if compiled else None, '.2f'):>15} "
               f"{_figure(min(compiled) if compiled else None, '.2f'):>11} "
               f"{_figure(geomean(shipped) if shipped else None, '.2f'):>15}")
-    output.mkdir(parents=True, exist_ok=True)
-    data = {
-        "machine": machine,
-        "cpu_capability": bn_ext.cpu_capability(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "copy_bandwidth_gbps": bandwidth,
-        "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
-                                             "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
-                                             "fused_cost": r.fused_cost}
-                    for r in results],
-        "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
-    }
-    (output / "bench.json").write_text(json.dumps(data, indent=2))
+    write_json(results, bandwidth, machine, output, complete=True)
     _plot(groups, output / "bench.png", machine)
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
 

@@ -2,11 +2,17 @@
 against torch's own kernels, and float64 references."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 import bn_ext  # noqa: F401  (loads the operators)
+from bn_ext import _build_info
+
+# The compiled operators and kernels: libbn_ext, which bn_ext._C (the Python
+# bindings alone) loads from the package folder.
+LIBRARY_PATH = Path(bn_ext.__file__).with_name(_build_info.LIBRARY)
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -136,3 +142,53 @@ def threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+# --- `pytest --quick` (`make check`): a sample of each test's cases ---------
+#
+# Each parametrized test keeps the fewest of its cases that still hold every
+# value of every parameter at least once (each dtype, layout, shape, mode, op
+# once), chosen greedily in collection order, so the sample is the same on
+# every run. The emulated CUDA tests keep one thread order: the random one,
+# which catches what the fixed orders do (a missing barrier, a race).
+QUICK_SINGLE_VALUE = {"order": "random"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true",
+                     help="run a sample of each parametrized test that holds every parameter value once")
+
+
+def _quick_sample(items):
+    """The items to keep from one test's cases: a greedy cover of its
+    (parameter, value) pairs."""
+    pairs = [{(name, index) for name, index in item.callspec.indices.items()} for item in items]
+    uncovered = set().union(*pairs)
+    keep = []
+    while uncovered:
+        best = max(range(len(items)), key=lambda i: (len(pairs[i] & uncovered), -i))
+        keep.append(items[best])
+        uncovered -= pairs[best]
+    return keep
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--quick"):
+        return
+    groups, order = {}, []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and any(spec.params.get(k, v) != v for k, v in QUICK_SINGLE_VALUE.items()):
+            continue
+        key = (item.module.__name__, item.originalname) if spec is not None else item.nodeid
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(item)
+    kept = []
+    for key in order:
+        group = groups[key]
+        kept += _quick_sample(group) if hasattr(group[0], "callspec") else group
+    chosen = set(id(item) for item in kept)
+    config.hook.pytest_deselected(items=[item for item in items if id(item) not in chosen])
+    items[:] = [item for item in items if id(item) in chosen]

@@ -8,8 +8,14 @@ checkout under build/mutants/tree, so the checkout itself is never modified
 and later runs rebuild only what changed.
 
   make mutants                      every mutant
+  make mutants FAMILY=group_norm    one family's (batch_norm, row_norm,
+                                    group_norm, cuda, fold)
   python tests/mutants.py --list    the mutants, one a line
   python tests/mutants.py ID ...    some of them
+
+The tree builds only the CPU levels the chosen mutants run at (DEFAULT, this
+CPU's best, and any a mutant names), not every level: a mutant's rebuild is
+then one kernel file at two or three levels.
 
 The report (mutant, what it plants, the test that caught it) is printed and
 written to build/mutants/report.md and report.json."""
@@ -35,6 +41,8 @@ GN_TESTS = ["tests/test_group_norm.py"]
 BN_ACT_TESTS = ["tests/test_batch_norm_act.py"]
 FOLD_TESTS = ["tests/test_fold.py"]
 EMULATED_TESTS = ["tests/test_cuda_emulated.py"]
+FAMILY_TESTS = {"batch_norm": BN_TESTS + BN_ACT_TESTS, "row_norm": ROW_TESTS, "group_norm": GN_TESTS}
+FAMILIES = ["batch_norm", "row_norm", "group_norm", "cuda", "fold"]
 
 
 @dataclasses.dataclass
@@ -47,6 +55,18 @@ class Mutant:
     tests: list
     env: dict = dataclasses.field(default_factory=dict)
     level: str = ""  # a CPU level the faulty code runs at only
+
+    @property
+    def family(self):
+        """The op family the fault is in: its file's, else its tests'."""
+        if self.path.startswith("csrc/cuda/"):
+            return "cuda"
+        if self.path == FOLD:
+            return "fold"
+        for family, tests in FAMILY_TESTS.items():
+            if self.tests[0] in tests:
+                return family
+        raise ValueError(f"{self.id}: no family for its tests {self.tests}")
 
 
 KERNEL = "csrc/cpu/kernels/batch_norm_kernel.cpp"
@@ -111,7 +131,7 @@ MUTANTS = [
            "for (int64_t i = steps * 2 * W; i < n; i += W) {", "for (int64_t i = steps * 2 * W; i + W <= n; i += W) {",
            BN_TESTS + ROW_TESTS),
     Mutant("cpu-channels-last-stride", CHANNELS, "channels-last gradient sums read rows with a stride of C - 1",
-           "const int64_t offset = (r0 + s) * g.C + j;", "const int64_t offset = (r0 + s) * (g.C - 1) + j;",
+           "const int64_t offset = (r0 + s) * C + j;", "const int64_t offset = (r0 + s) * (C - 1) + j;",
            BN_TESTS),
     Mutant("cpu-eps-twice", "csrc/cpu/batch_norm.cpp", "BatchNorm eval: invstd adds eps twice",
            "invstd[c] = 1.0 / std::sqrt(var[c] + eps);", "invstd[c] = 1.0 / std::sqrt(var[c] + eps + eps);",
@@ -227,17 +247,23 @@ def build_env(extra=None):
     return dict(os.environ, BN_EXT_WITH_CUDA="0", PYTHONDONTWRITEBYTECODE="1", **(extra or {}))
 
 
-def build(log):
-    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=build_env(),
+def build(log, levels):
+    env = build_env({"BN_EXT_CPU_LEVELS": ";".join(levels)})
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=env,
                           stdout=log, stderr=subprocess.STDOUT)
     return done.returncode == 0
 
 
 def run_tests(mutant, log):
-    """The mutant's tests, stopping at the first failure: (failed, first failing test)."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
-                          cwd=TREE, env=build_env(mutant.env), capture_output=True, text=True)
-    log.write(done.stdout[-20000:] + done.stderr[-5000:])
+    """The mutant's tests, stopping at the first failure: (failed, first
+    failing test). The quick sample (`pytest --quick`) runs first; only a
+    mutant it misses runs the whole files, so what is caught stays the same."""
+    for sample in (["--quick"], []):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *sample,
+                               *mutant.tests], cwd=TREE, env=build_env(mutant.env), capture_output=True, text=True)
+        log.write(done.stdout[-20000:] + done.stderr[-5000:])
+        if done.returncode != 0:
+            break
     failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", done.stdout, re.M)
     if done.returncode == 0:
         return False, ""
@@ -248,25 +274,28 @@ def run_tests(mutant, log):
 
 
 def cpu_levels():
-    out = subprocess.run([sys.executable, "-c", "import bn_ext; print(*bn_ext.cpu_capabilities())"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split()
-    return set(out)
+    """The levels this CPU runs, lowest first."""
+    code = "import bn_ext; print(*bn_ext.cpu_capabilities())"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.split()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Planted faults the tests must catch.")
     parser.add_argument("ids", nargs="*", help="mutant ids (default: all)")
+    parser.add_argument("--family", choices=FAMILIES, help="only this family's mutants")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTANTS:
-            print(f"{m.id:34} {m.path:40} {m.what}")
+            print(f"{m.id:34} {m.family:11} {m.path:40} {m.what}")
         return 0
     unknown = set(args.ids) - {m.id for m in MUTANTS}
     if unknown:
         parser.error(f"unknown mutant id(s): {', '.join(sorted(unknown))}")
-    chosen = [m for m in MUTANTS if not args.ids or m.id in args.ids]
+    chosen = [m for m in MUTANTS if (not args.ids or m.id in args.ids) and args.family in (None, m.family)]
     levels = cpu_levels()
+    built = [level for level in levels if level in ("DEFAULT", levels[-1]) or any(m.level == level for m in chosen)]
     WORK.mkdir(parents=True, exist_ok=True)
     sync_tree()
     for m in chosen:
@@ -278,7 +307,7 @@ def main(argv=None):
     with open(WORK / "log.txt", "w") as log:
         log.write("clean build\n")
         log.flush()
-        if not build(log):
+        if not build(log, built):
             print(f"the unmutated tree does not build; see {WORK / 'log.txt'}")
             return 2
         for m in chosen:
@@ -298,7 +327,7 @@ def main(argv=None):
                     # the tests' fixture; start it afresh.
                     shutil.rmtree(TREE / "build" / "emulated_ops", ignore_errors=True)
                     caught, by = run_tests(m, log)
-                elif not build(log):
+                elif not build(log, built):
                     caught, by = True, "(does not compile)"
                 else:
                     caught, by = run_tests(m, log)

@@ -171,6 +171,7 @@ def test_half_input_with_half_params():
     assert_close(rv, rv_ref, torch.float16)
 
 
+@pytest.mark.level_independent
 def test_momentum_none_cumulative_average_in_module():
     torch.manual_seed(0)
     ours = bn_ext.nn.BatchNorm2d(3, momentum=None)
@@ -202,6 +203,7 @@ def test_module_matches_torch_train_and_eval(cls, track):
         torch.testing.assert_close(a, b, msg=name)
 
 
+@pytest.mark.level_independent
 def test_state_dict_round_trip_and_repr():
     ref = torch.nn.BatchNorm2d(5, eps=1e-3, momentum=0.2, affine=True, track_running_stats=True)
     with torch.no_grad():
@@ -225,6 +227,7 @@ def test_state_dict_round_trip_and_repr():
     assert isinstance(ours, torch.nn.BatchNorm2d)
 
 
+@pytest.mark.level_independent
 def test_module_dtype_and_device_arguments():
     m = bn_ext.nn.BatchNorm1d(3, device="cpu", dtype=torch.float64)
     assert m.weight.dtype == torch.float64 and m.running_mean.dtype == torch.float64
@@ -234,6 +237,7 @@ def test_module_dtype_and_device_arguments():
     torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
 
 
+@pytest.mark.level_independent
 def test_convert_and_revert_keep_state_and_mode():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
@@ -483,6 +487,7 @@ def test_property_random_shapes_and_strides(dims, perm_seed, step, training, dty
 # --- bad input --------------------------------------------------------------
 
 
+@pytest.mark.level_independent
 def test_module_wrong_rank_is_value_error():
     with pytest.raises(ValueError, match="expected 4D input"):
         bn_ext.nn.BatchNorm2d(3)(torch.randn(2, 3, 4))
@@ -490,6 +495,7 @@ def test_module_wrong_rank_is_value_error():
         bn_ext.nn.BatchNorm1d(3)(torch.randn(2, 3, 4, 4))
 
 
+@pytest.mark.level_independent
 def test_one_value_per_channel_in_training_is_value_error():
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         bn_ext.batch_norm(torch.randn(1, 4), None, None, training=True)
@@ -497,6 +503,7 @@ def test_one_value_per_channel_in_training_is_value_error():
         bn_ext.nn.BatchNorm2d(4)(torch.randn(1, 4, 1, 1))
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
 def test_channel_count_mismatch_names_both_sizes(name):
     args = dict(zip(["weight", "bias", "running_mean", "running_var"], make_params(4, torch.float32)))
@@ -506,6 +513,7 @@ def test_channel_count_mismatch_names_both_sizes(name):
                           args["bias"], training=True)
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.bool])
 def test_non_floating_input_is_not_implemented_error(dtype):
     x = torch.ones(2, 3, 4).to(dtype)
@@ -513,6 +521,7 @@ def test_non_floating_input_is_not_implemented_error(dtype):
         bn_ext.batch_norm(x, None, None, training=True)
 
 
+@pytest.mark.level_independent
 def test_running_stats_of_wrong_dtype():
     x = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match=r"running_mean must have the input's dtype \(Float\), got Double"):
@@ -521,33 +530,39 @@ def test_running_stats_of_wrong_dtype():
         bn_ext.batch_norm(x, None, None, torch.ones(3, dtype=torch.float16), training=True)
 
 
+@pytest.mark.level_independent
 def test_tensors_on_different_devices():
     x = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match="weight must be on the same device as input"):
         bn_ext.batch_norm(x, None, None, torch.ones(3, device="meta"), training=True)
 
 
+@pytest.mark.level_independent
 def test_running_stats_both_or_neither_is_value_error():
     with pytest.raises(ValueError, match="must either both be None or neither be None"):
         bn_ext.batch_norm(torch.randn(3, 4), torch.zeros(4), None, training=True)
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("training,eps", [(True, 0.0), (False, -1e-5)])
 def test_bad_eps_is_value_error(training, eps):
     with pytest.raises(ValueError, match="batch_norm eps must be"):
         bn_ext.batch_norm(torch.randn(3, 4), torch.zeros(4), torch.ones(4), training=training, eps=eps)
 
 
+@pytest.mark.level_independent
 def test_eval_without_running_stats_is_an_error():
     with pytest.raises(RuntimeError, match="running_mean and running_var must be defined in evaluation mode"):
         bn_ext.batch_norm(torch.randn(3, 4), None, None, training=False)
 
 
+@pytest.mark.level_independent
 def test_one_dim_input_is_index_error():
     with pytest.raises(IndexError, match="at least 2 dims"):
         bn_ext.batch_norm(torch.randn(3), None, None, training=False)
 
 
+@pytest.mark.level_independent
 def test_half_params_with_half_input_are_checked_against_float_weight():
     x = torch.randn(2, 3, 4, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="or float32"):

@@ -190,6 +190,7 @@ def test_relu_mask_of_values_that_round_to_zero(dtype, scale, with_residual):
     assert all(g is None and e is None or torch.equal(g, e) for g, e in zip(grads, ref_grads))
 
 
+@pytest.mark.level_independent
 def test_momentum_none_and_num_batches_tracked():
     x, w, b, rm, rv, residual, _ = case((4, 3, 5, 5), torch.float32, "contiguous", True)
     tracked = torch.tensor(3)
@@ -201,6 +202,7 @@ def test_momentum_none_and_num_batches_tracked():
     assert not torch.equal(rv, rv_ref)
 
 
+@pytest.mark.level_independent
 def test_bad_arguments():
     x = torch.randn(4, 3, 5)
     with pytest.raises(ValueError, match="activation must be"):
@@ -256,6 +258,7 @@ def test_module_matches_unfused_train_and_eval(dims, activation):
         assert torch.equal(fused.num_batches_tracked, plain.num_batches_tracked)
 
 
+@pytest.mark.level_independent
 def test_module_residual_that_broadcasts_takes_the_unfused_ops():
     m = bn_ext.nn.BatchNormAct2d(3)
     x, r = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 1, 1)
@@ -331,6 +334,7 @@ class _Untraceable(torch.nn.Module):
         return F.relu(z) + z
 
 
+@pytest.mark.level_independent
 def test_fuse_activations_inside_untraceable_models_and_only_where_safe():
     model = bn_ext.nn.convert(_Untraceable())
     fused = bn_ext.nn.convert(model, fuse_activations=True)
@@ -345,6 +349,7 @@ def test_fuse_activations_inside_untraceable_models_and_only_where_safe():
     assert torch.equal(fused(x), bn_ext.nn.revert(model)(x))
 
 
+@pytest.mark.level_independent
 def test_fuse_activations_leaves_a_reused_module_alone():
     class Reused(torch.nn.Module):
         def __init__(self):
@@ -358,6 +363,7 @@ def test_fuse_activations_leaves_a_reused_module_alone():
     assert bn_ext.nn.convert(model, fuse_activations=True) is model
 
 
+@pytest.mark.level_independent
 def test_convert_timm_batch_norm_act_runs_fused_and_reverts():
     import timm
     from timm.layers import BatchNormAct2d as TimmBatchNormAct2d
@@ -396,6 +402,7 @@ def _act_samples():
     ]
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("sample", range(5))
 def test_opcheck(sample):
     from torch.library import opcheck
@@ -424,6 +431,7 @@ class _Block(torch.nn.Module):
         return self.bn2(self.bn(self.conv(x), x), x)
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_compile_fullgraph_and_export_match_eager(training):
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import bn_ext
-import bn_ext._C
+from conftest import LIBRARY_PATH
 
 X86 = platform.machine() in ("x86_64", "AMD64")
 
@@ -93,7 +93,7 @@ def test_simd_instructions_only_in_level_code():
     # one of the AVX512 levels.
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is part of the build toolchain"
-    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-j", ".text", bn_ext._C.__file__],
+    text = subprocess.run([objdump, "-d", "--no-show-raw-insn", "-j", ".text", LIBRARY_PATH],
                           capture_output=True, text=True, check=True).stdout
     function, simd, wide = None, {}, {}
     for line in text.splitlines():
@@ -113,7 +113,7 @@ def test_simd_instructions_only_in_level_code():
     # local to their object file: one holding SIMD code was built at a level
     # and is called from that level's code only, never chosen by the linker
     # for other callers, as an inline function of global linkage could be.
-    symbols = subprocess.run(["nm", bn_ext._C.__file__], capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(["nm", LIBRARY_PATH], capture_output=True, text=True, check=True).stdout
     local_clones = {line.split()[-1] for line in symbols.splitlines()
                     if line.split()[1:2] == ["t"] and re.search(r"\.(constprop|isra|part)\.\d+$", line)}
     simd = {f: i for f, i in simd.items() if f not in local_clones}

@@ -1,4 +1,4 @@
-"""Checks of the compiled CUDA kernels in the built extension (no GPU needed):
+"""Checks of the compiled CUDA kernels in the built library (libbn_ext) (no GPU needed):
 they are registered, built for the requested architectures, spill nothing to
 local memory, and the float32 elementwise and row paths load 128 bits at a time.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bn_ext._C as extension
+from conftest import LIBRARY_PATH
 from bn_ext.bench import has_cuda_kernels
 
 pytestmark = pytest.mark.skipif(not has_cuda_kernels(), reason="CPU-only build: no device code to check")
@@ -42,7 +42,7 @@ def cuda_tool(name):
 def cuobjdump(*args):
     env = dict(os.environ)
     env["PATH"] = str(Path(cuda_tool("nvdisasm")).parent) + os.pathsep + env.get("PATH", "")
-    return subprocess.run([cuda_tool("cuobjdump"), *args, extension.__file__], check=True, capture_output=True,
+    return subprocess.run([cuda_tool("cuobjdump"), *args, LIBRARY_PATH], check=True, capture_output=True,
                           text=True, env=env, timeout=600).stdout
 
 

@@ -254,6 +254,7 @@ def test_group_norm_thread_count_invariance(layout, threads):
             assert torch.equal(a, b)
 
 
+@pytest.mark.level_independent
 def test_group_norm_errors_match_torch():
     x = torch.randn(2, 6, 3)
     cases = [
@@ -328,6 +329,7 @@ def test_instance_norm_gradients_and_errors():
         F.instance_norm(torch.randn(2, 3, 1))
 
 
+@pytest.mark.level_independent
 def test_instance_norm_momentum_none_is_torchs():
     # torch.nn's InstanceNorm passes momentum None on as 0: running statistics never move.
     ref = torch.nn.InstanceNorm2d(4, momentum=None, track_running_stats=True)
@@ -403,6 +405,7 @@ def test_layer_norm_channels_double_backward():
 # Modules, conversion and the operator contract
 
 
+@pytest.mark.level_independent
 def test_group_norm_module_state_dict_both_ways():
     ref = torch.nn.GroupNorm(4, 8)
     ours = bn_ext.nn.GroupNorm(4, 8, activation="relu")
@@ -416,6 +419,7 @@ def test_group_norm_module_state_dict_both_ways():
         bn_ext.nn.GroupNorm(4, 8, activation="tanh")
 
 
+@pytest.mark.level_independent
 def test_layer_norm_2d_module_matches_the_zoos():
     timm = pytest.importorskip("timm")
     import torchvision
@@ -479,6 +483,7 @@ def check_training_step(ref, ours, x):
         torch.testing.assert_close(b, b_ref, msg=name)
 
 
+@pytest.mark.level_independent
 def test_operators_pass_opcheck_and_compile():
     x = make_input((2, 6, 4, 5), torch.float32).requires_grad_()
     w, b = (p.requires_grad_() for p in make_params(6, torch.float32))
@@ -507,6 +512,7 @@ def test_operators_pass_opcheck_and_compile():
         assert_close(a, e, torch.float32, atol_scale=10)
 
 
+@pytest.mark.level_independent
 def test_export_group_norm_family():
     model = torch.nn.Sequential(bn_ext.nn.GroupNorm(2, 6, activation="silu"), bn_ext.nn.LayerNorm2d(6),
                                 bn_ext.nn.InstanceNorm2d(6, affine=True)).eval()

@@ -210,6 +210,7 @@ def test_property_random_shapes(leading, normalized, transpose, dtype, affine):
 # --- modules ------------------------------------------------------------------
 
 
+@pytest.mark.level_independent
 def test_module_state_dict_round_trip_and_repr():
     ref = torch.nn.LayerNorm((4, 6), eps=1e-6, elementwise_affine=True, bias=True)
     with torch.no_grad():
@@ -227,6 +228,7 @@ def test_module_state_dict_round_trip_and_repr():
     assert isinstance(ours, torch.nn.LayerNorm)
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("kwargs", [{"elementwise_affine": False}, {"bias": False}, {"dtype": torch.float64}])
 def test_module_constructor_arguments(kwargs):
     ref, ours = torch.nn.LayerNorm(8, **kwargs), bn_ext.nn.LayerNorm(8, **kwargs)
@@ -275,17 +277,20 @@ def test_converted_transformer_encoder_matches_torch():
 # --- bad input --------------------------------------------------------------
 
 
+@pytest.mark.level_independent
 def test_normalized_shape_mismatch_names_both():
     with pytest.raises(RuntimeError, match=r"normalized_shape=\[4\], expected input with shape \[\*, 4\], "
                                            r"but got input of size\[2, 3\]"):
         bn_ext.layer_norm(torch.randn(2, 3), [4])
 
 
+@pytest.mark.level_independent
 def test_empty_normalized_shape():
     with pytest.raises(RuntimeError, match="at least 1-dimensional"):
         bn_ext.layer_norm(torch.randn(2, 3), [])
 
 
+@pytest.mark.level_independent
 @pytest.mark.parametrize("name", ["weight", "bias"])
 def test_parameter_of_wrong_shape(name):
     kwargs = {name: torch.ones(4)}
@@ -294,16 +299,19 @@ def test_parameter_of_wrong_shape(name):
         bn_ext.layer_norm(torch.randn(2, 3), [3], **kwargs)
 
 
+@pytest.mark.level_independent
 def test_integer_input_is_not_implemented_error():
     with pytest.raises(NotImplementedError, match="layer_norm: input must be float32"):
         bn_ext.layer_norm(torch.ones(2, 3, dtype=torch.int64), [3])
 
 
+@pytest.mark.level_independent
 def test_parameters_on_another_device():
     with pytest.raises(RuntimeError, match="weight must be on the same device as input"):
         bn_ext.layer_norm(torch.randn(2, 3), [3], torch.ones(3, device="meta"))
 
 
+@pytest.mark.level_independent
 def test_parameters_of_wrong_dtype():
     with pytest.raises(RuntimeError, match=r"weight must have the input's dtype \(Float\), got Double"):
         bn_ext.layer_norm(torch.randn(2, 3), [3], torch.ones(3, dtype=torch.float64))

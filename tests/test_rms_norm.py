@@ -166,6 +166,7 @@ def test_property_random_shapes(leading, normalized, transpose, dtype, with_weig
                         F.rms_norm(x, normalized, weight))
 
 
+@pytest.mark.level_independent
 def test_module_state_dict_round_trip_repr_and_convert():
     ref = torch.nn.RMSNorm((4, 6), eps=1e-6)
     with torch.no_grad():
@@ -185,6 +186,7 @@ def test_module_state_dict_round_trip_repr_and_convert():
     assert type(bn_ext.nn.revert(converted)[1]) is torch.nn.RMSNorm
 
 
+@pytest.mark.level_independent
 def test_bad_input():
     with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 4\], but got input of size\[2, 3\]"):
         bn_ext.rms_norm(torch.randn(2, 3), [4])
