@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
 
-.PHONY: all venv build test check demo bench gpu-check mutants check-aarch64 clean
+.PHONY: all venv build test check demo bench gpu-check gpu-wheels mutants check-aarch64 clean
 
 all: build
 
@@ -61,6 +61,11 @@ bench: build
 GPU_CHECK_DIR ?= gpu_check_results
 gpu-check: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) tests/gpu_check.py --output $(GPU_CHECK_DIR)
+
+# The CMake wheel for a GPU machine without network or CMake: carried there
+# with the tree, gpu_check.py installs it when its Python has no cmake.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps -d gpu_check_wheels cmake==$$(sed -n 's/^cmake==//p' requirements.txt)
 
 # Planted faults the tests must catch (tests/mutants.py); not part of `make
 # test`: it rebuilds a private copy of the tree once per fault. FAMILY=name

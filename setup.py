@@ -85,16 +85,28 @@ def want_cuda(cuda_home, torch):
 
 
 def tool_path():
-    """PATH with this Python's scripts folder first: the cmake and ninja that
+    """PATH with this Python's scripts folder first: the ninja that
     requirements.txt (or the build's own requirements) installed beside it."""
     return os.pathsep.join([sysconfig.get_path("scripts"), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
+def cmake_executable():
+    """The cmake of the pip package (requirements.txt and pyproject.toml pin
+    it: a system CMake may be too old for the CUDA kernels), else PATH's."""
+    try:
+        # (Without the package, `cmake` may name this checkout's cmake/ folder.)
+        from cmake import CMAKE_BIN_DIR
+
+        return os.path.join(CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        return shutil.which("cmake", path=tool_path())
 
 
 def cmake_library(torch, with_cuda, levels):
     """Configures and builds libbn_ext in build/cmake; returns the path of the
     shared library."""
     path = tool_path()
-    cmake = shutil.which("cmake", path=path)
+    cmake = cmake_executable()
     if cmake is None:
         raise SystemExit("bn_ext needs CMake 3.25 or newer to build: pip install cmake (requirements.txt pins it)")
     env = dict(os.environ, PATH=path)

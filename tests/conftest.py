@@ -159,10 +159,18 @@ def pytest_addoption(parser):
                      help="run a sample of each parametrized test that holds every parameter value once")
 
 
+def _value_key(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
 def _quick_sample(items):
     """The items to keep from one test's cases: a greedy cover of its
     (parameter, value) pairs."""
-    pairs = [{(name, index) for name, index in item.callspec.indices.items()} for item in items]
+    pairs = [{(name, _value_key(value)) for name, value in item.callspec.params.items()} for item in items]
     uncovered = set().union(*pairs)
     keep = []
     while uncovered:

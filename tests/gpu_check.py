@@ -37,8 +37,27 @@ def gpu_facts():
     return {"present": True, "devices": devices}
 
 
+# Wheels `make gpu-wheels` downloads here, for a GPU machine with no network
+# whose Python lacks them (the build needs CMake).
+WHEELS = ROOT / "gpu_check_wheels"
+
+
+def with_cmake(env, log):
+    """env in which setup.py finds the cmake pip package: the Python's own,
+    else the wheel in WHEELS installed into build/gpu-tools."""
+    if subprocess.run([sys.executable, "-c", "from cmake import CMAKE_BIN_DIR"], env=env, capture_output=True).returncode == 0:
+        return env
+    tools = ROOT / "build" / "gpu-tools"
+    wheels = sorted(WHEELS.glob("cmake-*.whl"))
+    if wheels and not (tools / "cmake").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                        str(tools), str(wheels[-1])], stdout=log, stderr=subprocess.STDOUT)
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(tools), env.get("PYTHONPATH")])))
+
+
 def build(gpu, log):
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
+    env = with_cmake(env, log)
     if gpu["present"]:
         env["BN_EXT_WITH_CUDA"] = "1"
         env["TORCH_CUDA_ARCH_LIST"] = ";".join(sorted({d["capability"] for d in gpu["devices"]}))
