@@ -6,6 +6,12 @@ PY := $(VENV)/bin/python
 # Written after a complete install; a venv without it is rebuilt.
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
+# pytest runs its tests in this many worker processes (pytest-xdist). Waiting
+# OpenMP threads sleep rather than spin: two workers' spinning threads took
+# each other's cores (the kernel tests ran 1.3x slower than one worker; with
+# passive waiting, 0.7x).
+PYTEST_WORKERS ?= 2
+PYTEST := OMP_WAIT_POLICY=passive $(PY) -m pytest -n $(PYTEST_WORKERS)
 
 .PHONY: all venv build test check demo bench gpu-check gpu-wheels mutants check-aarch64 clean
 
@@ -36,17 +42,17 @@ CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).
 test: build
-	$(PY) -m pytest -q -ra
+	$(PYTEST) -q -ra
 	@for level in $$($(PY) -c "import bn_ext; print(*bn_ext.cpu_capabilities()[:-1])"); do \
 		echo "CPU kernel tests at $$level:"; \
-		BN_EXT_CPU_CAPABILITY=$$level $(PY) -m pytest -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
+		BN_EXT_CPU_CAPABILITY=$$level $(PYTEST) -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
 	done
 	PY=$(PY) bash tests/cpp/run.sh
 
 # For iteration: one CPU level (the best), and of each parametrized test the
 # fewest cases that still hold every parameter value once (tests/conftest.py).
 check: build
-	$(PY) -m pytest -q -p no:cacheprovider --quick
+	$(PYTEST) -q -p no:cacheprovider --quick
 
 demo: build
 	$(PY) -m bn_ext demo
