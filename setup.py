@@ -141,6 +141,11 @@ def cmake_build_ext(base, torch, with_cuda, levels):
     class BuildWithCMake(base):
         def finalize_options(self):
             super().finalize_options()
+            # build_ext --inplace (and pip's editable install) builds _C in
+            # build/lib and then copies it into the package: the library has
+            # to land there too, every build, or _C loads a stale one.
+            in_package = self.inplace or getattr(self, "editable_mode", False)
+            self.library_folders = {os.path.join(ROOT, "bn_ext")} if in_package else set()
             if getattr(self, "editable_mode", False):
                 # pip's editable install builds in a fresh temporary folder:
                 # build where `build_ext --inplace` does instead, so its
@@ -149,10 +154,7 @@ def cmake_build_ext(base, torch, with_cuda, levels):
 
         def build_extension(self, ext):
             library = cmake_library(torch, with_cuda, levels)
-            targets = {os.path.dirname(self.get_ext_fullpath(ext.name))}
-            if getattr(self, "editable_mode", False):
-                targets.add(os.path.join(ROOT, "bn_ext"))
-            for folder in targets:
+            for folder in {os.path.dirname(self.get_ext_fullpath(ext.name))} | self.library_folders:
                 replace_file(library, os.path.join(folder, LIBRARY))
             super().build_extension(ext)
 

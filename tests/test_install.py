@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bn_ext
 from bn_ext import _build_info
 
@@ -54,3 +56,15 @@ def test_info_describes_the_build(tmp_path):
     assert lines[4].startswith("CUDA kernels: ")
     assert lines[5].startswith("emulated CUDA operators (tests): ")
     assert lines[6].startswith("CPU output cache: limit 4096 bytes (BN_EXT_OUTPUT_CACHE_BYTES=4096)")
+
+
+def test_the_package_loads_the_library_cmake_built_last():
+    # `make` rebuilds libbn_ext in build/cmake; a package copy left behind
+    # would run every test against the kernels of an earlier build.
+    built = ROOT / "build" / "cmake" / _build_info.LIBRARY
+    if not built.exists():
+        pytest.skip("built without this checkout's CMake tree (a package install)")
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    loaded = {Path(line.split()[-1]) for line in maps if line.endswith("/" + _build_info.LIBRARY)}
+    assert loaded == {ROOT / "bn_ext" / _build_info.LIBRARY}, loaded
+    assert (ROOT / "bn_ext" / _build_info.LIBRARY).read_bytes() == built.read_bytes()
