@@ -13,9 +13,9 @@ and later runs rebuild only what changed.
   python tests/mutants.py --list    the mutants, one a line
   python tests/mutants.py ID ...    some of them
 
-The tree builds only the CPU levels the chosen mutants run at (DEFAULT, this
-CPU's best, and any a mutant names), not every level: a mutant's rebuild is
-then one kernel file at two or three levels.
+The tree builds only the CPU levels the chosen mutants run at (this CPU's
+best, and any a mutant names; not even DEFAULT), with the tests in two
+workers: a mutant's rebuild is then one kernel file at one level.
 
 The report (mutant, what it plants, the test that caught it) is printed and
 written to build/mutants/report.md and report.json."""
@@ -259,8 +259,10 @@ def run_tests(mutant, log):
     failing test). The quick sample (`pytest --quick`) runs first; only a
     mutant it misses runs the whole files, so what is caught stays the same."""
     for sample in (["--quick"], []):
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *sample,
-                               *mutant.tests], cwd=TREE, env=build_env(mutant.env), capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "2",
+                               *sample, *mutant.tests], cwd=TREE,
+                              env=build_env({"OMP_WAIT_POLICY": "passive", **mutant.env}), capture_output=True,
+                              text=True)
         log.write(done.stdout[-20000:] + done.stderr[-5000:])
         if done.returncode != 0:
             break
@@ -295,7 +297,7 @@ def main(argv=None):
         parser.error(f"unknown mutant id(s): {', '.join(sorted(unknown))}")
     chosen = [m for m in MUTANTS if (not args.ids or m.id in args.ids) and args.family in (None, m.family)]
     levels = cpu_levels()
-    built = [level for level in levels if level in ("DEFAULT", levels[-1]) or any(m.level == level for m in chosen)]
+    built = [level for level in levels if level == levels[-1] or any(m.level == level for m in chosen)]
     WORK.mkdir(parents=True, exist_ok=True)
     sync_tree()
     for m in chosen:
@@ -309,6 +311,14 @@ def main(argv=None):
         log.flush()
         if not build(log, built):
             print(f"the unmutated tree does not build; see {WORK / 'log.txt'}")
+            return 2
+        # Every catch below means nothing unless the tree's tests import the
+        # tree's own, freshly built library.
+        loads = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "tests/test_install.py::test_the_package_loads_the_library_cmake_built_last"],
+                               cwd=TREE, env=build_env(), capture_output=True, text=True)
+        if loads.returncode != 0:
+            print(f"the unmutated tree does not load the library it built:\n{loads.stdout[-3000:]}")
             return 2
         for m in chosen:
             start = time.monotonic()

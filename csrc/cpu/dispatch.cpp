@@ -21,7 +21,9 @@ namespace bn_ext::cpu {
   extern const GroupNormKernels group_norm_kernels;   \
   }
 
+#if defined(BN_EXT_HAVE_DEFAULT)
 BN_EXT_DECLARE_LEVEL(DEFAULT)
+#endif
 #if defined(BN_EXT_HAVE_AVX2)
 BN_EXT_DECLARE_LEVEL(AVX2)
 #endif
@@ -36,9 +38,11 @@ namespace {
 
 #define BN_EXT_LEVEL_TABLES(LEVEL) CpuKernels{#LEVEL, &LEVEL::batch_norm_kernels, &LEVEL::row_norm_kernels, &LEVEL::group_norm_kernels}
 
-// Every level of this build, lowest first.
+// Every level of this build, lowest first (CMake builds at least one).
 const CpuKernels kLevels[] = {
+#if defined(BN_EXT_HAVE_DEFAULT)
     BN_EXT_LEVEL_TABLES(DEFAULT),
+#endif
 #if defined(BN_EXT_HAVE_AVX2)
     BN_EXT_LEVEL_TABLES(AVX2),
 #endif
@@ -52,8 +56,9 @@ const CpuKernels kLevels[] = {
 
 // The rank of a level name (its place in the order DEFAULT < AVX2 < AVX512 <
 // AVX512_BF16), or -1.
+const char* const kOrder[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
+
 int level_rank(const std::string& name) {
-  static const char* const kOrder[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
   const auto it = std::find(std::begin(kOrder), std::end(kOrder), name);
   return it == std::end(kOrder) ? -1 : static_cast<int>(it - std::begin(kOrder));
 }
@@ -82,12 +87,19 @@ int requested_rank() {
   return rank;
 }
 
+// The best level of this build at or below both the CPU's and the requested
+// one. A build without DEFAULT (BN_EXT_CPU_LEVELS) may have none.
 const CpuKernels& choose_level() {
   const int limit = std::min(cpu_rank(), requested_rank());
-  const CpuKernels* chosen = &kLevels[0];
+  const CpuKernels* chosen = nullptr;
+  std::string built;
   for (const auto& level : kLevels) {
     if (level_rank(level.level) <= limit) chosen = &level;
+    built += (built.empty() ? "" : ", ") + std::string(level.level);
   }
+  TORCH_CHECK(chosen != nullptr, "bn_ext's CPU kernels were built at ", built, " only, and this CPU runs up to ",
+              kOrder[cpu_rank()], " (BN_EXT_CPU_CAPABILITY asks for at most ", kOrder[requested_rank()],
+              "): rebuild with DEFAULT in BN_EXT_CPU_LEVELS");
   return *chosen;
 }
 
