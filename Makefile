@@ -6,12 +6,14 @@ PY := $(VENV)/bin/python
 # Written after a complete install; a venv without it is rebuilt.
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
-# pytest runs its tests in this many worker processes (pytest-xdist). Waiting
-# OpenMP threads sleep rather than spin: two workers' spinning threads took
-# each other's cores (the kernel tests ran 1.3x slower than one worker; with
-# passive waiting, 0.7x).
+# The kernel-test runs at the lower levels and `make check` run pytest in this
+# many worker processes (pytest-xdist), with waiting OpenMP threads sleeping
+# rather than spinning: two workers' spinning threads took each other's cores
+# (the kernel tests ran 1.3x slower than one worker; with passive waiting,
+# 0.7x). The whole suite stays in one process: its torchrun example aborted
+# once at exit beside a second worker.
 PYTEST_WORKERS ?= 2
-PYTEST := OMP_WAIT_POLICY=passive $(PY) -m pytest -n $(PYTEST_WORKERS)
+PYTEST_PARALLEL := OMP_WAIT_POLICY=passive $(PY) -m pytest -n $(PYTEST_WORKERS)
 
 .PHONY: all venv build test check demo bench gpu-check gpu-wheels mutants check-aarch64 clean
 
@@ -42,17 +44,17 @@ CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).
 test: build
-	$(PYTEST) -q -ra
+	$(PY) -m pytest -q -ra
 	@for level in $$($(PY) -c "import bn_ext; print(*bn_ext.cpu_capabilities()[:-1])"); do \
 		echo "CPU kernel tests at $$level:"; \
-		BN_EXT_CPU_CAPABILITY=$$level $(PYTEST) -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
+		BN_EXT_CPU_CAPABILITY=$$level $(PYTEST_PARALLEL) -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
 	done
 	PY=$(PY) bash tests/cpp/run.sh
 
 # For iteration: one CPU level (the best), and of each parametrized test the
 # fewest cases that still hold every parameter value once (tests/conftest.py).
 check: build
-	$(PYTEST) -q -p no:cacheprovider --quick
+	$(PYTEST_PARALLEL) -q -p no:cacheprovider --quick
 
 demo: build
 	$(PY) -m bn_ext demo
