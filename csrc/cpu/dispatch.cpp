@@ -54,10 +54,10 @@ const CpuKernels kLevels[] = {
 #endif
 };
 
-// The rank of a level name (its place in the order DEFAULT < AVX2 < AVX512 <
-// AVX512_BF16), or -1.
+// Every level name, in the order DEFAULT < AVX2 < AVX512 < AVX512_BF16.
 const char* const kOrder[] = {"DEFAULT", "AVX2", "AVX512", "AVX512_BF16"};
 
+// The rank of a level name (its place in kOrder), or -1.
 int level_rank(const std::string& name) {
   const auto it = std::find(std::begin(kOrder), std::end(kOrder), name);
   return it == std::end(kOrder) ? -1 : static_cast<int>(it - std::begin(kOrder));
