@@ -1,5 +1,6 @@
 // BatchNorm operators on the CPU: argument checks, allocation and the
-// running-statistics update; the kernels are in kernels/batch_norm_kernel.cpp.
+// running-statistics update; the kernels are in kernels/batch_norm_forward_kernel.cpp and
+// kernels/batch_norm_backward_kernel.cpp.
 #include "batch_norm_common.h"
 #include "cpu/dispatch.h"
 #include "cpu/host_values.h"

@@ -2,9 +2,10 @@
 // one library and chosen once, at load, for the CPU at hand (as ATen does
 // with its native/cpu kernels).
 //
-// A kernel file (cpu/kernels/<family>_kernel.cpp) is built once per level
-// with that level's flags and CPU_CAPABILITY set to its name, and defines
-// its family's table in namespace bn_ext::cpu::<level>; cpu/dispatch.cpp
+// A family's kernel files (cpu/kernels/<family>_kernel.cpp; BatchNorm has a
+// forward and a backward one) are built once per level with that level's
+// flags and CPU_CAPABILITY set to its name, and define the family's table in
+// namespace bn_ext::cpu::<level>; cpu/dispatch.cpp
 // picks one table per family. Everything else (op wrappers, registration,
 // the C++ API) is built for the baseline CPU and reaches SIMD code only
 // through these tables.

@@ -1,21 +1,18 @@
-// BatchNorm CPU kernels, built once per SIMD level (cpu/dispatch.h). Two
-// memory layouts: channels-first (N, C, S), reduced over runs of S elements
-// per channel, and channels-last (M, C), reduced down columns with vectors
-// across channels.
-#include "cpu/dispatch.h"
-#include "cpu/kernels/channel_kernels.h"
+// BatchNorm CPU kernel, backward, built once per SIMD level (cpu/dispatch.h):
+// the gradient sums and dx, through an activation and a residual when the
+// forward had them, in both memory layouts (see batch_norm_forward_kernel.cpp).
+#include "cpu/kernels/batch_norm_kernel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <cmath>
 #include <type_traits>
-#include <vector>
 
 namespace bn_ext::cpu::CPU_CAPABILITY {
-namespace {
 
 using at::Tensor;
+
+namespace {
 
 // Backward coefficients of channel c: dx = dy * alpha + (x - center) * beta + gamma,
 // from sum(dy) and sum(dy * (x - mean)) over the channel's M values.
@@ -34,63 +31,6 @@ inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, doub
   }
 }
 
-
-// The forward takes its coefficients from the statistics as saved (rounded
-// to op-math, the saved dtype), as torch's kernels do: a backward that
-// recomputes z from them (BatchNorm + activation's) finds every z, and so
-// every ReLU mask, as the forward had it, and the fused and unfused forms
-// give the same bits.
-template <typename T>
-inline double as_saved(double statistic) {
-  return static_cast<double>(static_cast<opmath_t<T>>(statistic));
-}
-
-// y = act(normalised x [+ residual]).
-template <typename T, typename Act, bool kResidual>
-void train_forward_kernel(const T* px, const T* residual, T* py, const BatchNormGeometry& g, const double* w,
-                          const double* b, double eps, double* mean, double* invstd) {
-  const FormInputs<T> in{nullptr, px, residual};
-  ChannelCoefficients<T> k(g.C);
-  if (!g.channels_last && !short_planes<T>(g) && stripe_count(g) == 1) {
-    // Each channel reduces in one stripe: statistics and normalisation of
-    // a block of channels in one task, its data still in cache.
-    for_each_channel_block(g, channels_per_block(g, sizeof(T)), 2, [&](int64_t c0, int64_t c1) {
-      Moments m[kMaxBlockChannels];
-      add_block_moments(px, g, c0, c1, 0, g.reduce_size(), m);
-      for (int64_t c = c0; c < c1; ++c) {
-        mean[c] = as_saved<T>(m[c - c0].mean);
-        invstd[c] = as_saved<T>(invstd_of(m[c - c0], eps));
-        set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-      }
-      with_centering(
-          k,
-          [&](auto centered) {
-            block_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g, c0, c1);
-          },
-          c0, c1);
-    });
-    return;
-  }
-  const auto moments = channel_moments(px, g);
-  for (int64_t c = 0; c < g.C; ++c) {
-    mean[c] = as_saved<T>(moments[c].mean);
-    invstd[c] = as_saved<T>(invstd_of(moments[c], eps));
-    set_forward_coefficients(k, c, mean[c], invstd[c], w[c], b[c]);
-  }
-  with_centering(k, [&](auto centered) {
-    channel_form_pass<T, ActivatedAffine<T, Act, kResidual, centered()>>(py, in, k, g);
-  });
-}
-
-template <typename T>
-ChannelCoefficients<T> forward_coefficients(const BatchNormGeometry& g, const double* mean, const double* invstd,
-                                            const double* w, const double* b) {
-  ChannelCoefficients<T> k(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    set_forward_coefficients(k, c, as_saved<T>(mean[c]), as_saved<T>(invstd[c]), w[c], b[c]);
-  }
-  return k;
-}
 
 // dx, and the sums when asked, of the gradient dz = dy * act'(z) of the
 // pre-activation value z. Without a residual z is recomputed from x and dz
@@ -182,52 +122,12 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   });
 }
 
-// ---------------------------------------------------------------------------
-// Table entries.
+}  // namespace
 
-void train_forward(const Tensor& x, const Tensor& residual, const Tensor& y, const BatchNormGeometry& g,
-                   const double* w, const double* b, double eps, Activation act, double* mean, double* invstd) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_train_forward", [&] {
-    with_activation(act, [&](auto activation) {
-      with_residual(residual.defined(), [&](auto has_residual) {
-        train_forward_kernel<scalar_t, decltype(activation), has_residual()>(
-            x.const_data_ptr<scalar_t>(), has_residual() ? residual.const_data_ptr<scalar_t>() : nullptr,
-            y.mutable_data_ptr<scalar_t>(), g, w, b, eps, mean, invstd);
-      });
-    });
-  });
-}
-
-void affine_forward(const Tensor& x, const Tensor& residual, const Tensor& y, const BatchNormGeometry& g,
-                    const double* mean, const double* invstd, const double* w, const double* b, Activation act) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_affine_forward", [&] {
-    const FormInputs<scalar_t> in{nullptr, x.const_data_ptr<scalar_t>(),
-                                  residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr};
-    with_activation(act, [&](auto activation) {
-      const auto k = forward_coefficients<scalar_t>(g, mean, invstd, w, b);
-      with_residual(residual.defined(), [&](auto has_residual) {
-        with_centering(k, [&](auto centered) {
-          channel_form_pass<scalar_t, ActivatedAffine<scalar_t, decltype(activation), has_residual(), centered()>>(
-              y.mutable_data_ptr<scalar_t>(), in, k, g);
-        });
-      });
-    });
-  });
-}
-
-void moments(const Tensor& x, const BatchNormGeometry& g, double* mean, double* m2) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_moments", [&] {
-    const auto m = channel_moments(x.const_data_ptr<scalar_t>(), g);
-    for (int64_t c = 0; c < g.C; ++c) {
-      mean[c] = m[c].mean;
-      m2[c] = m[c].m2;
-    }
-  });
-}
-
-void backward(const Tensor& dy, const Tensor& x, const Tensor& residual, const Tensor& grad_residual, const Tensor& dx,
-              const BatchNormGeometry& g, const double* mean, const double* invstd, const double* w, const double* b,
-              Activation act, bool training, bool need_sums, double* sum_dy, double* sum_dy_xmu) {
+void batch_norm_backward(const Tensor& dy, const Tensor& x, const Tensor& residual, const Tensor& grad_residual,
+                         const Tensor& dx, const BatchNormGeometry& g, const double* mean, const double* invstd,
+                         const double* w, const double* b, Activation act, bool training, bool need_sums,
+                         double* sum_dy, double* sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
     with_activation(act, [&](auto activation) {
       with_residual(residual.defined(), [&](auto has_residual) {
@@ -241,9 +141,5 @@ void backward(const Tensor& dy, const Tensor& x, const Tensor& residual, const T
     });
   });
 }
-
-}  // namespace
-
-extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &backward};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY
