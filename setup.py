@@ -18,6 +18,8 @@ Environment switches:
   BN_EXT_CPU_LEVELS           the SIMD levels to compile, e.g. "DEFAULT;AVX2"
                               (default: every level the compiler has; a
                               shorter list builds faster and runs on fewer CPUs).
+  BN_EXT_KERNEL_OPTIMIZATION  the CPU kernel files' optimisation flag (default
+                              -O3; tests/mutants.py builds its copy at -O0).
   MAX_JOBS                    parallel compile jobs.
 
 The CPU kernel files (csrc/cpu/kernels/*_kernel.cpp) are compiled once per
@@ -111,7 +113,8 @@ def cmake_library(torch, with_cuda, levels):
         raise SystemExit("bn_ext needs CMake 3.25 or newer to build: pip install cmake (requirements.txt pins it)")
     env = dict(os.environ, PATH=path)
     configure = [cmake, "-S", ROOT, "-B", CMAKE_BUILD, "-DCMAKE_PREFIX_PATH=" + torch.utils.cmake_prefix_path,
-                 "-DBUILD_SHARED_LIBS=ON", f"-DBN_EXT_WITH_CUDA={'ON' if with_cuda else 'OFF'}", "-DBN_EXT_CPU_LEVELS=" + ";".join(levels)]
+                 "-DBUILD_SHARED_LIBS=ON", f"-DBN_EXT_WITH_CUDA={'ON' if with_cuda else 'OFF'}", "-DBN_EXT_CPU_LEVELS=" + ";".join(levels),
+                 "-DBN_EXT_KERNEL_OPTIMIZATION=" + os.environ.get("BN_EXT_KERNEL_OPTIMIZATION", "-O3")]
     if not os.path.exists(os.path.join(CMAKE_BUILD, "CMakeCache.txt")):
         if shutil.which("ninja", path=path) is None:
             raise SystemExit("bn_ext's build needs ninja: pip install ninja")

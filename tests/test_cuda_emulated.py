@@ -8,6 +8,7 @@ to reach every path: vectorised and scalar accesses, split reductions (more
 than one partial per channel or column), warp-per-row and block-per-row rows,
 row heads and tails, misaligned tensors."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,18 +25,26 @@ pytestmark = pytest.mark.emulated
 cpu_ops = torch.ops.bn_ext
 
 
-@pytest.fixture(scope="module")
-def emu():
+def build_emulator():
+    """The emulated operators' module, built in build/emulated_ops (only what
+    changed since the last build is compiled again), at -O1 unless
+    BN_EXT_EMULATOR_OPTIMIZATION says otherwise (tests/mutants.py: -O0)."""
     build = ROOT / "build" / "emulated_ops"
     build.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name="bn_ext_emulated",
         sources=[str(ROOT / "tests" / "emulator" / "emulated_ops.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "emulator")],
-        extra_cflags=["-std=c++20", "-O1", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        extra_cflags=["-std=c++20", os.environ.get("BN_EXT_EMULATOR_OPTIMIZATION", "-O1"), "-fno-strict-aliasing",
+                      "-Wno-unknown-pragmas"],
         build_directory=str(build),
         verbose=False,
     )
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return build_emulator()
 
 
 @pytest.fixture(params=ORDERS)
