@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 # Written after a complete install; a venv without it is rebuilt.
 STAMP := $(VENV)/.bn_ext-requirements
 export MAX_JOBS ?= 2
-# The kernel-test runs at the lower levels and `make check` run pytest in this
-# many worker processes (pytest-xdist), with waiting OpenMP threads sleeping
-# rather than spinning: two workers' spinning threads took each other's cores
-# (the kernel tests ran 1.3x slower than one worker; with passive waiting,
-# 0.7x). The whole suite stays in one process: its torchrun example aborted
-# once at exit beside a second worker.
+# pytest runs in this many worker processes (pytest-xdist), with waiting
+# OpenMP threads sleeping rather than spinning: two workers' spinning threads
+# took each other's cores (the kernel tests ran 1.3x slower than one worker;
+# with passive waiting, 0.7x). Tests marked `processes` (several
+# torch.distributed ranks) run after the others, alone: the torchrun example
+# aborted once at exit beside a second worker.
 PYTEST_WORKERS ?= 2
 PYTEST_PARALLEL := OMP_WAIT_POLICY=passive $(PY) -m pytest -n $(PYTEST_WORKERS)
 
@@ -44,7 +44,8 @@ CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).
 test: build
-	$(PY) -m pytest -q -ra
+	$(PYTEST_PARALLEL) -q -ra -m "not processes"
+	$(PY) -m pytest -q -ra -m processes
 	@for level in $$($(PY) -c "import bn_ext; print(*bn_ext.cpu_capabilities()[:-1])"); do \
 		echo "CPU kernel tests at $$level:"; \
 		BN_EXT_CPU_CAPABILITY=$$level $(PYTEST_PARALLEL) -q -p no:cacheprovider -m "not level_independent" $(CPU_KERNEL_TESTS) || exit 1; \
@@ -54,7 +55,8 @@ test: build
 # For iteration: one CPU level (the best), and of each parametrized test the
 # fewest cases that still hold every parameter value once (tests/conftest.py).
 check: build
-	$(PYTEST_PARALLEL) -q -p no:cacheprovider --quick
+	$(PYTEST_PARALLEL) -q -p no:cacheprovider --quick -m "not processes"
+	$(PY) -m pytest -q -p no:cacheprovider --quick -m processes
 
 demo: build
 	$(PY) -m bn_ext demo

@@ -162,6 +162,7 @@ def _worker(rank, world, port, out_dir):
         raise
 
 
+@pytest.mark.processes
 def test_sync_batch_norm_pools_across_processes(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     port = free_port()

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import bn_ext
 from conftest import assert_close, assert_error_within
 
+pytestmark = pytest.mark.processes
+
 # (name, per-rank batch sizes for 2 and 3 ranks, dtype, memory format, spatial dims)
 SCENARIOS = [
     ("equal", {2: [4, 4], 3: [3, 3, 3]}, torch.float32, "contiguous", (5, 6)),
