@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     fold.add_argument("--rtol", type=float)
 
     bench = commands.add_parser("bench", help="time bn_ext against torch's native kernels")
-    bench.add_argument("--quick", action="store_true", help="a short subset with fewer repetitions")
+    bench.add_argument("--quick", action="store_true",
+                       help="a short subset with fewer repetitions, without the torch.compile peer")
     bench.add_argument("--filter", help="only cases whose group or name contains this text")
     bench.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     bench.add_argument("--output", default="bench_results", help="folder for bench.json and bench.png")
@@ -124,10 +125,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         training_step_report(steps=2 if args.quick else 5)
         return 0
     if args.kernel_timings:
-        kernel_timings(args.quick, args.filter, not args.no_compile, Path(args.kernel_timings))
+        kernel_timings(args.quick, args.filter, not (args.no_compile or args.quick), Path(args.kernel_timings))
         return 0
     run(quick=args.quick, pattern=args.filter, threads=args.threads, output=Path(args.output), device=args.device,
-        compile_peer=not args.no_compile)
+        compile_peer=not (args.no_compile or args.quick))
     return 0
 
 
