@@ -75,6 +75,45 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
+@pytest.mark.level_independent
+def test_bench_rounds_follow_the_case_time(monkeypatch):
+    from bn_ext import bench
+
+    # A clock that moves only when a timed call runs: each call takes `cost`.
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    def rounds(cost, repeats, min_seconds, max_seconds):
+        calls = []
+
+        def fn():
+            clock[0] += cost
+            calls.append(1)
+
+        bench.time_interleaved([fn], repeats, min_seconds, max_seconds=max_seconds)
+        return len(calls) - 2  # after the two warm-up calls
+
+    # (Costs and limits are binary fractions: the sums are exact.)
+    assert rounds(2**-6, 15, 0.0, 1.0) == 15
+    assert rounds(2**-6, 15, 0.25, 1.0) == 16  # more while under min_seconds
+    assert rounds(2**-10, 15, 0.25, 1.0) == 150  # at most ten times as many
+    assert rounds(0.25, 15, 0.25, 1.0) == bench.MIN_ROUNDS == 5  # fewer once over max_seconds, not under 5
+    assert rounds(0.25, 15, 0.25, bench.math.inf) == 15
+    assert rounds(0.25, 3, 0.0, 1.0) == 3
+
+
+@pytest.mark.level_independent
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_bench_images_come_in_their_memory_format(memory_format):
+    from bn_ext.bench import _random_images
+
+    torch.manual_seed(0)
+    x = _random_images(4, 64, 16, torch.bfloat16, memory_format)
+    assert x.shape == (4, 64, 16, 16) and x.dtype == torch.bfloat16
+    assert x.is_contiguous(memory_format=memory_format)
+    assert abs(x.float().mean().item()) < 0.02 and abs(x.float().std().item() - 1) < 0.02
+
+
 def test_bench_runs_at_a_lower_capability(tmp_path):
     # The level is chosen at load: bench runs itself again with it asked for.
     command = [sys.executable, "-m", "bn_ext", "bench", "--quick", "--filter", "small inputs", "--threads", "1",
