@@ -396,6 +396,14 @@ class BuiltFiles:
                 library.unlink()
 
 
+def pytest(*args, env=None):
+    """pytest in the tree, with waiting OpenMP threads passive (two workers
+    share the cores)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=TREE,
+                          env=build_env({"OMP_WAIT_POLICY": "passive", **(env or {})}), capture_output=True,
+                          text=True)
+
+
 def run_tests(mutant, log):
     """The mutant's tests, stopping at the first failure: (failed, first
     failing test). Its known catching test runs first, alone; then, if that
@@ -406,9 +414,7 @@ def run_tests(mutant, log):
                                                          [*parallel, *mutant.tests]]
     for selection in runs:
         start = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
-                              cwd=TREE, env=build_env({"OMP_WAIT_POLICY": "passive", **mutant.env}),
-                              capture_output=True, text=True)
+        done = pytest("-x", *selection, env=mutant.env)
         log.write(done.stdout[-20000:] + done.stderr[-5000:])
         log.write(f"--- pytest {' '.join(selection)}: {time.monotonic() - start:.1f} s\n")
         # 4 and 5: no such test, no test selected (a stale `first`).
@@ -472,18 +478,17 @@ def main(argv=None):
             return 2
         # Every catch below means nothing unless the tree's tests import the
         # tree's own, freshly built library.
-        loads = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "tests/test_install.py::test_the_package_loads_the_library_cmake_built_last"],
-                               cwd=TREE, env=build_env(), capture_output=True, text=True)
+        loads = pytest("tests/test_install.py::test_the_package_loads_the_library_cmake_built_last")
         if loads.returncode != 0:
             print(f"the unmutated tree does not load the library it built:\n{loads.stdout[-3000:]}")
             return 2
         # A catch means nothing where the unmutated tree fails the test too.
-        for env in {tuple(sorted(m.env.items())) for m in chosen if m.first}:
-            firsts = sorted({f"tests/{m.first}" for m in chosen if m.first and tuple(sorted(m.env.items())) == env})
-            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *firsts],
-                                  cwd=TREE, env=build_env({"OMP_WAIT_POLICY": "passive", **dict(env)}),
-                                  capture_output=True, text=True)
+        firsts_by_env = {}
+        for m in chosen:
+            if m.first:
+                firsts_by_env.setdefault(tuple(sorted(m.env.items())), set()).add(f"tests/{m.first}")
+        for env, firsts in firsts_by_env.items():
+            done = pytest("-n", "2", *sorted(firsts), env=dict(env))
             log.write(done.stdout[-20000:])
             if done.returncode != 0:
                 print(f"the unmutated tree fails the mutants' first tests ({dict(env) or 'default level'}):\n"

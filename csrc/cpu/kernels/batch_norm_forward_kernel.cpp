@@ -9,8 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
-#include <vector>
-
 namespace bn_ext::cpu::CPU_CAPABILITY {
 namespace {
 
