@@ -26,20 +26,27 @@ cpu_ops = torch.ops.bn_ext
 
 
 def build_emulator():
-    """The emulated operators' module, built in build/emulated_ops (only what
-    changed since the last build is compiled again), at -O1 unless
-    BN_EXT_EMULATOR_OPTIMIZATION says otherwise (tests/mutants.py: -O0)."""
+    """The emulated operators, torch.ops.bn_ext_emulated.* (tests/emulator/
+    emulated_library.cpp), built in build/emulated_ops and loaded: one object
+    per op family, and only those whose files changed since the last build
+    are compiled again. At -O1 unless BN_EXT_EMULATOR_OPTIMIZATION says
+    otherwise (tests/mutants.py: -O0). Tensors above 1000 elements take the
+    64-bit index kernels, so the test shapes cover both index types (the
+    device build switches at 2^30)."""
     build = ROOT / "build" / "emulated_ops"
     build.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
+    sources = ["emulated_library.cpp", "emulated_batch_norm.cpp", "emulated_group_norm.cpp", "emulated_row_norm.cpp"]
+    cpp_extension.load(
         name="bn_ext_emulated",
-        sources=[str(ROOT / "tests" / "emulator" / "emulated_ops.cpp")],
+        sources=[str(ROOT / "tests" / "emulator" / name) for name in sources],
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "emulator")],
         extra_cflags=["-std=c++20", os.environ.get("BN_EXT_EMULATOR_OPTIMIZATION", "-O1"), "-fno-strict-aliasing",
-                      "-Wno-unknown-pragmas"],
+                      "-Wno-unknown-pragmas", "-DBN_EXT_CUDA_EMULATOR", "-DBN_EXT_INDEX32_LIMIT=1000"],
         build_directory=str(build),
+        is_python_module=False,
         verbose=False,
     )
+    return torch.ops.bn_ext_emulated
 
 
 @pytest.fixture(scope="module")
