@@ -218,7 +218,7 @@ def extensions():
     extension = cpp_extension.CppExtension(
         name="bn_ext._C",
         sources=["csrc/python_module.cpp"],
-        include_dirs=[os.path.join(ROOT, "csrc", "include")],
+        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O3"]},
         library_dirs=[CMAKE_BUILD],
         libraries=["bn_ext"],

@@ -175,6 +175,10 @@ def batch_norm(
     the batch statistics normalise the input and, when given, running_mean and
     running_var are updated in place (running_var with the unbiased variance).
     """
+    if momentum is None:
+        # As torch's: a float. (bn_ext.nn's BatchNorm modules take momentum=None
+        # for the cumulative average over their num_batches_tracked.)
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -324,6 +328,8 @@ def batch_norm_act(
     gradient too; momentum None is the cumulative average over num_batches_tracked.
     """
     _check_activation("batch_norm_act", activation)
+    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
+        raise TypeError("batch_norm_act: momentum=None (the cumulative average) needs num_batches_tracked")
     out, save_mean, save_invstd = _batch_norm_act_forward(
         input, weight, bias, running_mean, running_var, training, eps, activation, residual
     )
@@ -367,6 +373,9 @@ def batch_renorm(
         raise ValueError(f"batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax={rmax} and dmax={dmax}")
     if running_mean is None or running_var is None:
         return batch_norm(input, None, None, weight, bias, True, 0.0, eps)
+    if input.numel() == 0:
+        # No batch statistics: BatchNorm's empty output, the running statistics left as they are.
+        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     # r and d from the batch statistics: no gradient flows through them.
     mean_b, m2 = torch.ops.bn_ext.batch_norm_stats(input.detach())
     count = input.numel() // input.shape[1]
@@ -565,6 +574,8 @@ def rms_norm(
     Same signature and behaviour as torch.nn.functional.rms_norm; eps None
     means the machine epsilon of the computation type (float32 for half inputs).
     """
+    if input.dim() == 0:
+        raise ValueError("rms_norm: expected an input of at least 1 dimension, got a 0-d tensor")
     if _direct_call(input, weight):
         return _C.rms_norm(input, _as_shape(normalized_shape), weight, eps)
     return _rms_norm_forward(input, _as_shape(normalized_shape), weight, eps)[0]
@@ -628,9 +639,10 @@ def _layer_norm_channels_backward_fake(grad_out, input, mean, rstd, weight, bias
 
 
 def _activation_grad(dy: Tensor, z: Tensor, activation: str | None) -> Tensor:
-    """dy * act'(z), as torch's relu and silu backward kernels compute it."""
+    """dy * act'(z), as torch's relu and silu backward kernels compute it
+    (ReLU's: zero where z <= 0, dy elsewhere, NaN z included)."""
     if activation == "relu":
-        return dy * (z > 0)
+        return dy.masked_fill(z <= 0, 0)
     if activation == "silu":
         s = torch.sigmoid(z)
         return dy * s * (1 + z * (1 - s))
@@ -773,15 +785,26 @@ def instance_norm(
     give channels-last outputs.
     """
     if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("instance_norm: running_mean and running_var must be defined when use_input_stats "
+                               "is False")
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    if input.dim() >= 2:
-        spatial = 1
-        for size in input.shape[2:]:
-            spatial *= size
-        if spatial == 1:
-            raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    spatial = 1
+    for size in input.shape[2:]:
+        spatial *= size
+    if spatial == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("instance_norm: running_mean and running_var must either both be None or neither be None")
+    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+        if stat is not None and stat.numel() != input.shape[1]:
+            raise RuntimeError(f"instance_norm: {name} should have the input's channel count, input.size(1) = "
+                               f"{input.shape[1]} elements, got {stat.numel()}")
+    if input.numel() == 0:
+        # As torch's (BatchNorm of the empty input): an empty copy, running statistics unchanged.
+        return input.clone()
     out, mean, rstd = _group_norm_forward(input, input.shape[1], weight, bias, eps, None)
-    if (running_mean is not None or running_var is not None) and input.numel() > 0:
+    if running_mean is not None:
         _instance_norm_update_stats(running_mean, running_var, mean, rstd, momentum, eps, input.numel() // mean.numel())
     return out
 

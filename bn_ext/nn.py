@@ -194,8 +194,8 @@ class LayerNorm(torch.nn.LayerNorm):
 class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm on bn_ext kernels."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -205,10 +205,11 @@ class GroupNorm(torch.nn.GroupNorm):
 
     activation: str | None = None  # a converted torch.nn.GroupNorm has none
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, activation=None):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True,
+                 activation=None):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"GroupNorm: activation must be None, 'relu' or 'silu', got {activation!r}")
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:

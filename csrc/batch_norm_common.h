@@ -44,10 +44,21 @@ inline void check_batch_norm_args(const at::Tensor& input, const std::optional<a
   check_param(bias, "bias", input, C, "the input's channel count, input.size(1)");
   check_param(running_mean, "running_mean", input, C, "the input's channel count, input.size(1)");
   check_param(running_var, "running_var", input, C, "the input's channel count, input.size(1)");
-  TORCH_CHECK_VALUE(has(running_mean) == has(running_var),
-                    "batch_norm: running_mean and running_var must either both be None or neither be None");
+  // torch's exception types: RuntimeError in evaluation mode, ValueError in training.
   TORCH_CHECK(training || (has(running_mean) && has(running_var)),
               "batch_norm: running_mean and running_var must be defined in evaluation mode (training=False)");
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var),
+                    "batch_norm: running_mean and running_var must either both be None or neither be None");
+  if (training && has(running_mean)) {
+    // Written in training: sharing memory with what is read (or each other),
+    // the result would depend on the order of reads and writes.
+    TORCH_CHECK(!may_share_memory(*running_mean, input) && !may_share_memory(*running_var, input),
+                "batch_norm: running_mean and running_var must not share memory with the input in training "
+                "(they are updated in place)");
+    TORCH_CHECK(!may_share_memory(*running_mean, *running_var),
+                "batch_norm: running_mean and running_var must not share memory with each other in training "
+                "(they are updated in place)");
+  }
 }
 
 // torch.nn.functional.batch_norm's own checks, done here so the C++ API raises them too.

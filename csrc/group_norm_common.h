@@ -45,6 +45,10 @@ inline void check_group_norm_args(const at::Tensor& input, int64_t groups, const
   TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ", input.dim());
   const int64_t C = input.size(1);
   TORCH_CHECK(groups > 0, "group_norm: num_groups must be positive, got ", groups);
+  TORCH_CHECK(C > 0, "Expected number of channels to be greater than 0, got ", C);
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.size(d);
+  TORCH_CHECK(spatial > 0, "Expected HxW to be greater than 0, got ", spatial);
   TORCH_CHECK(C % groups == 0, "Expected number of channels in input to be divisible by num_groups, but got input "
               "of shape ", input.sizes(), " and num_groups=", groups);
   for (const auto& [param, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
@@ -78,6 +82,14 @@ inline void check_layer_norm_channels_args(const at::Tensor& input, const std::o
   const int64_t C = input.size(1);
   check_param(weight, "weight", input, C, "the input's channel count, input.size(1)");
   check_param(bias, "bias", input, C, "the input's channel count, input.size(1)");
+}
+
+// LayerNorm over channels saves one mean and rstd per (sample, position):
+// the product of every size but the channel count's.
+inline int64_t layer_norm_channels_stat_count(const at::Tensor& input) {
+  int64_t count = 1;
+  for (int64_t d = 0; d < input.dim(); ++d) count *= d == 1 ? 1 : input.size(d);
+  return count;
 }
 
 }  // namespace bn_ext

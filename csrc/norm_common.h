@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace bn_ext {
 
@@ -68,5 +69,22 @@ inline Activation parse_activation(const std::optional<std::string_view>& name, 
 }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Whether a and b may share memory: the same storage and intersecting byte
+// ranges (interleaved views count as sharing).
+inline bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage() ||
+      !a.storage().is_alias_of(b.storage())) {
+    return false;
+  }
+  auto bytes = [](const at::Tensor& t) {
+    int64_t last = t.storage_offset();
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return std::pair<int64_t, int64_t>{t.storage_offset() * t.element_size(), (last + 1) * t.element_size()};
+  };
+  const auto [a_begin, a_end] = bytes(a);
+  const auto [b_begin, b_end] = bytes(b);
+  return a_begin < b_end && b_begin < a_end;
+}
 
 }  // namespace bn_ext

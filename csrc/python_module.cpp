@@ -7,11 +7,13 @@
 // all apply); bn_ext/functional.py uses them only outside torch.compile and
 // when no __torch_function__ override is active.
 #include "bn_ext/bn_ext.h"
+#include "cpu/output_memory.h"
 
 #include <Python.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -154,6 +156,20 @@ PyObject* empty_cpu_output_cache(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
+// _hold_output_cache_lock(seconds): the lock held, the GIL released.
+PyObject* hold_output_cache_lock(PyObject*, PyObject* seconds) {
+  HANDLE_TH_ERRORS
+  const double s = PyFloat_AsDouble(seconds);
+  if (PyErr_Occurred()) return nullptr;
+  const auto duration = std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
+  {
+    pybind11::gil_scoped_release no_gil;
+    bn_ext::cpu::hold_output_cache_lock(duration);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* cpu_capability(PyObject*, PyObject*) {
   HANDLE_TH_ERRORS
   return PyUnicode_FromString(bn_ext::cpu_capability().c_str());
@@ -182,6 +198,7 @@ PyMethodDef methods[] = {
     {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "bn_ext.cpu_output_cache_stats's binding"},
     {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O, "bn_ext.set_cpu_output_cache_limit's binding"},
     {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "bn_ext.empty_cpu_output_cache's binding"},
+    {"_hold_output_cache_lock", hold_output_cache_lock, METH_O, "holds the output cache's lock (a test of fork)"},
     {"cpu_capability", cpu_capability, METH_NOARGS, "bn_ext.cpu_capability's binding"},
     {"cpu_capabilities", cpu_capabilities, METH_NOARGS, "bn_ext.cpu_capabilities's binding"},
     {nullptr, nullptr, 0, nullptr}};

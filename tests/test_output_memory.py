@@ -232,3 +232,35 @@ def test_limit_from_the_environment(value, expect):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
+
+
+def test_fork_while_another_thread_holds_the_cache_lock():
+    # A child forked while another thread held the cache's lock inherited it
+    # locked and waited forever on its first large output (DataLoader
+    # workers and multiprocessing fork). Here a thread holds the lock for a
+    # second when the main thread forks; the child makes a large output and
+    # exits. In a subprocess of its own, so that a hang is a timeout here.
+    code = (
+        "import os, sys, threading, time, torch, bn_ext\n"
+        "from bn_ext import _C\n"
+        "bn_ext.layer_norm(torch.randn(64, 16, 64, 64), (64,))  # the cache in use\n"
+        "holder = threading.Thread(target=_C._hold_output_cache_lock, args=(1.0,))\n"
+        "holder.start()\n"
+        "time.sleep(0.3)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    torch.set_num_threads(1)\n"
+        "    out = bn_ext.layer_norm(torch.randn(64, 16, 64, 64), (64,))\n"
+        "    os._exit(0 if out.shape == (64, 16, 64, 64) else 3)\n"
+        "holder.join()\n"
+        "deadline = time.monotonic() + 60\n"
+        "while time.monotonic() < deadline:\n"
+        "    done, status = os.waitpid(pid, os.WNOHANG)\n"
+        "    if done:\n"
+        "        sys.exit(os.waitstatus_to_exitcode(status))\n"
+        "    time.sleep(0.05)\n"
+        "os.kill(pid, 9)\n"
+        "sys.exit('the forked child hung on its first large output')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -92,10 +92,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward_cpu(const Tensor&
   const auto stats_options = x.options().dtype(stat_dtype(x.scalar_type()));
   Tensor mean = at::empty(channels_stat_shape(x), stats_options);
   Tensor rstd = at::empty(channels_stat_shape(x), stats_options);
-  if (x.numel() == 0) return {out, mean, rstd};
+  if (mean.numel() == 0) return {out, mean, rstd};
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
-  if (channel_rows(x)) {
-    const RowGeometry rows{x.numel() / x.size(1), x.size(1)};
+  // No channel: each position's statistics are LayerNorm's of an empty row.
+  if (x.size(1) == 0 || channel_rows(x)) {
+    const RowGeometry rows{mean.numel(), x.size(1)};
     cpu_kernels().row_norm->layer_norm_forward(x, w, b, out, mean, rstd, rows, eps);
   } else {
     cpu_kernels().group_norm->layer_norm_channels_forward(x, w, b, out, mean, rstd, eps);
@@ -111,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward_cpu(
   check_layer_norm_channels_args(input, weight, bias);
   const int64_t C = input.size(1);
   check_group_norm_backward_args("layer_norm_channels_backward", grad_out, input, mean, rstd,
-                                 C > 0 ? input.numel() / C : 0);
+                                 layer_norm_channels_stat_count(input));
   const auto fmt = group_norm_memory_format(input);
   const Tensor x = input.contiguous(fmt), dy = grad_out.contiguous(fmt);
   const auto sdtype = stat_dtype(x.scalar_type());
@@ -131,6 +132,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward_cpu(
     }
   }
   if (sums.empty()) sums.assign(2 * C, 0.0);
+  zero_single_value_rows(dx, C);
   const std::vector<double> dweight(sums.begin(), sums.begin() + C), dbias(sums.begin() + C, sums.end());
   return {dx, param_grad(output_mask[1], dweight, weight, x), param_grad(output_mask[2], dbias, bias, x)};
 }

@@ -8,12 +8,16 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <thread>
 
 namespace bn_ext::cpu {
 namespace {
@@ -76,8 +80,21 @@ class OutputCache final : public c10::Allocator {
 
   static OutputCache& instance() {
     // Never destroyed: outputs may be freed during interpreter shutdown.
-    static auto* cache = new OutputCache();
+    static auto* cache = [] {
+      // fork() copies the mutex as it is: a child forked while another
+      // thread held it would wait forever on its first large output
+      // (DataLoader workers, multiprocessing). The fork waits for the lock,
+      // so the child inherits a consistent cache, and both sides let it go.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return new OutputCache();
+    }();
     return *cache;
+  }
+
+  void hold_lock(std::chrono::milliseconds duration) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::this_thread::sleep_for(duration);
   }
 
  private:
@@ -156,6 +173,8 @@ at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format) {
   if (!x.is_non_overlapping_and_dense()) return at::empty_like(x, format);
   return at::detail::empty_strided_generic(x.sizes(), x.strides(), &cache, ks, x.scalar_type());
 }
+
+void hold_output_cache_lock(std::chrono::milliseconds duration) { OutputCache::instance().hold_lock(duration); }
 
 }  // namespace bn_ext::cpu
 

@@ -11,6 +11,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <chrono>
 #include <cstdint>
 
 namespace bn_ext::cpu {
@@ -21,5 +22,9 @@ constexpr int64_t kLargeOutputBytes = int64_t(4) << 20;
 // An uninitialised tensor shaped like x: with x's strides when `format` is
 // Preserve and x is dense, in `format` otherwise.
 at::Tensor empty_output_like(const at::Tensor& x, at::MemoryFormat format);
+
+// Holds the cache's lock for `duration`: for the test of forking while
+// another thread holds it (tests/test_output_memory.py).
+void hold_output_cache_lock(std::chrono::milliseconds duration);
 
 }  // namespace bn_ext::cpu

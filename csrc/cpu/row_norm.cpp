@@ -67,6 +67,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_ou
                                                        g, output_mask[1] || output_mask[2]);
   }
   if (sums.empty()) sums.assign(2 * g.cols, 0.0);
+  zero_single_value_rows(dx, g.cols);
   return {dx, param_grad(output_mask[1], sums, 0, normalized_shape, weight, x),
           param_grad(output_mask[2], sums, g.cols, normalized_shape, bias, x)};
 }

@@ -180,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward_cuda(
   check_layer_norm_channels_args(input, weight, bias);
   const int64_t C = input.size(1);
   check_group_norm_backward_args("layer_norm_channels_backward", grad_out, input, mean, rstd,
-                                 C > 0 ? input.numel() / C : 0);
+                                 layer_norm_channels_stat_count(input));
   const DeviceGuard guard(input);
   auto stat_shape = input.sizes().vec();
   stat_shape[1] = 1;

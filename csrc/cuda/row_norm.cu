@@ -121,6 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> row_norm_backward_cuda(const Tensor& grad_out
       }
     });
   }
+  if constexpr (!kRms) zero_single_value_rows(dx, g.cols);
   auto param_grad = [&](bool asked, const Tensor& grad, const std::optional<Tensor>& param) {
     const auto dtype = has(param) ? param->scalar_type() : x.scalar_type();
     return asked ? grad.to(dtype).view(normalized_shape) : at::empty({0}, x.options().dtype(dtype));

@@ -225,7 +225,7 @@ void add_rows_moments(const T* x, int64_t width, int64_t stride, int64_t r0, int
       shift_rows, width, [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = load(s, j, count), b = Vec(0); },
       shift.data(), squares.data());
   for (int64_t j = 0; j < width; j += W) {
-    (Vec::loadu(shift.data() + j) / Vec(static_cast<Op>(shift_rows))).store(shift.data() + j);
+    finite_or_zero(Vec::loadu(shift.data() + j) / Vec(static_cast<Op>(shift_rows))).store(shift.data() + j);
   }
   std::fill(squares.begin(), squares.end(), Op(0));
   with_moments_column_block<T>(stride, [&](auto block) {
@@ -479,15 +479,15 @@ struct NoActivation {
 };
 
 struct Relu {
-  // max(z, 0), NaN kept; the gradient passes where z > 0 (torch's
-  // threshold_backward on the output).
+  // max(z, 0), NaN kept; the gradient is zero where z <= 0 and passes
+  // elsewhere, NaN included (torch's threshold_backward on the output).
   template <typename Vec>
   static Vec value(const Vec& z) {
     return at::vec::maximum(z, Vec(0));
   }
   template <typename Vec>
   static Vec grad(const Vec& dy, const Vec& z) {
-    return pass_where_greater(dy, z, typename Vec::value_type(0));
+    return zero_where_at_most(dy, z, typename Vec::value_type(0));
   }
 };
 
@@ -543,11 +543,11 @@ constexpr float largest_rounding_to_zero() {
 
 // dy * act'(round(v)) rounded to T, as a kernel storing round(v) and then
 // the gradient would compute it. ReLU's gradient is dy or 0, exact, and
-// round(v) > 0 exactly when v > largest_rounding_to_zero<T>(): no rounding.
+// round(v) <= 0 exactly when v <= largest_rounding_to_zero<T>(): no rounding.
 template <typename T, typename Act, typename Vec>
 inline Vec gradient_of_rounded(const Vec& dy, const Vec& v) {
   if constexpr (std::is_same_v<Act, Relu>) {
-    return pass_where_greater(dy, v, static_cast<typename Vec::value_type>(largest_rounding_to_zero<T>()));
+    return zero_where_at_most(dy, v, static_cast<typename Vec::value_type>(largest_rounding_to_zero<T>()));
   } else {
     return round_to_type<T>(Act::grad(dy, round_to_type<T>(v)));
   }

@@ -143,7 +143,7 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
       for (int64_t c0 = 0; c0 < g.C; c0 += Cg) {
         double total = 0.0;
         for (int64_t c = c0; c < c0 + Cg; ++c) total += first[c];
-        std::fill_n(sn + c0, Cg, static_cast<Op>(total / static_cast<double>(shift_rows * Cg)));
+        std::fill_n(sn + c0, Cg, finite_or_zero(static_cast<Op>(total / static_cast<double>(shift_rows * Cg))));
       }
     }
   });

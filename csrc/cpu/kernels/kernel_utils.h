@@ -19,6 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -153,23 +154,25 @@ inline bool stream_store(void* p, __m512d v) {
 }
 #endif
 
-// dy where v > threshold, zero elsewhere (NaN v: zero). At AVX512 one
-// compare into a mask register and a zeroing move: Vectorized's compare then
-// blendv go through a vector of lane masks (two instructions more), which
-// made the fused BatchNorm + ReLU backward's sums 25% slower than plain
-// BatchNorm's on bfloat16 channels-last inputs.
+// Zero where v <= threshold, dy elsewhere: NaN v passes dy, as torch's
+// threshold_backward (ReLU's gradient) does. At AVX512 one compare into a
+// mask register and a zeroing move: Vectorized's compare then blendv go
+// through a vector of lane masks (two instructions more), which made the
+// fused BatchNorm + ReLU backward's sums 25% slower than plain BatchNorm's
+// on bfloat16 channels-last inputs.
 template <typename V>
-inline at::vec::Vectorized<V> pass_where_greater(const at::vec::Vectorized<V>& dy, const at::vec::Vectorized<V>& v,
-                                                  V threshold) {
+inline at::vec::Vectorized<V> zero_where_at_most(const at::vec::Vectorized<V>& dy, const at::vec::Vectorized<V>& v,
+                                                 V threshold) {
 #if defined(CPU_CAPABILITY_AVX512)
+  // Not (v <= threshold), unordered: true where v > threshold or v is NaN.
   if constexpr (std::is_same_v<V, float>) {
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(threshold), _CMP_GT_OQ), dy);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, _mm512_set1_ps(threshold), _CMP_NLE_UQ), dy);
   } else if constexpr (std::is_same_v<V, double>) {
-    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(v, _mm512_set1_pd(threshold), _CMP_GT_OQ), dy);
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(v, _mm512_set1_pd(threshold), _CMP_NLE_UQ), dy);
   }
 #endif
   using Vec = at::vec::Vectorized<V>;
-  return Vec::blendv(Vec(0), dy, v > Vec(threshold));
+  return Vec::blendv(dy, Vec(0), v <= Vec(threshold));
 }
 
 // Makes a pass's streaming stores visible before its output is read.
@@ -305,7 +308,9 @@ inline void chan_merge(Moments& a, const Moments& b) {
   const double n = static_cast<double>(a.count + b.count);
   const double delta = b.mean - a.mean;
   const double b_share = static_cast<double>(b.count) / n;
-  a.mean += delta * b_share;
+  // An infinite mean stays that infinity, as a sum's would (delta is
+  // Inf - Inf there); opposite infinities give NaN.
+  a.mean = std::isfinite(delta) ? a.mean + delta * b_share : a.mean + b.mean;
   a.m2 += b.m2 + delta * delta * static_cast<double>(a.count) * b_share;
   a.count += b.count;
 }
@@ -314,6 +319,19 @@ inline void chan_merge(Moments& a, const Moments& b) {
 // standard deviation of the chunk's mean for all but contrived data, which is
 // what lets the single-pass sums below keep the precision of two passes.
 constexpr int64_t kShiftSamples = 16;
+
+// A shift must be finite: an infinite one gives x - shift = Inf - Inf = NaN
+// at the infinite value itself, and a NaN mean where the sum's is +-Inf.
+// Zero instead: the moments then carry the Inf (or NaN) as torch's do.
+template <typename Op>
+inline Op finite_or_zero(Op shift) {
+  return std::isfinite(shift) ? shift : Op(0);
+}
+template <typename V>
+inline at::vec::Vectorized<V> finite_or_zero(const at::vec::Vectorized<V>& shift) {
+  using Vec = at::vec::Vectorized<V>;
+  return Vec::blendv(Vec(0), shift, (shift - shift) == Vec(0));
+}
 
 // The shift of a chunk whose first run is p[0, n): the mean of its first values.
 template <typename T>
@@ -325,7 +343,7 @@ inline opmath_t<T> chunk_shift(const T* p, int64_t n) {
   for (; i + Vec::size() <= m; i += Vec::size()) acc += load_op(p + i);
   opmath_t<T> sum = reduce_add(acc);
   for (; i < m; ++i) sum += static_cast<opmath_t<T>>(p[i]);
-  return m > 0 ? sum / static_cast<opmath_t<T>>(m) : opmath_t<T>(0);
+  return m > 0 ? finite_or_zero(sum / static_cast<opmath_t<T>>(m)) : opmath_t<T>(0);
 }
 
 // Vector steps a partial sum takes before it is added into its total. The

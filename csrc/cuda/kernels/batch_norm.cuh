@@ -345,7 +345,7 @@ struct Relu {
   }
   template <typename A>
   __device__ __forceinline__ static A grad(A dy, A z) {
-    return z > A(0) ? dy : A(0);
+    return z <= A(0) ? A(0) : dy;  // NaN passes, as torch's threshold_backward
   }
 };
 
