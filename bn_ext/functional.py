@@ -796,6 +796,9 @@ def instance_norm(
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("instance_norm: running_mean and running_var must either both be None or neither be None")
+    if running_var is not None and not 0.0 <= eps < float("inf"):
+        # running_var is moved by 1 / rstd^2 - eps: NaN for these.
+        raise ValueError(f"instance_norm eps must be non-negative and finite with running statistics, got {eps}")
     for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
         if stat is not None and stat.numel() != input.shape[1]:
             raise RuntimeError(f"instance_norm: {name} should have the input's channel count, input.size(1) = "

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <limits>
 #include <type_traits>
 
 namespace bn_ext {
@@ -68,7 +69,9 @@ inline void check_batch_norm_forward_args(const at::Tensor& input, bool training
     for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
     TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
                       input.sizes());
-    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+    // Finite too: running_var is kept from 1 / invstd^2 - eps, NaN for eps = Inf.
+    TORCH_CHECK_VALUE(eps > 0.0 && eps < std::numeric_limits<double>::infinity(),
+                      "batch_norm eps must be positive and finite during training, but got ", eps);
   }
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
 }

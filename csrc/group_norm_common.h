@@ -77,8 +77,8 @@ inline void check_group_norm_backward_args(const char* op, const at::Tensor& gra
 inline void check_layer_norm_channels_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                            const std::optional<at::Tensor>& bias) {
   check_floating_input(input, "layer_norm_channels");
-  TORCH_CHECK(input.dim() >= 2, "layer_norm_channels: expected an (N, C, *) input, got ", input.dim(),
-              "-D input of size ", input.sizes());
+  TORCH_CHECK_INDEX(input.dim() >= 2, "layer_norm_channels: expected an (N, C, *) input, got ", input.dim(),
+                    "-D input of size ", input.sizes());
   const int64_t C = input.size(1);
   check_param(weight, "weight", input, C, "the input's channel count, input.size(1)");
   check_param(bias, "bias", input, C, "the input's channel count, input.size(1)");

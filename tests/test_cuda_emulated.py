@@ -252,6 +252,20 @@ def test_batch_norm_act_masks_and_misaligned(emu, order, mask, activation):
             mask, what="misaligned backward")
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_act_relu_gradient_passes_at_nan(emu, order, channels_last):
+    # torch.relu's gradient is zero where its output is <= 0 and passes
+    # elsewhere, NaN included: the CPU operator's rule (tests/test_edge_cases.py).
+    torch.manual_seed(32)
+    x = bn_input((4, 3, 4, 8), channels_last, torch.float32)
+    x[1, 0, 2, 3] = float("nan")
+    w, b, dy = torch.randn(3), torch.randn(3), bn_input((4, 3, 4, 8), channels_last, torch.float32)
+    want = compare(emu, "batch_norm_act_forward", x, w, b, None, None, True, 1e-5, "relu", None, what="NaN forward")
+    got = compare(emu, "batch_norm_act_backward", dy, x, None, w, b, want[1], want[2], True, 1e-5, "relu",
+                  [True, True, True, False], what="NaN backward")
+    assert got[2][0] == pytest.approx(dy[:, 0].double().sum().item(), rel=1e-5)
+
+
 # --- LayerNorm and RMSNorm -----------------------------------------------------
 
 # (rows, D, why)

@@ -18,9 +18,11 @@ inline std::vector<double> channel_values(const std::optional<at::Tensor>& t, in
   std::vector<double> v(C, fill);
   if (!has(t)) return v;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "channel_values", [&] {
-    const scalar_t* p = t->const_data_ptr<scalar_t>();
-    const int64_t stride = t->dim() == 0 ? 0 : t->stride(0);
-    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * stride]);
+    // Any shape of C elements, read in its own order (a (1, C) weight as torch
+    // takes it); a view for 0-d and 1-d tensors.
+    const at::Tensor flat = t->reshape({-1});
+    const scalar_t* p = flat.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * flat.stride(0)]);
   });
   return v;
 }
