@@ -334,3 +334,33 @@ def test_bias_false_drops_the_bias_as_torchs(cls):
     x = torch.randn(3, 4, 5, 5)
     ours.load_state_dict(theirs.state_dict())
     assert_close(ours(x), theirs(x), torch.float32)
+
+
+# --- parameters of other shapes, eps -------------------------------------------------
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parameters_and_statistics_of_shape_1_by_c(dtype, training):
+    # Any shape of C elements is read (and written) in its own order: a
+    # (1, C) weight was read with its first stride, C elements apart.
+    torch.manual_seed(5)
+    x = torch.randn(4, 3, 5, dtype=dtype)
+    pdtype = torch.float32
+    w, b = torch.randn(1, 3, dtype=pdtype), torch.randn(1, 3, dtype=pdtype)
+    stats = [torch.randn(1, 3, dtype=pdtype), torch.rand(1, 3, dtype=pdtype) + 0.5]
+    flat = [s.clone().view(-1) for s in stats]
+    out = B.batch_norm(x, *stats, w, b, training)
+    want = F.batch_norm(x, *flat, w.view(-1), b.view(-1), training)
+    assert_same_values([out, stats[0].view(-1), stats[1].view(-1)], [want, *flat], dtype, "(1, C) parameters")
+
+
+@pytest.mark.level_independent
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), -1.0, 0.0])
+def test_training_eps_must_be_positive_and_finite(eps):
+    # running_var is kept from 1 / invstd^2 - eps: NaN for eps = Inf (torch
+    # computes one; a documented difference). torch refuses eps <= 0 too.
+    mean, var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="eps"):
+        B.batch_norm(torch.randn(4, 3), mean, var, training=True, eps=eps)
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.ones(3))
