@@ -574,7 +574,7 @@ def rms_norm(
     Same signature and behaviour as torch.nn.functional.rms_norm; eps None
     means the machine epsilon of the computation type (float32 for half inputs).
     """
-    if input.dim() == 0:
+    if input.dim() == 0 and len(_as_shape(normalized_shape)) > 0:  # torch checks normalized_shape first
         raise ValueError("rms_norm: expected an input of at least 1 dimension, got a 0-d tensor")
     if _direct_call(input, weight):
         return _C.rms_norm(input, _as_shape(normalized_shape), weight, eps)

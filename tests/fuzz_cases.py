@@ -89,7 +89,7 @@ class Case:
 
     def make_input(self):
         rng, fault = self.rng, self.fault
-        dims = {"0-d input": 0, "1-d input": 1}.get(fault) or rng.choice([2, 3, 3, 4, 4, 4, 5])
+        dims = {"0-d input": 0, "1-d input": 1}.get(fault, rng.choice([2, 3, 3, 4, 4, 4, 5]))
         shape = [rng.choice([1, 2, 3, 5, 8]) if d != 1 else rng.choice([1, 2, 3, 4, 6, 8]) for d in range(dims)]
         if self.op in STAT_OPS and dims >= 2 and math.prod(shape) // shape[1] < 2:
             shape[0] = 2  # more than one value per channel: a valid training batch
@@ -207,8 +207,8 @@ class Case:
                 return [x, shape, w, None if fault == "eps None" else eps]
             return [x, shape, w, self.param("bias", shape, pdtype), eps]
         if op == "group_norm":
-            groups = {"groups 0": 0, "groups not dividing": C + 1}.get(fault) or self.rng.choice(
-                [g for g in range(1, C + 1) if C % g == 0] or [1])
+            groups = {"groups 0": 0, "groups not dividing": C + 1}.get(
+                fault, self.rng.choice([g for g in range(1, C + 1) if C % g == 0] or [1]))
             self.desc["groups"] = groups
             return [x, groups, self.param("weight", [C], pdtype), self.param("bias", [C], pdtype), eps]
         return [x, self.param("weight", [C], pdtype), self.param("bias", [C], pdtype), eps]
@@ -259,6 +259,8 @@ def documented_difference(case, ours, theirs):
         return "an empty input gives the empty output"
     if isinstance(ours, RuntimeError) and fault == "weight wrong dtype" and op == "rms_norm":
         return "rms_norm's weight has the input's dtype or float32"
+    if isinstance(ours, RuntimeError) and "num_groups" in str(ours) and isinstance(theirs, ZeroDivisionError):
+        return "num_groups=0 raises RuntimeError"
     if isinstance(ours, RuntimeError) and fault in ("residual broadcast", "residual other dtype"):
         return "batch_norm_act's residual has the input's shape and dtype"
     if isinstance(ours, RuntimeError) and "must not share memory" in str(ours) and case.desc.get("training") \
