@@ -23,7 +23,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bn_ext.fold import FoldReport, FoldVerificationError, _verify
 
@@ -32,6 +32,8 @@ __all__ = ["fold_onnx"]
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Nodes a BatchNorm's channels may pass through on the way to the layer it folds into.
 _CHANNEL_MOVERS = ("Flatten", "Reshape", "Transpose")
+# Nodes whose output is a constant when their input is (_Graph.constant).
+_CONSTANT_PASSERS = ("Identity", "Cast")
 
 
 class _Graph:
@@ -108,6 +110,9 @@ class _Graph:
         return spatial if end == [shape[0], shape[1] * spatial] else None
 
     def constant(self, name: str) -> np.ndarray | None:
+        """The value of tensor `name` where it is a constant: an initializer, a
+        Constant node, or an Identity or Cast of a constant (the TorchScript
+        exporter shares equal initializers through Identity nodes)."""
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.constant_nodes.get(name)
@@ -115,7 +120,14 @@ class _Graph:
             for attribute in node.attribute:
                 if attribute.name == "value":
                     return numpy_helper.to_array(attribute.t)
-        return None
+            return None
+        node = self.producer.get(name)
+        if node is None or node.op_type not in _CONSTANT_PASSERS or not node.input:
+            return None
+        value = self.constant(node.input[0])
+        if value is not None and node.op_type == "Cast":
+            value = value.astype(helper.tensor_dtype_to_np_dtype(_attribute(node, "to", TensorProto.FLOAT)))
+        return value
 
     def set_constant(self, node: onnx.NodeProto, index: int, value: np.ndarray, like: str | None) -> None:
         """Point input `index` of node at a new initializer holding value (in the
@@ -136,12 +148,20 @@ class _Graph:
         return name
 
     def drop_unused_constants(self) -> None:
+        # Nodes that only held constants the folds replaced, until none is left
+        # (dropping an Identity may leave the Constant it read unread).
+        while True:
+            used = {i for n in self.graph.node for i in n.input} | self.outputs
+            dead = [n for n in self.graph.node
+                    if n.op_type in ("Constant", *_CONSTANT_PASSERS) and n.output[0] not in used]
+            if not dead:
+                break
+            for node in dead:
+                self.graph.node.remove(node)
         used = {i for n in self.graph.node for i in n.input} | self.outputs
         kept = [t for t in self.graph.initializer if t.name in used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept)
-        for node in [n for n in self.graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-            self.graph.node.remove(node)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):

@@ -381,3 +381,40 @@ def test_an_exported_batch_norm_then_transpose_then_linear_folds(tmp_path):
     assert report.batch_norms_after == 0, str(report)
     assert_same_outputs(folded, original, {original.graph.input[0].name:
                                            np.random.default_rng(2).standard_normal((2, 6, 4)).astype(np.float32)})
+
+
+def test_constants_shared_through_identity_nodes_fold(tmp_path):
+    # Fresh statistics (means 0, variances 1) are equal initializers: the
+    # TorchScript exporter without constant folding keeps one of each and
+    # reads it through Identity nodes. They are constants all the same.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    original = export(model, torch.randn(1, 3, 64, 64), tmp_path / "model.onnx")
+    assert "Identity" in op_types(original)
+    folded, report = bn_ext.fold_onnx(original)
+    assert report.batch_norms_before == 20 and report.batch_norms_after == 0, str(report)
+    assert report.passed and "Identity" not in op_types(folded)
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = {original.graph.input[0].name: np.random.default_rng(5).standard_normal((1, 3, 64, 64)).astype(np.float32)}
+    assert_same_outputs(folded, original, feeds)
+
+
+def test_constants_through_cast_and_identity_fold():
+    # A half-precision weight cast to float, and BatchNorm constants read
+    # through Identity and Constant nodes.
+    rng = np.random.default_rng(6)
+    weight = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    bn, inits = bn_nodes("bn", 4, rng, "c", "Y")
+    scale = inits[0]
+    inits = [numpy_helper.from_array(weight, "W16")] + inits[1:]
+    nodes = [helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT),
+             helper.make_node("Constant", [], ["scale_c"], value=scale),
+             helper.make_node("Identity", ["scale_c"], ["scale"]),
+             conv_node("conv", "W", "X", "c"), bn]
+    bn.input[1] = "scale"
+    model = graph_model(nodes, inits, [helper.make_tensor_value_info("X", TensorProto.FLOAT, (1, 3, 6, 6))],
+                        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, (1, 4, 4, 4))])
+    folded, report = bn_ext.fold_onnx(model)
+    assert report.batch_norms_after == 0 and report.passed, str(report)
+    assert op_types(folded) == ["Conv"]
+    assert_same_outputs(folded, model, {"X": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})
