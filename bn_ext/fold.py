@@ -48,6 +48,34 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # BatchNorm, and InstanceNorm with track_running_stats (eval uses the running
 # statistics, as BatchNorm's).
 _FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
+
+
+def _frozen_batch_norms() -> tuple[type, ...]:
+    """The zoos' frozen BatchNorms: eval BatchNorm whatever the mode, with
+    weight, bias, running_mean and running_var buffers and an eps
+    (torchvision's, in every detector backbone built for pretrained weights,
+    and timm's)."""
+    classes = []
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        classes.append(FrozenBatchNorm2d)
+    except ImportError:
+        pass
+    try:
+        from timm.layers.norm_act import FrozenBatchNorm2d as TimmFrozenBatchNorm2d
+        classes.append(TimmFrozenBatchNorm2d)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
+def _is_foldable_norm(m: nn.Module) -> bool:
+    return isinstance(m, _FOLDABLE_NORMS + _frozen_batch_norms())
+
+
+def _normalises_with_batch_statistics(m: nn.Module) -> bool:
+    """A norm module in training mode, unless it is frozen."""
+    return m.training and not isinstance(m, _frozen_batch_norms())
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -357,7 +385,7 @@ def _overrides_forward(bn: nn.Module) -> bool:
 
     # Batch Renormalization is BatchNorm in eval (its running statistics normalise).
     known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward,
-             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward}
+             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward, *(c.forward for c in _frozen_batch_norms())}
     return type(bn).forward not in known
 
 
@@ -413,9 +441,9 @@ def _node_label(node: torch.fx.Node) -> str:
 def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
     if node.op == "call_module":
         m = root.get_submodule(node.target)
-        if isinstance(m, _FOLDABLE_NORMS):
-            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps, m.training,
-                         _activation_tail(m))
+        if _is_foldable_norm(m):
+            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
+                         _normalises_with_batch_statistics(m), _activation_tail(m))
         return None
     if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS:
         return None
@@ -592,7 +620,8 @@ class _FoldTracer(torch.fx.Tracer):
     """torch.fx tracer that keeps bn_ext's norm modules whole, like torch.nn's."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m).__module__.startswith("bn_ext") or super().is_leaf_module(m, qualname)
+        return (type(m).__module__.startswith("bn_ext") or isinstance(m, _frozen_batch_norms())
+                or super().is_leaf_module(m, qualname))
 
 
 def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
@@ -604,7 +633,7 @@ def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
     """BatchNorm modules, plus functional batch_norm calls that are not a
     traced BatchNorm module's own (a subclass's forward traced through)."""
-    modules = {n for n, m in model.named_modules() if isinstance(m, _FOLDABLE_NORMS)}
+    modules = {n for n, m in model.named_modules() if _is_foldable_norm(m)}
     functional = 0
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS:
@@ -1090,7 +1119,7 @@ class _RuntimeFolder:
 
     def record(self) -> tuple[list, list[int], dict[int, Tensor]]:
         names = {m: n for n, m in self.root.named_modules()}
-        watched = {m for m in names if isinstance(m, _FOLDABLE_NORMS + (nn.Linear,) + _CONVS + _CONV_TRANSPOSES)}
+        watched = {m for m in names if _is_foldable_norm(m) or isinstance(m, (nn.Linear,) + _CONVS + _CONV_TRANSPOSES)}
         events: list[tuple[str, list[int], list[int]]] = []  # (who, input ids, output ids)
         keep: dict[int, Tensor] = {}  # the recorded tensors by id, alive so ids stay unique
         depth = [0]
@@ -1141,7 +1170,7 @@ class _RuntimeFolder:
         modules = dict(self.root.named_modules())
         absorbed: set[tuple[str, str]] = set()
         for name, bn in list(modules.items()):
-            if not isinstance(bn, _FOLDABLE_NORMS):
+            if not _is_foldable_norm(bn):
                 continue
             norm = _Norm(None, name, bn, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, False,
                          _activation_tail(bn))

@@ -882,3 +882,68 @@ def test_instance_norm_with_running_statistics_folds_like_batch_norm(cls):
     assert bn_ext.fold.training_batch_norms(program.graph) == []  # instance statistics are not training mode
     with torch.no_grad():
         torch.testing.assert_close(folded_program.module()(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+# --- frozen BatchNorms (torchvision's and timm's) -------------------------------------
+
+
+def _frozen_classes():
+    import timm.layers.norm_act
+    import torchvision.ops.misc
+
+    return [torchvision.ops.misc.FrozenBatchNorm2d, timm.layers.norm_act.FrozenBatchNorm2d]
+
+
+def _randomised_frozen(cls, channels, seed):
+    frozen = cls(channels)
+    g = torch.Generator().manual_seed(seed)
+    frozen.weight.copy_(torch.randn(channels, generator=g) * 0.2 + 1)
+    frozen.bias.copy_(torch.randn(channels, generator=g) * 0.1)
+    frozen.running_mean.copy_(torch.randn(channels, generator=g) * 0.5)
+    frozen.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+    return frozen
+
+
+def _freeze_batch_norms(module, cls, seed=0):
+    """Every BatchNorm2d replaced by a randomised frozen one, as torchvision
+    builds a detector's backbone for pretrained weights (norm_layer=FrozenBatchNorm2d)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            setattr(module, name, _randomised_frozen(cls, child.num_features, seed))
+            seed += 1
+        else:
+            seed = _freeze_batch_norms(child, cls, seed)
+    return seed
+
+
+@pytest.mark.level_independent
+@pytest.mark.parametrize("cls", _frozen_classes(), ids=lambda c: c.__module__.split(".")[0])
+def test_frozen_batch_norms_fold_and_are_counted(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _randomised_frozen(cls, 8, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 9, 9)
+    folded, report = bn_ext.fold_model(model, (x,))
+    assert report.batch_norms_before == 1 and report.batch_norms_after == 0, str(report)
+    assert not any(isinstance(m, cls) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.level_independent
+def test_a_detector_with_frozen_batch_norms_folds_its_backbone_exactly():
+    # fasterrcnn_mobilenet_v3_large_fpn as torchvision builds it for
+    # pretrained backbone weights: 46 FrozenBatchNorm2d, all folded. Its
+    # post-NMS detections are not compared here (tied scores reorder).
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None,
+                                                                          num_classes=5)
+    _freeze_batch_norms(model, _frozen_classes()[0])
+    model.eval()
+    folded, report = bn_ext.fold_model(model, ([torch.rand(3, 128, 128)],), strict=False)
+    assert report.batch_norms_before == 46 and report.batch_norms_after == 0, str(report)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        want, got = model.backbone(x), folded.backbone(x)
+    for level in want:
+        torch.testing.assert_close(got[level], want[level], rtol=1e-5, atol=1e-5 * want[level].abs().max().item())
