@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
 
 
+@functools.cache
 def _frozen_batch_norms() -> tuple[type, ...]:
     """The zoos' frozen BatchNorms: eval BatchNorm whatever the mode, with
     weight, bias, running_mean and running_var buffers and an eps
