@@ -49,6 +49,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # BatchNorm, and InstanceNorm with track_running_stats (eval uses the running
 # statistics, as BatchNorm's).
 _FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @functools.cache
@@ -78,7 +79,6 @@ def _is_foldable_norm(m: nn.Module) -> bool:
 def _normalises_with_batch_statistics(m: nn.Module) -> bool:
     """A norm module in training mode, unless it is frozen."""
     return m.training and not isinstance(m, _frozen_batch_norms())
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 # ---------------------------------------------------------------------------

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 import bn_ext.functional as B
+from conftest import ERROR_RATIO, ROUNDOFF, max_error  # tests/ is this script's folder
 
 ACTIVATIONS = {None: lambda y: y, "relu": torch.relu, "silu": F.silu}
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def layer_norm_channels_twin(x, weight, bias, eps):
@@ -269,18 +269,10 @@ def documented_difference(case, ours, theirs):
     return None
 
 
-def max_error(actual, reference):
-    a, r = actual.detach().double(), reference.detach().double()
-    if a.numel() == 0:
-        return 0.0
-    same = (a == r) | (a.isnan() & r.isnan())
-    return torch.where(same, 0.0, (a - r).abs()).nan_to_num(nan=math.inf).max().item()
-
-
 def agree(ours, theirs, reference, dtype, magnitude=0.0, values=True):
     """bn_ext's result against torch's: the same shape, NaN at the same
-    places, and an error against the float64 reference within 8 times
-    torch's or 16 roundings of the largest value (or of `magnitude`, the
+    places, and an error against the float64 reference within ERROR_RATIO
+    times torch's or 16 roundings of the largest value (or of `magnitude`, the
     largest term the result cancels from). values=False: shapes only."""
     if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
         return f"shape or dtype {tuple(ours.shape)} {ours.dtype} vs {tuple(theirs.shape)} {theirs.dtype}"
@@ -292,10 +284,10 @@ def agree(ours, theirs, reference, dtype, magnitude=0.0, values=True):
     finite = reference.double()[reference.isfinite()]
     largest = max(finite.abs().max().item() if finite.numel() else 0.0, magnitude)
     if dtype == torch.float64:  # torch's result is the reference: the suite's float64 tolerance
-        limit = 1e-10 * max(1.0, largest) + 8 * max_error(theirs, reference)
+        limit = 1e-10 * max(1.0, largest) + ERROR_RATIO * max_error(theirs, reference)
     else:
-        limit = 8 * max(max_error(theirs, reference), 16 * ROUNDOFF[torch.float32] * largest,
-                        ROUNDOFF[dtype] * largest)
+        limit = ERROR_RATIO * max(max_error(theirs, reference), 16 * ROUNDOFF[torch.float32] * largest,
+                                  ROUNDOFF[dtype] * largest)
     ours_error = max_error(ours, reference)
     if ours_error > limit:
         return f"error {ours_error:.3g} against float64, torch's {max_error(theirs, reference):.3g}"

@@ -142,7 +142,7 @@ void batch_norm_update_stats_cpu(const std::optional<Tensor>& running_mean, cons
                 " elements not ", t.numel());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "batch_norm_update_stats", [&] {
       // Any shape of C elements (a (1, C) buffer, say), in its own order.
-      const Tensor flat = t.dim() == 1 ? t : t.view({-1});
+      const Tensor flat = t.view({-1});
       scalar_t* p = flat.mutable_data_ptr<scalar_t>();
       const int64_t stride = flat.stride(0);
       for (int64_t c = 0; c < C; ++c) {
