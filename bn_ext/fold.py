@@ -25,6 +25,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils import _pytree
 
 import bn_ext.functional  # noqa: F401  (registers the operators)
+from bn_ext.fold_verification import ReferenceRun, Verification
 
 __all__ = [
     "FoldReport",
@@ -574,6 +575,11 @@ class FoldReport:
     quantization: list[WeightQuantization] = dataclasses.field(default_factory=list)
     pt2e_error: float | None = None
     pt2e_failure: str | None = None  # why the PT2E flow did not take the folded model
+    # Decision ops (sort, topk, NMS, argmax, thresholds) the folded model ran
+    # with the original's outcomes, and how far their inputs were apart.
+    decisions: int = 0
+    decision_rel_error: float = 0.0
+    failure: str | None = None  # what verification found first, when it failed
 
     def __str__(self) -> str:
         lines = [
@@ -606,16 +612,12 @@ class FoldReport:
             f"max error relative to output scale {self.max_rel_error:.3g} "
             f"(atol {self.atol:.3g}, rtol {self.rtol:.3g}): {verdict}"
         )
+        if self.decisions:
+            lines.append(f"    {self.decisions} decisions (sort, topk, NMS, argmax, thresholds) taken as the original "
+                         f"took them; their inputs agree to {self.decision_rel_error:.3g} of their scale")
+        if self.failure:
+            lines.append(f"    first difference: {self.failure}")
         return "\n".join(lines)
-
-
-# Default tolerances by output dtype: a few roundings of the folded weights.
-_TOLERANCE = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
 
 
 class _FoldTracer(torch.fx.Tracer):
@@ -930,25 +932,16 @@ class FoldVerificationError(RuntimeError):
     tolerance; `report` holds the folding report and the measured error."""
 
     def __init__(self, what: str, report: FoldReport):
-        super().__init__(f"{what}: the folded model's outputs differ from the original's by {report.max_abs_error:.3g} "
-                         f"(allowed atol {report.atol:.3g} + rtol {report.rtol:.3g} x |output|); the folded model is "
+        found = report.failure or (f"the outputs differ from the original's by {report.max_abs_error:.3g} (allowed "
+                                   f"atol {report.atol:.3g} + rtol {report.rtol:.3g} x |output|)")
+        super().__init__(f"{what}: the folded model does not match the original: {found}; the folded model is "
                          "not returned (strict=False returns it anyway)\n" + str(report))
         self.report = report
 
 
-def _verify(report: FoldReport, expected: list[Tensor], actual: list[Tensor], atol, rtol) -> None:
-    dtype = expected[0].dtype if expected else torch.float32
-    default_atol, default_rtol = _TOLERANCE.get(dtype, _TOLERANCE[torch.float32])
-    report.atol = default_atol if atol is None else atol
-    report.rtol = default_rtol if rtol is None else rtol
-    max_abs, scale = 0.0, 0.0
-    for e, a in zip(expected, actual):
-        if e.is_floating_point() and e.numel():
-            max_abs = max(max_abs, (a.double() - e.double()).abs().max().item())
-            scale = max(scale, e.double().abs().max().item())
-    report.max_abs_error = max_abs
-    report.max_rel_error = max_abs / scale if scale > 0 else max_abs
-    report.passed = len(expected) == len(actual) and max_abs <= report.atol + report.rtol * scale
+def _verify(report: FoldReport, check: Verification) -> None:
+    for field in dataclasses.fields(Verification):
+        setattr(report, field.name, getattr(check, field.name))
 
 
 def _pt2e_error(model: nn.Module, example_inputs: tuple) -> float:
@@ -1009,7 +1002,7 @@ def fold_model(
     target = model if inplace else copy.deepcopy(model)
     target.eval()
     try:
-        expected = _outputs(target, example_inputs)
+        reference = ReferenceRun(target, example_inputs)
     except Exception as error:  # noqa: BLE001  (whatever the model raises on them)
         first_line = str(error).splitlines()[0] if str(error) else ""
         raise ValueError(f"fold_model: example_inputs: the model does not run on them ({type(error).__name__}: "
@@ -1049,7 +1042,7 @@ def fold_model(
         layer_norms_folded=layer_norms,
         quantization=folder.quantization,
     )
-    _verify(report, expected, _outputs(result, example_inputs), atol, rtol)
+    _verify(report, reference.verify(result, atol, rtol))
     if quantization:
         try:
             report.pt2e_error = _pt2e_error(result.eval(), example_inputs)
@@ -1081,7 +1074,7 @@ def fold_exported_program(
         example_inputs = program.example_inputs[0]
     example_inputs = tuple(example_inputs)
     gm = program.module()
-    expected = _outputs(gm, example_inputs)
+    reference = ReferenceRun(gm, example_inputs)
     before = _count_batch_norms(gm, gm.graph)
     with torch.no_grad():
         folder = _GraphFolder(gm, gm.graph, _shapes(gm, example_inputs))
@@ -1096,7 +1089,7 @@ def fold_exported_program(
         left=folder.report_left,
         quantization=folder.quantization,
     )
-    _verify(report, expected, _outputs(gm, example_inputs), atol, rtol)
+    _verify(report, reference.verify(gm, atol, rtol))
     if strict and not report.passed:
         raise FoldVerificationError("fold_exported_program", report)
     return torch.export.export(gm, example_inputs), report
