@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from torch.utils import _pytree
 
 import bn_ext.functional  # noqa: F401  (registers the operators)
 from bn_ext.fold_verification import ReferenceRun, Verification
+from bn_ext.norm_classes import class_name, frozen_batch_norm_classes, holds_running_statistics, norm_modules
 
 __all__ = [
     "FoldReport",
@@ -53,33 +53,13 @@ _FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-@functools.cache
-def _frozen_batch_norms() -> tuple[type, ...]:
-    """The zoos' frozen BatchNorms: eval BatchNorm whatever the mode, with
-    weight, bias, running_mean and running_var buffers and an eps
-    (torchvision's, in every detector backbone built for pretrained weights,
-    and timm's)."""
-    classes = []
-    try:
-        from torchvision.ops.misc import FrozenBatchNorm2d
-        classes.append(FrozenBatchNorm2d)
-    except ImportError:
-        pass
-    try:
-        from timm.layers.norm_act import FrozenBatchNorm2d as TimmFrozenBatchNorm2d
-        classes.append(TimmFrozenBatchNorm2d)
-    except ImportError:
-        pass
-    return tuple(classes)
-
-
 def _is_foldable_norm(m: nn.Module) -> bool:
-    return isinstance(m, _FOLDABLE_NORMS + _frozen_batch_norms())
+    return isinstance(m, _FOLDABLE_NORMS + frozen_batch_norm_classes())
 
 
 def _normalises_with_batch_statistics(m: nn.Module) -> bool:
     """A norm module in training mode, unless it is frozen."""
-    return m.training and not isinstance(m, _frozen_batch_norms())
+    return m.training and not isinstance(m, frozen_batch_norm_classes())
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +368,8 @@ def _overrides_forward(bn: nn.Module) -> bool:
 
     # Batch Renormalization is BatchNorm in eval (its running statistics normalise).
     known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward,
-             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward, *(c.forward for c in _frozen_batch_norms())}
+             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward, bn_nn._FrozenBatchNormForward.forward,
+             *(c.forward for c in frozen_batch_norm_classes())}
     return type(bn).forward not in known
 
 
@@ -412,8 +393,9 @@ def _activation_tail(bn: nn.Module) -> nn.Module | None:
     if forward is bn_nn.BatchNormAct2d.forward:
         activation = {"relu": nn.ReLU(), "silu": nn.SiLU()}.get(bn.activation, nn.Identity())
         return NormThenActivation(nn.Identity(), activation)
-    timm_classes = bn_nn._timm_batch_norm_act_classes()
-    if forward is bn_nn._TimmBatchNormActForward.forward or type(bn) in timm_classes:
+    # timm's classes stay bases of their bn_ext twins.
+    timm_classes = tuple(bn_nn._zoo_classes("timm.layers", "BatchNormAct2d", "FrozenBatchNormAct2d"))
+    if isinstance(bn, timm_classes):
         return NormThenActivation(nn.Identity(), nn.Sequential(bn.drop, bn.act))
     return None
 
@@ -448,7 +430,7 @@ def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
             return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
                          _normalises_with_batch_statistics(m), _activation_tail(m))
         return None
-    if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS:
+    if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS or _depends_on_constants_only(node.args[0]):
         return None
     names = _BN_FUNCTION_ARGS[node.target]
     try:
@@ -580,6 +562,16 @@ class FoldReport:
     decisions: int = 0
     decision_rel_error: float = 0.0
     failure: str | None = None  # what verification found first, when it failed
+    # Every norm module of the model by class, BatchNorm or not (the census).
+    norms: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def _why_nothing_folded(self) -> str:
+        if self.batch_norms_before:
+            return "every BatchNorm is left, for the reasons listed"
+        if self.norms:
+            return ("the model holds no BatchNorm; its norms compute statistics of each input at run time, "
+                    "which no Conv or Linear can absorb")
+        return "the model holds no norm layer"
 
     def __str__(self) -> str:
         lines = [
@@ -587,6 +579,10 @@ class FoldReport:
             f"  BatchNorms: {self.batch_norms_before} before, {self.batch_norms_after} left "
             f"({len(self.folded)} folded; of those left, {len(self.frozen)} frozen to a per-channel affine)",
         ]
+        if self.norms:
+            lines.append("  norm modules: " + ", ".join(f"{count} {cls}" for cls, count in self.norms.items()))
+        if not self.folded:
+            lines.append(f"  nothing folded: {self._why_nothing_folded()}")
         if self.folded:
             lines.append("  folded:")
             lines += [f"    {norm:<40} {'into' if where == 'after' else 'ahead of'} {layer}"
@@ -624,28 +620,61 @@ class _FoldTracer(torch.fx.Tracer):
     """torch.fx tracer that keeps bn_ext's norm modules whole, like torch.nn's."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (type(m).__module__.startswith("bn_ext") or isinstance(m, _frozen_batch_norms())
+        return (type(m).__module__.startswith("bn_ext") or isinstance(m, frozen_batch_norm_classes())
                 or super().is_leaf_module(m, qualname))
 
 
 def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
     """The batch_norm calls of a graph in training mode (batch statistics)."""
-    return [_node_label(n) for n in graph.nodes if n.op == "call_function" and n.target in _BN_FUNCTION_ARGS
-            and n.target not in _INSTANCE_NORM_FUNCTION_ARGS and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
+    return [_node_label(n) for n in _batch_norm_calls(graph)
+            if n.target not in _INSTANCE_NORM_FUNCTION_ARGS and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
+
+
+def _depends_on_constants_only(node: Any) -> bool:
+    """Whether a graph value is computed from parameters and buffers alone
+    (timm's StdConv2d standardises its weight with a batch_norm call)."""
+    pending, seen = [node], set()
+    while pending:
+        current = pending.pop()
+        if not isinstance(current, torch.fx.Node) or current in seen:
+            continue
+        seen.add(current)
+        if current.op in ("placeholder", "call_module"):
+            return False
+        pending += current.all_input_nodes
+    return True
+
+
+def _batch_norm_calls(graph: torch.fx.Graph | None) -> list[torch.fx.Node]:
+    """The graph's batch_norm calls that normalise activations (not weights)."""
+    return [node for node in (graph.nodes if graph is not None else ())
+            if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS
+            and not _depends_on_constants_only(node.args[0])]
+
+
+def _statistics_owner(node: torch.fx.Node) -> str | None:
+    """The module whose running_mean a batch_norm call reads, if it reads an attribute."""
+    stats = _arg(node, _BN_FUNCTION_ARGS[node.target], "running_mean")
+    on_attribute = isinstance(stats, torch.fx.Node) and stats.op == "get_attr"
+    return stats.target.rpartition(".")[0] if on_attribute else None
 
 
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
     """BatchNorm modules, plus functional batch_norm calls that are not a
     traced BatchNorm module's own (a subclass's forward traced through)."""
     modules = {n for n, m in model.named_modules() if _is_foldable_norm(m)}
-    functional = 0
-    for node in graph.nodes if graph is not None else ():
-        if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS:
-            stats = _arg(node, _BN_FUNCTION_ARGS[node.target], "running_mean")
-            on_attribute = isinstance(stats, torch.fx.Node) and stats.op == "get_attr"
-            owner = stats.target.rpartition(".")[0] if on_attribute else None
-            functional += owner not in modules
-    return len(modules) + functional
+    return len(modules) + sum(_statistics_owner(node) not in modules for node in _batch_norm_calls(graph))
+
+
+def _unrecognised_norms(model: nn.Module, graph: torch.fx.Graph | None) -> list[tuple[str, str]]:
+    """Modules with running statistics that are no BatchNorm class bn_ext
+    knows and whose statistics no batch_norm call of the graph reads:
+    (name, why it is left)."""
+    read = {_statistics_owner(node) for node in _batch_norm_calls(graph)}
+    return [(name, f"{class_name(m)} holds running statistics, but is no norm class bn_ext knows: what its forward "
+                   "computes is unknown, so it is not folded")
+            for name, m in model.named_modules()
+            if holds_running_statistics(m) and not _is_foldable_norm(m) and name not in read]
 
 
 def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -1013,6 +1042,8 @@ def fold_model(
     except Exception as error:  # noqa: BLE001  (any tracing failure means: fall back)
         graph, method = None, f"execution on the example inputs (fx tracing failed: {type(error).__name__})"
     before = _count_batch_norms(target, graph)
+    unrecognised = _unrecognised_norms(target, graph)
+    census = dict(Counter(type(m).__name__ for _, m in norm_modules(target)))
     with torch.no_grad():
         if graph is not None:
             folder = _GraphFolder(target, graph, _shapes(torch.fx.GraphModule(target, graph), example_inputs),
@@ -1033,11 +1064,12 @@ def fold_model(
         result = torch.fx.GraphModule(target, graph)
     report = FoldReport(
         method=method,
-        batch_norms_before=before,
+        batch_norms_before=before + len(unrecognised),
         # Frozen affines count as BatchNorms left: they still cost a pass.
-        batch_norms_after=before - len(folder.report_folded),
+        batch_norms_after=before + len(unrecognised) - len(folder.report_folded),
         folded=folder.report_folded,
-        left=folder.report_left,
+        left=folder.report_left + unrecognised,
+        norms=census,
         frozen=folder.frozen,
         layer_norms_folded=layer_norms,
         quantization=folder.quantization,

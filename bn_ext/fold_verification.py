@@ -54,6 +54,20 @@ def _decision_ops() -> dict:
     return ops
 
 
+def _difference(want: Tensor, got: Tensor) -> tuple[float, float]:
+    """(largest difference, largest magnitude) over want's finite values; inf
+    where the two differ in which values are infinite or NaN and how (SSD's
+    loss sorts a tensor holding -inf)."""
+    finite = want.isfinite()
+    if not torch.equal(finite, got.isfinite()) or not torch.equal(
+            want.isnan(), got.isnan()) or not torch.equal(want.isposinf(), got.isposinf()):
+        return float("inf"), 0.0
+    if not finite.any():
+        return 0.0, 0.0
+    want, got = want.double()[finite], got.double()[finite]
+    return (got - want).abs().max().item(), want.abs().max().item()
+
+
 def _float_tensors(args) -> list[Tensor]:
     return [t for t in _pytree.tree_leaves(args) if isinstance(t, Tensor) and t.is_floating_point()]
 
@@ -113,8 +127,7 @@ class _Replayer(TorchDispatchMode):
         for want, got in zip(recorded.inputs, inputs):
             if not want.numel():
                 continue
-            error = (got.double() - want.double()).abs().max().item()
-            scale = want.double().abs().max().item()
+            error, scale = _difference(want, got)
             self.max_rel_error = max(self.max_rel_error, error / scale if scale > 0 else error)
             if not error <= atol + rtol * scale:  # NaN fails
                 raise _DecisionMismatch(f"{where}: its input differs from the original's by {error:.3g} "
@@ -162,8 +175,8 @@ def compare_outputs(expected: list[Tensor], actual: list[Tensor], atol, rtol) ->
             check.failure = f"an output has shape {tuple(a.shape)} where the original's has {tuple(e.shape)}"
             max_abs = float("inf")
         elif e.is_floating_point() and e.numel():
-            max_abs = max(max_abs, (a.double() - e.double()).abs().max().item())
-            scale = max(scale, e.double().abs().max().item())
+            error, e_scale = _difference(e, a)
+            max_abs, scale = max(max_abs, error), max(scale, e_scale)
         elif e.numel() and not torch.equal(e, a):
             check.failure = "an integer output differs"
             max_abs = float("inf")

@@ -7,6 +7,9 @@ so state_dicts, hooks, isinstance checks and `extra_repr` are torch.nn's own.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -33,6 +36,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "ConvertReport",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -262,35 +266,24 @@ class LayerNorm2d(torch.nn.LayerNorm):
         return layer_norm_channels(input, self.weight, self.bias, self.eps)
 
 
-def _layer_norm_2d_classes() -> list[type]:
-    """The model zoos' LayerNorm2d classes that are importable here."""
-    classes = []
+def _zoo_classes(module: str, *names: str) -> list[type]:
+    """The classes of a model zoo's module that are importable here."""
     try:
-        from torchvision.models.convnext import LayerNorm2d as torchvision_layer_norm_2d
-
-        classes.append(torchvision_layer_norm_2d)
-    except ImportError:
-        pass
-    try:
-        from timm.layers import LayerNorm2d as timm_layer_norm_2d
-
-        classes.append(timm_layer_norm_2d)
-    except ImportError:
-        pass
-    return classes
-
-
-def _timm_batch_norm_act_classes() -> list[type]:
-    try:
-        from timm.layers import BatchNormAct2d as timm_batch_norm_act_2d
+        imported = importlib.import_module(module)
     except ImportError:
         return []
-    return [timm_batch_norm_act_2d]
+    return [getattr(imported, name) for name in names if hasattr(imported, name)]
 
 
 def _fusable_activation(act: torch.nn.Module) -> str | None:
     """batch_norm_act's name for an activation module, or None when it has none."""
     return {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.Identity: "none"}.get(type(act))
+
+
+def _fuses(module: torch.nn.Module, fusable: tuple[str, ...]) -> bool:
+    """Whether a zoo norm + activation module (norm, then its `drop`, then its
+    `act` module) runs as one call: act is one the kernel fuses, and no drop."""
+    return _fusable_activation(module.act) in fusable and isinstance(module.drop, torch.nn.Identity)
 
 
 class _TimmBatchNormActForward(_BatchNormForward):
@@ -300,22 +293,43 @@ class _TimmBatchNormActForward(_BatchNormForward):
 
     def forward(self, x: Tensor) -> Tensor:
         running_mean, running_var, weight, bias, training, momentum, eps, tracked = self._batch_norm_arguments(x)
-        activation = _fusable_activation(self.act)
-        if activation is not None and isinstance(self.drop, torch.nn.Identity):
-            return batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-                                  None, tracked)
+        if _fuses(self, ("none", "relu", "silu")):
+            return batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                  _fusable_activation(self.act), None, tracked)
         x = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, tracked)
         return self.act(self.drop(x))
 
 
-# A twin per zoo class, so `revert` restores each one's own class.
-_ZOO_TWINS: dict[type, type] = {}
+class _FrozenBatchNormForward:
+    """torchvision's and timm's frozen BatchNorms (eval BatchNorm on their
+    buffers, whatever the mode) on bn_ext's eval kernel; timm's
+    FrozenBatchNormAct2d's drop and act after it, fused where they can be."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = not hasattr(self, "act") or _fuses(self, ("none", "relu", "silu"))
+        activation = _fusable_activation(self.act) if fused and hasattr(self, "act") else "none"
+        out = batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
+                             activation)
+        return out if fused else self.act(self.drop(out))
 
 
-def _zoo_twin(base: type, bases: tuple[type, ...], name: str) -> type:
-    if base not in _ZOO_TWINS:
-        _ZOO_TWINS[base] = type(name, bases, {"__module__": __name__, "__qualname__": name})
-    return _ZOO_TWINS[base]
+class _GroupNormActForward:
+    """timm's GroupNormAct and GroupNorm1Act (GroupNorm, then drop, then act)
+    on bn_ext's GroupNorm, with the activation fused where it is ReLU or SiLU
+    and there is no drop layer."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        fused = _fuses(self, ("none", "relu", "silu"))
+        activation = _fusable_activation(self.act) if fused else "none"
+        out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, None if activation == "none" else activation)
+        return out if fused else self.act(self.drop(out))
+
+
+class _LayerNormAct2dForward:
+    """timm's LayerNormAct2d: bn_ext's channels LayerNorm, then its drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(layer_norm_channels(x, self.weight, self.bias, self.eps)))
 
 
 # torch.nn class -> bn_ext twin. Exact types only: subclasses of torch.nn's
@@ -332,14 +346,77 @@ _TWINS: dict[type, type] = {
     torch.nn.InstanceNorm3d: InstanceNorm3d,
 }
 
+# The zoos' norm classes bn_ext runs: (module, class names, the forward that replaces theirs).
+_ZOO_FORWARDS: list[tuple[str, tuple[str, ...], type]] = [
+    ("torchvision.models.convnext", ("LayerNorm2d",), LayerNorm2d),
+    ("torchvision.ops.misc", ("FrozenBatchNorm2d",), _FrozenBatchNormForward),
+    ("timm.layers", ("LayerNorm2d",), LayerNorm2d),
+    ("timm.layers", ("LayerNorm",), LayerNorm),
+    ("timm.layers", ("GroupNorm", "GroupNorm1"), GroupNorm),
+    ("timm.layers", ("BatchNormAct2d",), _TimmBatchNormActForward),
+    ("timm.layers", ("GroupNormAct", "GroupNorm1Act"), _GroupNormActForward),
+    ("timm.layers", ("LayerNormAct2d",), _LayerNormAct2dForward),
+    ("timm.layers.norm_act", ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"), _FrozenBatchNormForward),
+]
+
+# A twin per zoo class, so `revert` restores each one's own class.
+_ZOO_TWINS: dict[type, type] = {}
+
+
+def _zoo_twin(base: type, forward: type) -> type:
+    """bn_ext's forward over a zoo class: the zoo class stays a base, so its
+    other modules (act, drop), methods and isinstance checks hold."""
+    if base not in _ZOO_TWINS:
+        name = base.__name__
+        _ZOO_TWINS[base] = type(name, (forward, base), {"__module__": __name__, "__qualname__": name})
+    return _ZOO_TWINS[base]
+
 
 def _twins() -> dict[type, type]:
-    """_TWINS plus the importable model zoos' LayerNorm2d and BatchNormAct2d classes."""
-    zoo = {base: _zoo_twin(base, (LayerNorm2d,), "LayerNorm2d") for base in _layer_norm_2d_classes()}
-    # timm's class stays a base of its twin: its act and drop modules and isinstance checks hold.
-    zoo.update({base: _zoo_twin(base, (_TimmBatchNormActForward, base), "BatchNormAct2d")
-                for base in _timm_batch_norm_act_classes()})
+    """_TWINS plus the importable model zoos' norm classes."""
+    zoo = {base: _zoo_twin(base, forward)
+           for module, names, forward in _ZOO_FORWARDS for base in _zoo_classes(module, *names)}
     return {**_TWINS, **zoo}
+
+
+@dataclasses.dataclass
+class ConvertReport:
+    """What `convert` did to each norm module: swapped (with what still runs
+    outside bn_ext's kernel) or left, and why."""
+
+    swapped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (name, class, note)
+    left: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (name, class, reason)
+
+    def __str__(self) -> str:
+        lines = [f"bn_ext.nn.convert: {len(self.swapped)} norm modules swapped, {len(self.left)} left"]
+        for title, rows in (("swapped", self.swapped), ("left", self.left)):
+            if rows:
+                lines.append(f"  {title}:")
+                lines += [f"    {name or '(the model)':<40} {cls}{': ' + why if why else ''}" for name, cls, why in rows]
+        return "\n".join(lines)
+
+
+def _unfused_note(module: torch.nn.Module, forward: type) -> str:
+    """What of a swapped module still runs outside bn_ext's kernel."""
+    if not hasattr(module, "act"):
+        return ""
+    fusable = ("none",) if forward is _LayerNormAct2dForward else ("none", "relu", "silu")
+    if _fuses(module, fusable):
+        return "activation fused" if _fusable_activation(module.act) != "none" else ""
+    outside = [type(m).__name__ for m in (module.drop, module.act) if not isinstance(m, torch.nn.Identity)]
+    return f"{' and '.join(outside)} run after the kernel, unfused"
+
+
+def _why_left(module: torch.nn.Module, twins: dict[type, type]) -> str:
+    from bn_ext.norm_classes import class_name
+
+    if type(module) is torch.nn.SyncBatchNorm:
+        return "bn_ext.nn.SyncBatchNorm.convert_sync_batchnorm converts it"
+    known = next((base for base in twins if isinstance(module, base)), None)
+    if known is not None:
+        return (f"a subclass of {known.__module__}.{known.__qualname__}: only exact classes are swapped (a subclass "
+                "may change what it computes)")
+    return f"no bn_ext twin for {class_name(module)}"
 
 
 def _swap_classes(model: torch.nn.Module, mapping: dict[type, type]) -> torch.nn.Module:
@@ -352,12 +429,36 @@ def _swap_classes(model: torch.nn.Module, mapping: dict[type, type]) -> torch.nn
     return model
 
 
-def convert(model: torch.nn.Module, *, fuse_activations: bool = False) -> torch.nn.Module:
-    """Switch every torch.nn norm layer of `model` to its bn_ext twin, in place.
+def _convert_report(model: torch.nn.Module, twins: dict[type, type]) -> ConvertReport:
+    """The census of `model`'s norm modules before the swap."""
+    from bn_ext.norm_classes import norm_modules
 
-    Returns `model`. Parameters, buffers (the same tensor objects, so an
-    optimizer built before keeps working), hooks and train/eval mode are kept.
-    timm's BatchNormAct2d runs its activation fused where it is ReLU or SiLU.
+    report = ConvertReport()
+    for name, module in norm_modules(model):
+        if type(module).__module__.startswith("bn_ext"):
+            continue  # already bn_ext's
+        twin = twins.get(type(module))
+        if twin is None:
+            report.left.append((name, type(module).__name__, _why_left(module, twins)))
+        else:
+            forward = twin.__mro__[1]
+            report.swapped.append((name, type(module).__name__, _unfused_note(module, forward)))
+    return report
+
+
+def convert(model: torch.nn.Module, *, fuse_activations: bool = False, report: bool = False):
+    """Switch every torch.nn norm layer of `model` to its bn_ext twin, in place,
+    and the model zoos' norm classes: torchvision's FrozenBatchNorm2d and
+    LayerNorm2d; timm's BatchNormAct2d, GroupNormAct, GroupNorm1Act,
+    GroupNorm, GroupNorm1, LayerNorm, LayerNorm2d, LayerNormAct2d,
+    FrozenBatchNorm2d and FrozenBatchNormAct2d (their activation fused where
+    it is ReLU or SiLU and no drop layer stands before it; others run after
+    the kernel).
+
+    Returns `model`, or (model, ConvertReport) with report=True: every norm
+    module swapped (and what of it still runs unfused) or left, and why.
+    Parameters, buffers (the same tensor objects, so an optimizer built
+    before keeps working), hooks and train/eval mode are kept.
 
     fuse_activations: also rewrite each BatchNorm -> ReLU and BatchNorm ->
     add -> ReLU found by data flow (torchvision's ResNet blocks) into one
@@ -366,12 +467,14 @@ def convert(model: torch.nn.Module, *, fuse_activations: bool = False) -> torch.
     holding them where the forward does not trace) whose fused layers share
     `model`'s parameter and buffer tensors; `model` stays converted and unfused.
     """
-    _swap_classes(model, _twins())
-    if not fuse_activations:
-        return model
-    from bn_ext.activation_fusion import fuse_activations as fuse
+    twins = _twins()
+    census = _convert_report(model, twins) if report else None
+    _swap_classes(model, twins)
+    if fuse_activations:
+        from bn_ext.activation_fusion import fuse_activations as fuse
 
-    return fuse(model)
+        model = fuse(model)
+    return (model, census) if report else model
 
 
 def revert(model: torch.nn.Module) -> torch.nn.Module:

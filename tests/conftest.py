@@ -1,6 +1,7 @@
 """Shared test helpers: the per-dtype tolerance table, the error-ratio check
 against torch's own kernels, and float64 references."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -118,6 +119,24 @@ def assert_error_within(actual, reference, peer, k=ERROR_RATIO, msg="", dtype=No
             log.write(f"{ours / limit * k if limit else 0:.3f}\t{test}\t{msg}\t{dtype}\t{ours:.3g}\t{theirs:.3g}\n")
     assert ours <= limit, (f"{msg}: error {ours:.3g} against float64, the peer's {theirs:.3g}, "
                            f"allowed {limit:.3g} (largest value {magnitude:.3g})")
+
+
+def check_training_step(ref, ours, x):
+    """One forward and backward of both models and of a float64 copy: the
+    output and every parameter's gradient of the converted model are as close
+    to float64 as torch.nn's (assert_error_within), and buffers agree."""
+    ref64 = copy.deepcopy(ref).double()
+    out_ref, out, out64 = ref(x), ours(x), ref64(x.double())
+    assert_error_within(out, out64, out_ref, msg="output")
+    g = torch.randn_like(out)
+    out_ref.backward(g)
+    out.backward(g)
+    out64.backward(g.double())
+    for (name, p_ref), (_, p), (_, p64) in zip(ref.named_parameters(), ours.named_parameters(),
+                                               ref64.named_parameters()):
+        assert_error_within(p.grad, p64.grad, p_ref.grad, msg=name)
+    for (name, b_ref), (_, b) in zip(ref.named_buffers(), ours.named_buffers()):
+        torch.testing.assert_close(b, b_ref, msg=name)
 
 
 def randomise_batch_norms(model, seed=1):

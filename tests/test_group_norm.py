@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import bn_ext
-from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, last_level_cache_bytes, param_dtype
+from conftest import (DTYPES, HALF_DTYPES, assert_close, assert_error_within, check_training_step, last_level_cache_bytes,
+                      param_dtype)
 
 # Shapes and group counts: (N, C) with no positions, 1-D/3-D inputs, one
 # group, one channel per group, a group longer than a cache chunk, planes
@@ -463,24 +464,6 @@ def test_timm_group_norm_model_training_step_matches_torch():
     assert sum(type(m) is bn_ext.nn.GroupNorm for m in ours.modules()) > 20
     x = make_input((2, 3, 64, 64), torch.float32, "channels_last")
     check_training_step(ref, ours, x)
-
-
-def check_training_step(ref, ours, x):
-    """One forward and backward of both models and of a float64 copy: the
-    output and every parameter's gradient of the converted model are as close
-    to float64 as torch.nn's (assert_error_within), and buffers agree."""
-    ref64 = copy.deepcopy(ref).double()
-    out_ref, out, out64 = ref(x), ours(x), ref64(x.double())
-    assert_error_within(out, out64, out_ref, msg="output")
-    g = torch.randn_like(out)
-    out_ref.backward(g)
-    out.backward(g)
-    out64.backward(g.double())
-    for (name, p_ref), (_, p), (_, p64) in zip(ref.named_parameters(), ours.named_parameters(),
-                                               ref64.named_parameters()):
-        assert_error_within(p.grad, p64.grad, p_ref.grad, msg=name)
-    for (name, b_ref), (_, b) in zip(ref.named_buffers(), ours.named_buffers()):
-        torch.testing.assert_close(b, b_ref, msg=name)
 
 
 @pytest.mark.level_independent
