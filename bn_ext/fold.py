@@ -1087,6 +1087,79 @@ def fold_model(
     return result.eval(), report
 
 
+def _innermost_module(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(path, class name) of the module a torch.export node came from."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return path, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _constant_value(root: nn.Module, node: Any) -> Any:
+    """The value of a graph node computed from parameters and buffers alone."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    if node.op == "get_attr":
+        return _fetch(root, node)
+    args, kwargs = _pytree.tree_map_only(torch.fx.Node, lambda n: _constant_value(root, n), (node.args, node.kwargs))
+    return node.target(*args, **kwargs)
+
+
+def _per_channel(value: Any, channels: int) -> Tensor | None:
+    """value as a (channels,) tensor when it broadcasts along dim 1 only."""
+    if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] != channels or value.numel() != channels:
+        return None
+    return value.reshape(channels)
+
+
+def _frozen_batch_norms_as_calls(root: nn.Module, graph: torch.fx.Graph,
+                                 shapes: dict[str, torch.Size]) -> list[tuple[str, str]]:
+    """torch.export decomposes a frozen BatchNorm into x * scale + shift,
+    scale and shift computed from its buffers. Each such pair becomes one eval
+    aten.batch_norm call computing the same (mean 0, variance 1, eps 0, weight
+    scale, bias shift), which folds as any other. Returns (path, reason) of
+    the frozen modules of the graph left as they were."""
+    frozen_names = {f"{c.__module__}.{c.__qualname__}" for c in frozen_batch_norm_classes()}
+    frozen = {module[0] for node in graph.nodes if (module := _innermost_module(node)) and module[1] in frozen_names}
+    rewritten = set()
+    for node in list(graph.nodes):
+        module = _innermost_module(node)
+        if node.target is not _aten.add.Tensor or module is None or module[0] not in frozen:
+            continue
+        product, shift = node.args[0], node.args[1]
+        if not (isinstance(product, torch.fx.Node) and product.target is _aten.mul.Tensor
+                and len(product.users) == 1 and _depends_on_constants_only(shift)):
+            continue
+        x, scale = product.args
+        shape = shapes.get(getattr(x, "name", None))
+        if _depends_on_constants_only(x) or not _depends_on_constants_only(scale) or shape is None or len(shape) < 2:
+            continue
+        scale, shift = (_per_channel(_constant_value(root, v), shape[1]) for v in (scale, shift))
+        if scale is None or shift is None:
+            continue
+        constants = {"weight": scale, "bias": shift, "mean": torch.zeros_like(scale), "var": torch.ones_like(scale)}
+        with graph.inserting_before(node):
+            attrs = {}
+            for key, value in constants.items():
+                root.register_buffer(f"_bn_ext_frozen_{node.name}_{key}", value.detach().clone())
+                attrs[key] = graph.get_attr(f"_bn_ext_frozen_{node.name}_{key}")
+            call = graph.call_function(_aten.batch_norm.default, (x, attrs["weight"], attrs["bias"], attrs["mean"],
+                                                                  attrs["var"], False, 0.0, 0.0, False))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        rewritten.add(module[0])
+    graph.eliminate_dead_code()
+    return [(path, "a frozen BatchNorm whose exported ops are not the x * scale + shift (per channel) bn_ext reads")
+            for path in sorted(frozen - rewritten)]
+
+
+def _exported_census(graph: torch.fx.Graph) -> dict[str, int]:
+    """Norm modules of an exported graph by class, from its nodes' module stacks."""
+    paths = {module for node in graph.nodes if (module := _innermost_module(node)) and "Norm" in module[1]}
+    return dict(Counter(cls.rpartition(".")[2] for _, cls in sorted(paths)))
+
+
 def fold_exported_program(
     program: torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
@@ -1107,8 +1180,11 @@ def fold_exported_program(
     example_inputs = tuple(example_inputs)
     gm = program.module()
     reference = ReferenceRun(gm, example_inputs)
-    before = _count_batch_norms(gm, gm.graph)
+    census = _exported_census(gm.graph)
     with torch.no_grad():
+        frozen_left = _frozen_batch_norms_as_calls(gm, gm.graph, _shapes(gm, example_inputs))
+        gm.recompile()
+        before = _count_batch_norms(gm, gm.graph) + len(frozen_left)
         folder = _GraphFolder(gm, gm.graph, _shapes(gm, example_inputs))
         folder.run(progress=progress)
     gm.graph.lint()
@@ -1118,7 +1194,8 @@ def fold_exported_program(
         batch_norms_before=before,
         batch_norms_after=before - len(folder.report_folded),
         folded=folder.report_folded,
-        left=folder.report_left,
+        left=folder.report_left + frozen_left,
+        norms=census,
         quantization=folder.quantization,
     )
     _verify(report, reference.verify(gm, atol, rtol))

@@ -909,7 +909,7 @@ class _UntraceableSequential(nn.Sequential):
 
 
 @pytest.mark.level_independent
-@pytest.mark.parametrize("path", ["fx", "trace fallback", "converted"])
+@pytest.mark.parametrize("path", ["fx", "trace fallback", "converted", "exported"])
 @pytest.mark.parametrize("cls", _frozen_classes(), ids=lambda c: f"{c.__module__.split('.')[0]}-{c.__name__}")
 def test_frozen_batch_norms_fold_and_are_counted(cls, path):
     torch.manual_seed(0)
@@ -919,13 +919,42 @@ def test_frozen_batch_norms_fold_and_are_counted(cls, path):
         bn_ext.nn.convert(model)
         assert type(model[1]).__module__ == "bn_ext.nn"
     x = torch.randn(2, 3, 9, 9)
-    folded, report = bn_ext.fold_model(model, (x,))
+    if path == "exported":  # torch.export decomposes it into x * scale + shift
+        program, report = bn_ext.fold.fold_exported_program(torch.export.export(model, (x,)), (x,))
+        folded = program.module()
+        aten = torch.ops.aten
+        left = {aten.mul.Tensor, aten.add.Tensor, aten.rsqrt.default, aten.batch_norm.default}
+        assert not [n for n in program.graph.nodes if n.target in left], str(program.graph)
+    else:
+        folded, report = bn_ext.fold_model(model, (x,))
     assert report.batch_norms_before == 1 and report.batch_norms_after == 0, str(report)
-    assert report.folded == [("1", "0", "after")], str(report)
+    assert report.folded == [("1", "0", "after")] and report.norms == {cls.__name__: 1}, str(report)
     assert not any(isinstance(m, cls) for m in folded.modules())
-    if hasattr(model[1], "act"):  # FrozenBatchNormAct2d: its activation stays
+    if hasattr(model[1], "act") and path != "exported":  # FrozenBatchNormAct2d: its activation stays
         assert any(isinstance(m, nn.ReLU) for m in folded.modules())
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class _FrozenOfAConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.frozen = nn.Conv2d(3, 8, 3), _randomised_frozen(_frozen_classes()[0], 8, 1)
+        self.register_buffer("offset", torch.randn(1, 8, 7, 7))
+
+    def forward(self, x):
+        return self.conv(x) + self.frozen(self.offset)
+
+
+@pytest.mark.level_independent
+def test_an_exported_frozen_batch_norm_not_folded_is_counted_and_listed():
+    model = _FrozenOfAConstant().eval()
+    x = torch.randn(2, 3, 9, 9)
+    program, report = bn_ext.fold.fold_exported_program(torch.export.export(model, (x,)), (x,))
+    assert report.batch_norms_before == 1 and report.batch_norms_after == 1 and report.passed, str(report)
+    assert report.left == [("frozen", "a frozen BatchNorm whose exported ops are not the x * scale + shift (per "
+                            "channel) bn_ext reads")], str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
 
 
 class _Decides(nn.Module):

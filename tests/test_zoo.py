@@ -340,3 +340,12 @@ def test_fold_census_counts_and_lists_an_unrecognised_norm(container):
     (name, why), = report.left
     assert name == "1" and "_StatisticsHolder holds running statistics, but is no norm class" in why
     assert "nothing folded: every BatchNorm is left" in str(report)
+
+
+def test_an_exported_frozen_detector_backbone_folds_completely():
+    # torch.export decomposes each FrozenBatchNorm2d into x * scale + shift
+    model = ZOO["fasterrcnn_mobilenet_v3_large_fpn"][0]().backbone
+    x = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    program, report = bn_ext.fold.fold_exported_program(torch.export.export(model, (x,)), (x,))
+    assert report.passed and report.norms == {"FrozenBatchNorm2d": 46}, str(report)
+    assert (report.batch_norms_before, len(report.folded), report.batch_norms_after) == (46, 46, 0), str(report)
