@@ -37,6 +37,7 @@ from bn_ext.functional import (
     rms_norm,
 )
 from bn_ext.recalibration import recalibrate_batch_norm
+from bn_ext.equalization import EqualizationReport, equalize, quantization_error
 from bn_ext.memory import (
     CpuOutputCacheStats,
     cpu_output_cache_stats,
@@ -45,6 +46,9 @@ from bn_ext.memory import (
 )
 
 __all__ = [
+    "EqualizationReport",
+    "equalize",
+    "quantization_error",
     "CpuOutputCacheStats",
     "FoldReport",
     "FoldVerificationError",

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     # The child process that times kernel against kernel (see bn_ext/bench.py).
     bench.add_argument("--kernel-timings", help=argparse.SUPPRESS)
 
+    equalization = commands.add_parser(
+        "equalization", help="int8 output error before and after cross-layer equalization (models with random "
+                             "weights and spread BatchNorm statistics)")
+    equalization.add_argument("--filter", help="only models whose name contains this text")
+
     commands.add_parser("info", help="how this bn_ext was built and what it runs with")
 
     args = parser.parse_args(argv)
@@ -58,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(steps=args.steps, image_size=args.image_size, repeats=args.repeats)
     if args.command == "fold":
         return _fold(args)
+    if args.command == "equalization":
+        from bn_ext.equalization_bench import table
+
+        print(table(args.filter))
+        return 0
     if args.command == "bench":
         return _bench(args, sys.argv[1:] if argv is None else argv)
     return 2

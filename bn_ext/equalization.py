@@ -166,7 +166,7 @@ def _outputs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor] | None 
                     lambda m, args, low=low, high=high: (_quantize_activation(args[0], low, high), *args[1:])))
     try:
         with torch.no_grad():
-            out = torch.func.functional_call(model, weights, inputs) if weights else model(*inputs)
+            out = torch.func.functional_call(model, weights, inputs, tie_weights=False) if weights else model(*inputs)
     finally:
         for handle in handles:
             handle.remove()

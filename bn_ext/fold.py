@@ -564,6 +564,7 @@ class FoldReport:
     failure: str | None = None  # what verification found first, when it failed
     # Every norm module of the model by class, BatchNorm or not (the census).
     norms: dict[str, int] = dataclasses.field(default_factory=dict)
+    equalization: Any = None  # fold_model(equalize=True): the EqualizationReport
 
     def _why_nothing_folded(self) -> str:
         if self.batch_norms_before:
@@ -602,6 +603,8 @@ class FoldReport:
                          f"{self.pt2e_error:.3g} relative to the output scale")
         if self.pt2e_failure is not None:
             lines.append(f"  PT2E int8 (X86InductorQuantizer) did not take the folded model: {self.pt2e_failure}")
+        if self.equalization is not None:
+            lines += ["  " + line for line in str(self.equalization).splitlines()]
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(
             f"  verification on the example inputs: max abs error {self.max_abs_error:.3g}, "
@@ -1004,6 +1007,7 @@ def fold_model(
     layer_norm: bool = False,
     strict: bool = True,
     quantization: bool = False,
+    equalize: bool = False,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable eval-mode BatchNorm of `model` into its Conv/Linear.
 
@@ -1026,6 +1030,10 @@ def fold_model(
     per tensor and per channel). quantization=True also quantizes the folded
     model with the PT2E flow (X86InductorQuantizer, calibrated on the example
     inputs; needs torchao) and reports its output error.
+
+    equalize=True then applies cross-layer equalization to the folded model
+    (bn_ext.equalize; its report is `report.equalization`), before the PT2E
+    flow where both are asked for.
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
@@ -1075,6 +1083,10 @@ def fold_model(
         quantization=folder.quantization,
     )
     _verify(report, reference.verify(result, atol, rtol))
+    if equalize and report.passed:
+        from bn_ext.equalization import equalize as equalize_layers
+
+        result, report.equalization = equalize_layers(result, example_inputs, inplace=True)
     if quantization:
         try:
             report.pt2e_error = _pt2e_error(result.eval(), example_inputs)
