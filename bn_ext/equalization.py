@@ -242,6 +242,7 @@ def quantization_error(model: nn.Module, example_inputs: Sequence[Any]) -> Quant
 class _Pair:
     first: str
     second: str
+    path: list = dataclasses.field(default_factory=list)  # the nodes between them
 
 
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -283,7 +284,7 @@ def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], l
         if calls[name] > 1 or len(owners[id(modules[name].weight)]) > 1:
             stopped.append((name, "called more than once, or its weight is shared"))
             continue
-        current, reason = node, None
+        current, reason, path = node, None, []
         while reason is None:
             users = list(current.users)
             if len(users) != 1:
@@ -300,7 +301,7 @@ def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], l
                     reason = f"the next layer {user.target} reads {_in_channels(second)} channels, not " \
                              f"{_out_channels(modules[name])}"
                 else:
-                    pairs.append(_Pair(name, user.target))
+                    pairs.append(_Pair(name, user.target, path))
                 break
             if user.op == "output":
                 reason = "its output is the model's"
@@ -309,9 +310,120 @@ def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], l
                 reason = f"{_describe(user, modules)} stands before the next layer (not positively homogeneous)"
                 break
             current = user
+            path.append(user)
         if reason is not None:
             stopped.append((name, reason))
     return pairs, stopped
+
+
+# --- bias absorption (the paper's section 4.2) --------------------------------------------
+
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
+# After the ReLU: what y - c passes through unchanged in shape (f(y - c) = f(y) - c).
+_SHIFT_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d,
+                  nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    from bn_ext.fold import NormThenActivation
+
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, NormThenActivation):
+            m = m.act[-1] if isinstance(m.act, nn.Sequential) else m.act
+        return isinstance(m, nn.ReLU)
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("relu", "relu_"))
+
+
+def _absorbable(pair: _Pair, modules: dict[str, nn.Module]) -> bool:
+    """Whether a constant c >= 0 below the first layer's outputs can move
+    into the second layer's bias exactly: a ReLU first (relu(y) = relu(y - c)
+    + c where y >= c), then only what commutes with the shift, and a second
+    layer that reads every input position with its whole kernel (a Linear, a
+    Conv without zero padding)."""
+    from bn_ext.fold import _has_zero_padding
+
+    second = modules[pair.second]
+    path = list(pair.path)
+    while path and path[0].op == "call_module" and isinstance(modules[path[0].target], (nn.Identity, nn.Dropout)):
+        path.pop(0)  # a folded BatchNorm's Identity
+    if not path or not _is_relu(path[0], modules):
+        return False
+    if isinstance(second, _CONV_TRANSPOSES) or (isinstance(second, _CONVS) and _has_zero_padding(second)):
+        return False
+    return all(_is_relu(node, modules) or (node.op == "call_module" and isinstance(modules[node.target], _SHIFT_MODULES))
+               for node in path[1:])
+
+
+def _output_extremes(model: nn.Module, layer: nn.Module, inputs: tuple) -> tuple[Tensor, Tensor]:
+    """Each output channel's smallest and largest value on the inputs."""
+    found = []
+
+    def record(m, args, out):
+        moved = out.detach().movedim(-1 if isinstance(m, nn.Linear) else 1, 0).double()
+        flat = moved.reshape(moved.shape[0], -1)
+        found.append((flat.amin(1), flat.amax(1)))
+
+    handle = layer.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        handle.remove()
+    return found[0]
+
+
+def _absorb_biases(model: nn.Module, inputs: tuple, pairs: list[_Pair], modules: dict[str, nn.Module],
+                   report: EqualizationReport) -> list[tuple[_Pair, Tensor]]:
+    """Moves the part of each ReLU input that is always positive on the
+    example inputs into the next layer's bias (the paper estimates it as
+    beta - 3 gamma from the BatchNorm; its lowest value on the inputs, less a
+    margin for rounding, is what holds here). A pair whose absorption raises
+    the per-tensor W8 or the W8A8 output error is undone and listed.
+    Returns the shifts kept."""
+    shifts = []
+    error = quantization_error(model, inputs)
+    for pair in pairs:
+        first, second = modules[pair.first], modules[pair.second]
+        if not _absorbable(pair, modules) or first.bias is None:
+            continue
+        low, high = _output_extremes(model, first, inputs)
+        shift = (low - 1e-5 * (high - low).abs()).clamp_min(0)
+        if not (shift > 0).any():
+            continue
+        saved = first.bias.detach().clone(), None if second.bias is None else second.bias.detach().clone()
+        _absorb(first, second, shift)
+        candidate = quantization_error(model, inputs)
+        if candidate.per_tensor_weights > error.per_tensor_weights or candidate.w8a8 > error.w8a8:
+            first.bias.data.copy_(saved[0])
+            if saved[1] is None:
+                second.bias = None  # absorption added it
+            else:
+                second.bias.data.copy_(saved[1])
+            report.left.append((pair.first, f"absorbing its bias into {pair.second} would raise the int8 output "
+                                            f"error (per-tensor W8 {error.per_tensor_weights:.3g} -> "
+                                            f"{candidate.per_tensor_weights:.3g}, W8A8 {error.w8a8:.3g} -> "
+                                            f"{candidate.w8a8:.3g})"))
+            continue
+        error = candidate
+        shifts.append((pair, shift))
+        report.absorbed[pair.first] = (high.clamp_min(0).max().item(), (high - shift).clamp_min(0).max().item())
+    return shifts
+
+
+def _absorb(first: nn.Module, second: nn.Module, shift: Tensor) -> None:
+    """first's bias less `shift`, second's bias plus what `shift` adds to it."""
+    first.bias.data.sub_(shift.to(first.bias.dtype))
+    w = second.weight.detach().double()
+    if _kind(second) == "linear":
+        added = w @ shift
+    else:
+        added = (w * _grouped(shift, w, getattr(second, "groups", 1))).reshape(w.shape[0], -1).sum(1)
+    if second.bias is None:
+        second.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=second.weight.dtype, device=second.weight.device),
+                                   requires_grad=second.weight.requires_grad)
+    second.bias.data.add_(added.to(second.bias.dtype))
 
 
 # --- the report and the algorithm --------------------------------------------------------
@@ -325,6 +437,8 @@ class EqualizationReport:
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (layer, why its chain stops / was undone)
     # per layer: (range spread, channels per-tensor int8 zeroes) before and after
     layers: dict[str, tuple[float, int, float, int]] = dataclasses.field(default_factory=dict)
+    # absorb_bias=True: per first layer, the largest value after its ReLU before and after absorption
+    absorbed: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     before: QuantizationError | None = None
     after: QuantizationError | None = None
     float32_error: float = float("nan")  # equalized vs unequalized output, relative to the output scale
@@ -342,6 +456,9 @@ class EqualizationReport:
             lines.append("  per-channel weight range spread, per-tensor dead channels (before -> after):")
             lines += [f"    {name:<40} {s0:.3g}x, {d0} dead -> {s1:.3g}x, {d1} dead"
                       for name, (s0, d0, s1, d1) in self.layers.items()]
+        if self.absorbed:
+            lines.append("  bias absorbed into the next layer (activation range after the ReLU, before -> after):")
+            lines += [f"    {name:<40} [0, {a:.3g}] -> [0, {b:.3g}]" for name, (a, b) in self.absorbed.items()]
         lines.append(f"  int8 output error before: {self.before}")
         lines.append(f"  int8 output error after:  {self.after}")
         lines.append(f"  equalized vs original: float32 {self.float32_error:.3g} (allowed {self.float32_tolerance:.3g}), "
@@ -406,7 +523,7 @@ def _equalize_chain(chain: list[_Pair], modules: dict[str, nn.Module], max_sweep
 
 
 def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplace: bool = False,
-             max_sweeps: int = 8) -> tuple[nn.Module, EqualizationReport]:
+             absorb_bias: bool = False, max_sweeps: int = 8) -> tuple[nn.Module, EqualizationReport]:
     """Cross-layer equalization of a (folded) eval model; returns (model, report).
 
     Pairs are found by data flow in a torch.fx trace: a Conv, ConvTranspose or
@@ -417,9 +534,19 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     Pairs that share a layer form a chain (Conv -> depthwise Conv -> Conv),
     equalized pair by pair in sweeps until the scales settle; a chain whose
     equalization raises the model's output error under per-tensor int8
-    weights (on the example inputs) is undone and listed. The result is checked against the
-    model in float32 (1e-5 of the output scale) and float64 (1e-10);
-    EqualizationError otherwise.
+    weights (on the example inputs) is undone and listed.
+
+    absorb_bias=True then moves, for each pair joined by a ReLU whose second
+    layer reads every position with its whole kernel (a Linear, a Conv
+    without zero padding), the part of the ReLU's input that is positive on
+    every example input into the second layer's bias (the paper's section
+    4.2), narrowing the activation range int8 must hold; undone pair by pair
+    where the per-tensor W8 or W8A8 output error would grow. Exact where inputs stay above that part, as the
+    example inputs do (less a margin of 1e-5 of the range, for rounding).
+
+    The result is checked against the model in float32 (1e-5 of the output
+    scale, or 4x the model's own float32 error where that is larger) and, the
+    same changes applied in float64, to 1e-10; EqualizationError otherwise.
     """
     from bn_ext.fold import _FoldTracer
 
@@ -460,6 +587,7 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
                                             f"error from {error:.3g} to {candidate:.3g}"))
     report.layers = {name: (*spreads_before[name], *_spread(modules[name])) for pair in report.equalized
                      for name in pair}
+    shifts = _absorb_biases(target, inputs, pairs, modules, report) if absorb_bias else []
     report.after = quantization_error(target, inputs)
     expected = _outputs(original, inputs)
     report.float32_error = _scale_error(_outputs(target, inputs), expected)
@@ -470,6 +598,10 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     modules64 = dict(equalized64.named_modules())
     for pair, scale in applied:
         _apply(modules64[pair.first], modules64[pair.second], scale)
+    for pair, shift in shifts:
+        # the shift the float64 values allow: the float32 model's rounding put its minimum elsewhere
+        low64, _ = _output_extremes(equalized64, modules64[pair.first], doubled)
+        _absorb(modules64[pair.first], modules64[pair.second], torch.minimum(shift, low64.clamp_min(0)))
     exact = _outputs(original64, doubled)
     report.float64_error = _scale_error(_outputs(equalized64, doubled), exact)
     # A model that amplifies rounding (deep, with spread statistics) moves

@@ -109,8 +109,9 @@ def _sqnr(relative: float) -> str:
 def table(selected: str | None = None) -> str:
     """The markdown table of int8 output errors before and after equalization."""
     rows = ["| model | pairs equalized | per-tensor W8 before -> after | W8A8 before -> after | per-channel W8 "
-            "(ceiling) | gain (per-tensor) | equalized vs folded (float32, float64) |",
-            "|---|---|---|---|---|---|---|"]
+            "(ceiling) | gain (per-tensor) | with bias absorption: pairs, per-tensor W8, W8A8 | equalized vs folded "
+            "(float32, float64) |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, (build, shape) in models().items():
         if selected and selected not in name:
             continue
@@ -120,11 +121,13 @@ def table(selected: str | None = None) -> str:
         spread_statistics(model, (x,))
         folded, _ = bn_ext.fold_model(model, (x,))
         _, report = equalize(folded, (x,))
+        _, absorbed = equalize(folded, (x,), absorb_bias=True)
         before, after = report.before, report.after
         rows.append(
             f"| {name} | {len(report.equalized)} | {before.per_tensor_weights:.3g} ({_sqnr(before.per_tensor_weights)} dB)"
             f" -> {after.per_tensor_weights:.3g} ({_sqnr(after.per_tensor_weights)} dB) | {before.w8a8:.3g} -> "
             f"{after.w8a8:.3g} | {after.per_channel_weights:.3g} ({_sqnr(after.per_channel_weights)} dB) | "
-            f"{before.per_tensor_weights / after.per_tensor_weights:.3g}x | {report.float32_error:.1g}, "
+            f"{before.per_tensor_weights / after.per_tensor_weights:.3g}x | {len(absorbed.absorbed)}, "
+            f"{absorbed.after.per_tensor_weights:.3g}, {absorbed.after.w8a8:.3g} | {report.float32_error:.1g}, "
             f"{report.float64_error:.1g} |")
     return "\n".join(rows)

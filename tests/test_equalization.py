@@ -216,3 +216,37 @@ def test_fold_model_equalizes_on_request():
     assert "Cross-layer equalization: 2 layer pairs" in str(report)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
+
+
+def test_bias_absorption_moves_the_always_positive_part_into_the_next_bias():
+    # Linear -> ReLU -> Linear whose ReLU input is at least 3 in every
+    # channel: that part moves into the second bias, exactly, and the
+    # activation range int8 must hold narrows.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x = torch.rand(64, 6)
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.copy_(torch.linspace(3, 10, 8))
+    lowest = model[0](x).amin(0).detach()
+    assert (lowest > 2).all()
+    plain, report = bn_ext.equalize(model, x)
+    absorbed, report = bn_ext.equalize(model, x, absorb_bias=True)
+    assert set(report.absorbed) == {"0"}, str(report)
+    before, after = report.absorbed["0"]
+    assert after < before / 2, str(report)
+    torch.testing.assert_close(absorbed[0](x).amin(0), torch.zeros(8), atol=1e-3 * before, rtol=0)
+    assert report.float64_error <= 1e-10 and report.float32_error <= 1e-5, str(report)
+    assert report.after.w8a8 <= report.before.w8a8, str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(absorbed(x), model(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain[0].bias, model[0].bias)  # off by default
+
+
+def test_bias_absorption_leaves_a_zero_padded_conv():
+    # relu(y - c) + c into a zero-padded conv: the padding does not see c
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(5.0)
+    _, report = bn_ext.equalize(model, torch.rand(2, 3, 6, 6), absorb_bias=True)
+    assert report.absorbed == {}, str(report)
