@@ -437,6 +437,8 @@ class EqualizationReport:
     left: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (layer, why its chain stops / was undone)
     # per layer: (range spread, channels per-tensor int8 zeroes) before and after
     layers: dict[str, tuple[float, int, float, int]] = dataclasses.field(default_factory=dict)
+    relu6_replaced: int = 0  # relu6_to_relu=True: ReLU6 modules made ReLU
+    relu6_error: float = 0.0  # and the output change that made, relative to the output scale
     # absorb_bias=True: per first layer, the largest value after its ReLU before and after absorption
     absorbed: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     before: QuantizationError | None = None
@@ -448,6 +450,9 @@ class EqualizationReport:
 
     def __str__(self) -> str:
         lines = [f"Cross-layer equalization: {len(self.equalized)} layer pairs equalized in {self.sweeps} sweeps"]
+        if self.relu6_replaced:
+            lines.append(f"  {self.relu6_replaced} ReLU6 made ReLU first: the output moved by {self.relu6_error:.3g} "
+                         "of its scale on the example inputs")
         lines += [f"    {a} -> {b}" for a, b in self.equalized]
         if self.left:
             lines.append("  left:")
@@ -522,8 +527,20 @@ def _equalize_chain(chain: list[_Pair], modules: dict[str, nn.Module], max_sweep
     return max_sweeps
 
 
+def _replace_relu6(model: nn.Module) -> int:
+    """ReLU6 modules made ReLU (same inplace); returns how many."""
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.ReLU6:
+                setattr(module, name, nn.ReLU(inplace=child.inplace))
+                replaced += 1
+    return replaced
+
+
 def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplace: bool = False,
-             absorb_bias: bool = False, max_sweeps: int = 8) -> tuple[nn.Module, EqualizationReport]:
+             absorb_bias: bool = False, relu6_to_relu: bool = False,
+             max_sweeps: int = 8) -> tuple[nn.Module, EqualizationReport]:
     """Cross-layer equalization of a (folded) eval model; returns (model, report).
 
     Pairs are found by data flow in a torch.fx trace: a Conv, ConvTranspose or
@@ -544,6 +561,11 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     where the per-tensor W8 or W8A8 output error would grow. Exact where inputs stay above that part, as the
     example inputs do (less a margin of 1e-5 of the range, for rounding).
 
+    relu6_to_relu=True first makes every ReLU6 module a ReLU, as AIMET does
+    for equalization: this changes the model wherever an activation exceeds
+    6; the report gives the change of the output on the example inputs, and
+    the checks below compare against the model with ReLU.
+
     The result is checked against the model in float32 (1e-5 of the output
     scale, or 4x the model's own float32 error where that is larger) and, the
     same changes applied in float64, to 1e-10; EqualizationError otherwise.
@@ -553,8 +575,12 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
     target.eval()
-    original = copy.deepcopy(target)
     report = EqualizationReport()
+    if relu6_to_relu:
+        before_relu = _outputs(target, inputs)
+        report.relu6_replaced = _replace_relu6(target)
+        report.relu6_error = _scale_error(_outputs(target, inputs), before_relu)
+    original = copy.deepcopy(target)
     try:
         graph = _FoldTracer().trace(target)
     except Exception as error:  # noqa: BLE001  (any tracing failure: nothing to equalize safely)

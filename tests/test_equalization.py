@@ -250,3 +250,21 @@ def test_bias_absorption_leaves_a_zero_padded_conv():
         model[0].bias.fill_(5.0)
     _, report = bn_ext.equalize(model, torch.rand(2, 3, 6, 6), absorb_bias=True)
     assert report.absorbed == {}, str(report)
+
+
+def test_relu6_to_relu_is_opt_in_and_its_error_reported():
+    import torchvision
+
+    model = torchvision.models.mobilenet_v2()
+    folded, x = folded_with_spread_statistics(model, (4, 3, 64, 64))
+    _, as_built = bn_ext.equalize(folded, x)
+    equalized, report = bn_ext.equalize(folded, x, relu6_to_relu=True)
+    assert report.relu6_replaced == 35 and not any(isinstance(m, nn.ReLU6) for m in equalized.modules())
+    assert any(isinstance(m, nn.ReLU6) for m in folded.modules())  # the caller's model keeps them
+    # the change is measured on the example inputs and stated
+    with torch.no_grad():
+        moved = (bn_ext.equalization._outputs(equalized, (x,)) - bn_ext.equalization._outputs(folded, (x,)))
+    scale = bn_ext.equalization._outputs(folded, (x,)).abs().max().item()
+    assert report.relu6_error > 0 and "ReLU6 made ReLU first" in str(report)
+    assert abs(moved.abs().max().item() / scale - report.relu6_error) <= report.float32_tolerance + 1e-6
+    assert len(report.equalized) > len(as_built.equalized), str(report)
