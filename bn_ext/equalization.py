@@ -152,6 +152,17 @@ def _restore_layout(layer: nn.Module, rows: Tensor) -> Tensor:
     return rows.reshape(w.shape)
 
 
+def run_with_hooks(model: nn.Module, inputs: tuple, handles: list, weights: dict[str, Tensor] | None = None) -> Any:
+    """model(*inputs) without autograd (on `weights` where given), the hook
+    handles removed after, whatever happens."""
+    try:
+        with torch.no_grad():
+            return torch.func.functional_call(model, weights, inputs, tie_weights=False) if weights else model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _outputs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor] | None = None,
              activation_ranges: dict[str, tuple[float, float]] | None = None) -> Tensor:
     """The model's outputs, flattened into one vector; with `weights`, run on
@@ -164,12 +175,7 @@ def _outputs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor] | None 
                 low, high = activation_ranges[name]
                 handles.append(layer.register_forward_pre_hook(
                     lambda m, args, low=low, high=high: (_quantize_activation(args[0], low, high), *args[1:])))
-    try:
-        with torch.no_grad():
-            out = torch.func.functional_call(model, weights, inputs, tie_weights=False) if weights else model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    out = run_with_hooks(model, inputs, handles, weights)
     return torch.cat([t.detach().double().reshape(-1) for t in _pytree.tree_leaves(out) if isinstance(t, Tensor)])
 
 
@@ -189,12 +195,7 @@ def _activation_ranges(model: nn.Module, inputs: tuple) -> dict[str, tuple[float
                 low, high = ranges.get(name, (math.inf, -math.inf))
                 ranges[name] = (min(low, x.min().item()), max(high, x.max().item()))
             handles.append(layer.register_forward_pre_hook(record))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, inputs, handles)
     return ranges
 
 
@@ -365,12 +366,7 @@ def _output_extremes(model: nn.Module, layer: nn.Module, inputs: tuple) -> tuple
         flat = moved.reshape(moved.shape[0], -1)
         found.append((flat.amin(1), flat.amax(1)))
 
-    handle = layer.register_forward_hook(record)
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        handle.remove()
+    run_with_hooks(model, inputs, [layer.register_forward_hook(record)])
     return found[0]
 
 
@@ -472,11 +468,11 @@ class EqualizationReport:
 
 
 def _spread(layer: nn.Module) -> tuple[float, int]:
-    ranges = _output_ranges(layer).double()
-    largest = ranges.max()
-    nonzero = ranges[ranges > 0]
-    spread = (largest / nonzero.min()).item() if nonzero.numel() else math.inf
-    return spread, int((ranges * 127 < 0.5 * largest).sum().item())
+    """(per-channel weight range spread, channels per-tensor int8 rounds to zero)."""
+    from bn_ext.fold import weight_quantization
+
+    readiness = weight_quantization("", layer.weight, _kind(layer), getattr(layer, "groups", 1))
+    return readiness.range_spread, readiness.dead_channels
 
 
 class EqualizationError(RuntimeError):

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import bn_ext
-from bn_ext.equalization import equalize
+from bn_ext.equalization import equalize, run_with_hooks
 
 
 def spread_statistics(model: nn.Module, example_inputs: tuple, seed: int = 0) -> nn.Module:
@@ -41,13 +41,8 @@ def spread_statistics(model: nn.Module, example_inputs: tuple, seed: int = 0) ->
         bn.bias.data.copy_(output_scale * torch.randn(bn.num_features, generator=generator, dtype=torch.float64))
 
     model.eval()
-    handles = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, _BatchNorm)]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_hooks(model, example_inputs,
+                   [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, _BatchNorm)])
     return model
 
 

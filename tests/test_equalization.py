@@ -266,5 +266,6 @@ def test_relu6_to_relu_is_opt_in_and_its_error_reported():
         moved = (bn_ext.equalization._outputs(equalized, (x,)) - bn_ext.equalization._outputs(folded, (x,)))
     scale = bn_ext.equalization._outputs(folded, (x,)).abs().max().item()
     assert report.relu6_error > 0 and "ReLU6 made ReLU first" in str(report)
-    assert abs(moved.abs().max().item() / scale - report.relu6_error) <= report.float32_tolerance + 1e-6
+    # (equalized's own change is 1e-5 of the scale; ReLU6 -> ReLU's, with spread statistics, 27x it)
+    assert math.isclose(moved.abs().max().item() / scale, report.relu6_error, rel_tol=1e-3)
     assert len(report.equalized) > len(as_built.equalized), str(report)
