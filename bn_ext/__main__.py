@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     fold.add_argument("--check", action="store_true", help="print the full folding report")
     fold.add_argument("--example-shape", type=_shape, help="input shape for verification, e.g. 1,3,224,224 "
                       "(default: the program's own example inputs)")
+    fold.add_argument("--equalize", action="store_true",
+                      help="then cross-layer equalization for int8 (.pt2 programs; see bn_ext.equalize)")
     fold.add_argument("--atol", type=float)
     fold.add_argument("--rtol", type=float)
 
@@ -167,6 +169,8 @@ def _fold(args: argparse.Namespace) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         return bad("--output", "is the input file; write the folded program elsewhere")
     if args.input.endswith(".onnx"):
+        if args.equalize:
+            return bad("--equalize", "ONNX files are not equalized yet: equalize the torch model or its .pt2 program")
         return _fold_onnx_file(args, bad)
     # torch.export.load logs the error with its traceback before raising it.
     export_log = logging.getLogger("torch.export")
@@ -189,7 +193,8 @@ def _fold(args: argparse.Namespace) -> int:
             return bad("--example-shape", f"the program does not take an input of shape {args.example_shape} "
                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
     try:
-        folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True)
+        folded, report = fold_exported_program(program, inputs, atol=args.atol, rtol=args.rtol, progress=True,
+                                               equalize=args.equalize)
     except FoldVerificationError as error:
         return _verification_failed(error)
     torch.export.save(folded, args.output)
@@ -206,8 +211,12 @@ def _folded(report, args: argparse.Namespace) -> int:
     if args.check:
         print(report)
     else:
+        equalized = report.equalization
         print(f"folded {len(report.folded)} of {report.batch_norms_before} BatchNorms; "
-              f"max error {report.max_abs_error:.3g}: PASS; wrote {args.output}")
+              f"max error {report.max_abs_error:.3g}: PASS; "
+              + ("" if equalized is None else f"equalized {len(equalized.equalized)} layer pairs, per-tensor int8 "
+                 f"output error {equalized.before.per_tensor_weights:.3g} -> {equalized.after.per_tensor_weights:.3g}; ")
+              + f"wrote {args.output}")
     return 0
 
 

@@ -12,7 +12,8 @@ by s_i leaves the model's function unchanged; with s_i = sqrt(r1_i r2_i) / r2_i
 both layers' ranges of channel i become sqrt(r1_i r2_i).
 
 `equalize` does that for every such pair of Conv / ConvTranspose / Linear
-modules, sweeping until the scales settle, and keeps a pair only where the
+layers (modules, or the functional calls of an fx graph or a torch.export
+program on constant weights), sweeping until the scales settle, and keeps a pair only where the
 model's output error under per-tensor int8 weights does not grow (the
 paper's rule looks at weight ranges alone and can raise the error where
 biases are large).
@@ -31,18 +32,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LAYERS = _CONVS + _CONV_TRANSPOSES + (nn.Linear,)
+_aten = torch.ops.aten
 
 # Modules and functions with f(s x) = s f(x) for every per-channel s > 0.
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
                         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                         nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
                         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.leaky_relu, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-                          F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-                          F.adaptive_avg_pool3d, F.dropout}
+_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, _aten.relu.default, _aten.relu_.default}
+# After a ReLU, what a shift y - c passes through unchanged (f(y - c) = f(y) - c).
+_SHIFT_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d,
+                  nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_SHIFT_FUNCTIONS = _RELU_FUNCTIONS | {F.max_pool1d, F.max_pool2d, F.max_pool3d, _aten.max_pool1d.default,
+                                      _aten.max_pool2d.default, _aten.max_pool3d.default, F.dropout,
+                                      _aten.dropout.default, _aten.clone.default}
+_HOMOGENEOUS_FUNCTIONS = _SHIFT_FUNCTIONS | {
+    F.leaky_relu, _aten.leaky_relu.default, _aten.leaky_relu_.default, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, _aten.avg_pool1d.default,
+    _aten.avg_pool2d.default, _aten.avg_pool3d.default, _aten.adaptive_avg_pool1d.default,
+    _aten._adaptive_avg_pool2d.default, _aten.adaptive_avg_pool2d.default, _aten.adaptive_avg_pool3d.default}
 _HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous"}
 
 
@@ -56,32 +64,73 @@ def _is_homogeneous_module(m: nn.Module) -> bool:
     return isinstance(m, _HOMOGENEOUS_MODULES)
 
 
-# --- per-channel views of a layer's weight -------------------------------------------
+# --- a layer's weights, and per-channel views of them ---------------------------------------
 
 
-def _kind(layer: nn.Module) -> str:
-    return "linear" if isinstance(layer, nn.Linear) else "conv_transpose" if isinstance(layer, _CONV_TRANSPOSES) else "conv"
+@dataclasses.dataclass(eq=False)
+class _Weights:
+    """A Conv, ConvTranspose or Linear layer's weight and bias tensors (a
+    module's parameters, or a graph's constant attributes), changed in place."""
+
+    name: str  # for the report
+    key: str  # the weight's qualified name under the root
+    kind: str  # "conv", "conv_transpose" or "linear"
+    groups: int
+    weight: Tensor
+    bias: Tensor | None
+    zero_padded: bool
+    module: nn.Module | None = None
+
+    @staticmethod
+    def of_module(module: nn.Module, name: str = "") -> _Weights:
+        from bn_ext.fold import _CONV_TRANSPOSES, _CONVS, _has_zero_padding
+
+        kind = "linear" if isinstance(module, nn.Linear) else "conv_transpose" if isinstance(
+            module, _CONV_TRANSPOSES) else "conv"
+        return _Weights(name, f"{name}.weight" if name else "weight", kind, getattr(module, "groups", 1),
+                        module.weight, module.bias, isinstance(module, _CONVS) and _has_zero_padding(module), module)
 
 
-def _output_rows(layer: nn.Module) -> Tensor:
-    """The weight as (out_channels, G, -1): a view per output channel."""
-    w, groups = layer.weight, getattr(layer, "groups", 1)
-    if _kind(layer) == "conv_transpose":  # (in, out / G, *k)
+def _layer_weights(root: nn.Module, node: torch.fx.Node) -> _Weights | None:
+    """The weights of a graph node that is a layer with constant weights."""
+    from bn_ext.fold import _arg, _as_layer
+
+    layer = _as_layer(root, node)
+    if layer is None:
+        return None
+    if layer.module is not None:
+        return _Weights.of_module(layer.module, node.target)
+    return _Weights(layer.name, _arg(node, layer.names, "weight").target, layer.kind, layer.groups(),
+                    layer.weight(root), layer.bias(root), layer.zero_padded())
+
+
+def _output_rows(layer: _Weights) -> Tensor:
+    """The weight as (out_channels, -1): a row per output channel."""
+    w, groups = layer.weight.detach(), layer.groups
+    if layer.kind == "conv_transpose":  # (in, out / G, *k)
         w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)  # (G, out/G, in/G, k)
         return w.reshape(groups * w.shape[1], -1)
     return w.reshape(w.shape[0], -1)
 
 
-def _output_ranges(layer: nn.Module) -> Tensor:
-    return _output_rows(layer).detach().abs().amax(1)
+def _restore_layout(layer: _Weights, rows: Tensor) -> Tensor:
+    """_output_rows' inverse."""
+    w, groups = layer.weight, layer.groups
+    if layer.kind == "conv_transpose":
+        return rows.reshape(groups, w.shape[1], w.shape[0] // groups, -1).transpose(1, 2).reshape(w.shape)
+    return rows.reshape(w.shape)
 
 
-def _input_ranges(layer: nn.Module) -> Tensor:
+def _output_ranges(layer: _Weights) -> Tensor:
+    return _output_rows(layer).abs().amax(1)
+
+
+def _input_ranges(layer: _Weights) -> Tensor:
     """max |w| over what reads each input channel."""
-    w, groups = layer.weight.detach(), getattr(layer, "groups", 1)
-    if _kind(layer) == "linear":
+    w, groups = layer.weight.detach(), layer.groups
+    if layer.kind == "linear":
         return w.abs().amax(0)
-    if _kind(layer) == "conv_transpose":  # (in, out / G, *k): input channel i is row i
+    if layer.kind == "conv_transpose":  # (in, out / G, *k): input channel i is row i
         return w.abs().reshape(w.shape[0], -1).amax(1)
     out_per_group, in_per_group = w.shape[0] // groups, w.shape[1]
     return w.abs().reshape(groups, out_per_group, in_per_group, -1).amax(dim=(1, 3)).reshape(-1)
@@ -99,84 +148,139 @@ def _along_dim0(factor: Tensor, weight: Tensor) -> Tensor:
     return factor.reshape(-1, *[1] * (weight.dim() - 1)).to(weight.dtype)
 
 
-def _scale_outputs(layer: nn.Module, factor: Tensor) -> None:
+def _scale_outputs(layer: _Weights, factor: Tensor) -> None:
     """Multiply output channel i of `layer` (weight and bias) by factor[i]."""
-    w, groups = layer.weight.data, getattr(layer, "groups", 1)
-    w.mul_(_grouped(factor, w, groups) if _kind(layer) == "conv_transpose" else _along_dim0(factor, w))
+    w = layer.weight.data
+    w.mul_(_grouped(factor, w, layer.groups) if layer.kind == "conv_transpose" else _along_dim0(factor, w))
     if layer.bias is not None:
         layer.bias.data.mul_(factor.to(layer.bias.dtype))
 
 
-def _scale_inputs(layer: nn.Module, factor: Tensor) -> None:
+def _scale_inputs(layer: _Weights, factor: Tensor) -> None:
     """Multiply what reads input channel i of `layer` by factor[i]."""
-    w, groups = layer.weight.data, getattr(layer, "groups", 1)
-    if _kind(layer) == "linear":
+    w = layer.weight.data
+    if layer.kind == "linear":
         w.mul_(factor.reshape(1, -1).to(w.dtype))
     else:
-        w.mul_(_along_dim0(factor, w) if _kind(layer) == "conv_transpose" else _grouped(factor, w, groups))
+        w.mul_(_along_dim0(factor, w) if layer.kind == "conv_transpose" else _grouped(factor, w, layer.groups))
 
 
-def _out_channels(layer: nn.Module) -> int:
-    return _output_rows(layer).shape[0]
+def _spread(layer: _Weights) -> tuple[float, int]:
+    """(per-channel weight range spread, channels per-tensor int8 rounds to zero)."""
+    from bn_ext.fold import weight_quantization
+
+    readiness = weight_quantization("", layer.weight, layer.kind, layer.groups)
+    return readiness.range_spread, readiness.dead_channels
 
 
-def _in_channels(layer: nn.Module) -> int:
-    return _input_ranges(layer).shape[0]
+# --- running a model: its layers, their weights swapped, their inputs quantized -------------
 
 
-# --- int8 fake quantization of a model's weights and activations -----------------------
-
-
-def _quantized_weights(model: nn.Module, per_channel: bool) -> dict[str, Tensor]:
-    weights = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, _LAYERS):
-            w = layer.weight.detach()
-            if per_channel:
-                rows = _output_rows(layer).detach()
-                scale = (rows.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(w.dtype).tiny)
-                q = (rows / scale).round().clamp(-127, 127) * scale
-                weights[f"{name}.weight"] = _restore_layout(layer, q)
-            else:
-                scale = (w.abs().max() / 127).clamp_min(torch.finfo(w.dtype).tiny)
-                weights[f"{name}.weight"] = (w / scale).round().clamp(-127, 127) * scale
-    return weights
-
-
-def _restore_layout(layer: nn.Module, rows: Tensor) -> Tensor:
-    """_output_rows' inverse."""
-    w, groups = layer.weight, getattr(layer, "groups", 1)
-    if _kind(layer) == "conv_transpose":
-        g = rows.reshape(groups, w.shape[1], w.shape[0] // groups, -1).transpose(1, 2)
-        return g.reshape(w.shape)
-    return rows.reshape(w.shape)
-
-
-def run_with_hooks(model: nn.Module, inputs: tuple, handles: list, weights: dict[str, Tensor] | None = None) -> Any:
-    """model(*inputs) without autograd (on `weights` where given), the hook
-    handles removed after, whatever happens."""
+def run_with_hooks(model: nn.Module, inputs: tuple, handles: list) -> Any:
+    """model(*inputs) without autograd, the hook handles removed after, whatever happens."""
     try:
         with torch.no_grad():
-            return torch.func.functional_call(model, weights, inputs, tie_weights=False) if weights else model(*inputs)
+            return model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _outputs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor] | None = None,
-             activation_ranges: dict[str, tuple[float, float]] | None = None) -> Tensor:
-    """The model's outputs, flattened into one vector; with `weights`, run on
-    those weights; with `activation_ranges`, each layer's input fake-quantized
-    to uint8 over its calibrated range."""
-    handles = []
-    if activation_ranges is not None:
-        for name, layer in model.named_modules():
-            if name in activation_ranges:
-                low, high = activation_ranges[name]
-                handles.append(layer.register_forward_pre_hook(
-                    lambda m, args, low=low, high=high: (_quantize_activation(args[0], low, high), *args[1:])))
-    out = run_with_hooks(model, inputs, handles, weights)
-    return torch.cat([t.detach().double().reshape(-1) for t in _pytree.tree_leaves(out) if isinstance(t, Tensor)])
+class _Network:
+    """A model's layers, and runs of it that see or change each layer's
+    input and output. With an fx graph (traced, or the model's own), the
+    graph runs node by node and its functional layers count too; without
+    one, module hooks see the layer modules."""
+
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph | None):
+        self.model = model
+        if graph is None:
+            self.gm, self.by_node = None, {}
+            self.by_module = {m: _Weights.of_module(m, name) for name, m in model.named_modules()
+                              if isinstance(m, (nn.Linear, *_conv_classes()))}
+            found = self.by_module.values()
+        else:
+            self.gm = torch.fx.GraphModule(model, graph)  # shares the model's modules and tensors
+            self.by_node = {n: w for n in graph.nodes if (w := _layer_weights(model, n)) is not None}
+            found = self.by_node.values()
+        # one per weight tensor: a module called twice, or layers sharing a weight, hold one
+        self.layers = list({id(w.weight): w for w in reversed(list(found))}.values())[::-1]
+
+    def run(self, inputs: tuple, weights: dict[str, Tensor] | None = None, on_input=None, on_output=None) -> Any:
+        """The model's output; `weights` (key -> tensor) in place of the layers'
+        own for this run; on_input(layer, x) returns what the layer reads
+        instead of x; on_output(layer, y) sees each layer's output."""
+        saved = {}
+        try:
+            for layer in self.layers:
+                if weights and layer.key in weights:
+                    saved[layer.key] = layer.weight.detach().clone()
+                    layer.weight.data.copy_(weights[layer.key])
+            if self.gm is None:
+                return self._run_modules(inputs, on_input, on_output)
+            return self._run_graph(inputs, on_input, on_output)
+        finally:
+            for layer in self.layers:
+                if layer.key in saved:
+                    layer.weight.data.copy_(saved[layer.key])
+
+    def _run_modules(self, inputs, on_input, on_output):
+        handles = []
+        for module, layer in self.by_module.items():
+            if on_input is not None:
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, args, layer=layer: (on_input(layer, args[0]), *args[1:])))
+            if on_output is not None:
+                handles.append(module.register_forward_hook(lambda m, args, out, layer=layer: on_output(layer, out)))
+        return run_with_hooks(self.model, inputs, handles)
+
+    def _run_graph(self, inputs, on_input, on_output):
+        by_node = self.by_node
+
+        class Runner(torch.fx.Interpreter):
+            def run_node(self, node):
+                layer = by_node.get(node)
+                if layer is None or (on_input is None and on_output is None):
+                    return super().run_node(node)
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                if on_input is not None:
+                    args = (on_input(layer, args[0]), *args[1:])
+                out = getattr(self, node.op)(node.target, args, kwargs)
+                if on_output is not None:
+                    on_output(layer, out)
+                return out
+
+        with torch.no_grad():
+            return Runner(self.gm).run(*inputs)
+
+    def outputs(self, inputs: tuple, **run_args) -> Tensor:
+        """The output's tensors, flattened into one float64 vector."""
+        out = self.run(inputs, **run_args)
+        return torch.cat([t.detach().double().reshape(-1) for t in _pytree.tree_leaves(out) if isinstance(t, Tensor)])
+
+
+def _conv_classes() -> tuple[type, ...]:
+    from bn_ext.fold import _CONV_TRANSPOSES, _CONVS
+
+    return _CONVS + _CONV_TRANSPOSES
+
+
+# --- int8 fake quantization of a model's weights and activations -----------------------
+
+
+def _quantized_weights(network: _Network, per_channel: bool) -> dict[str, Tensor]:
+    """Symmetric int8 fake quantization of every layer's weight: one scale, or one per output channel."""
+    weights = {}
+    for layer in network.layers:
+        w = layer.weight.detach()
+        if per_channel:
+            rows = _output_rows(layer)
+            scale = (rows.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(w.dtype).tiny)
+            weights[layer.key] = _restore_layout(layer, (rows / scale).round().clamp(-127, 127) * scale)
+        else:
+            scale = (w.abs().max() / 127).clamp_min(torch.finfo(w.dtype).tiny)
+            weights[layer.key] = (w / scale).round().clamp(-127, 127) * scale
+    return weights
 
 
 def _quantize_activation(x: Tensor, low: float, high: float) -> Tensor:
@@ -186,16 +290,15 @@ def _quantize_activation(x: Tensor, low: float, high: float) -> Tensor:
     return ((x / scale).round() + zero).clamp(0, 255).sub(zero).mul(scale)
 
 
-def _activation_ranges(model: nn.Module, inputs: tuple) -> dict[str, tuple[float, float]]:
-    ranges, handles = {}, []
-    for name, layer in model.named_modules():
-        if isinstance(layer, _LAYERS):
-            def record(m, args, name=name):
-                x = args[0].detach()
-                low, high = ranges.get(name, (math.inf, -math.inf))
-                ranges[name] = (min(low, x.min().item()), max(high, x.max().item()))
-            handles.append(layer.register_forward_pre_hook(record))
-    run_with_hooks(model, inputs, handles)
+def _activation_ranges(network: _Network, inputs: tuple) -> dict[str, tuple[float, float]]:
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def record(layer: _Weights, x: Tensor) -> Tensor:
+        low, high = ranges.get(layer.key, (math.inf, -math.inf))
+        ranges[layer.key] = (min(low, x.min().item()), max(high, x.max().item()))
+        return x
+
+    network.run(inputs, on_input=record)
     return ranges
 
 
@@ -222,18 +325,33 @@ def _relative(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def _quantization_error(network: _Network, inputs: tuple) -> QuantizationError:
+    reference = network.outputs(inputs)
+    per_tensor = _quantized_weights(network, per_channel=False)
+    ranges = _activation_ranges(network, inputs)
+    return QuantizationError(
+        _relative(network.outputs(inputs, weights=per_tensor), reference),
+        _relative(network.outputs(inputs, weights=_quantized_weights(network, per_channel=True)), reference),
+        _relative(network.outputs(inputs, weights=per_tensor,
+                                  on_input=lambda layer, x: _quantize_activation(x, *ranges[layer.key])), reference),
+    )
+
+
+def _trace(model: nn.Module) -> torch.fx.Graph | None:
+    from bn_ext.fold import _FoldTracer
+
+    try:
+        return _FoldTracer().trace(model)
+    except Exception:  # noqa: BLE001  (any tracing failure: the module view)
+        return None
+
+
 def quantization_error(model: nn.Module, example_inputs: Sequence[Any]) -> QuantizationError:
     """The output error of `model` with int8 fake-quantized weights (symmetric,
     per tensor or per output channel) and activations (each Conv/Linear
-    input, per tensor, asymmetric uint8 over the range seen on the inputs)."""
-    inputs = tuple(example_inputs)
-    reference = _outputs(model, inputs)
-    per_tensor = _quantized_weights(model, per_channel=False)
-    return QuantizationError(
-        _relative(_outputs(model, inputs, per_tensor), reference),
-        _relative(_outputs(model, inputs, _quantized_weights(model, per_channel=True)), reference),
-        _relative(_outputs(model, inputs, per_tensor, _activation_ranges(model, inputs)), reference),
-    )
+    input, per tensor, asymmetric uint8 over the range seen on the inputs).
+    bn_ext's own fake quantization, not torch.ao's."""
+    return _quantization_error(_Network(model, _trace(model)), tuple(example_inputs))
 
 
 # --- finding the pairs -------------------------------------------------------------------
@@ -241,8 +359,8 @@ def quantization_error(model: nn.Module, example_inputs: Sequence[Any]) -> Quant
 
 @dataclasses.dataclass
 class _Pair:
-    first: str
-    second: str
+    first: _Weights
+    second: _Weights
     path: list = dataclasses.field(default_factory=list)  # the nodes between them
 
 
@@ -258,32 +376,21 @@ def _homogeneous(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return _is_homogeneous_module(modules[node.target])
     if node.op == "call_function":
-        if node.target in (F.leaky_relu,):
-            slope = node.kwargs.get("negative_slope", node.args[1] if len(node.args) > 1 else 0.01)
-            return isinstance(slope, (int, float))
         return node.target in _HOMOGENEOUS_FUNCTIONS
     return node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
 
 
-def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], list[tuple[str, str]]]:
+def _find_pairs(network: _Network, graph: torch.fx.Graph) -> tuple[list[_Pair], list[tuple[str, str]]]:
     """The layer pairs joined through homogeneous functions only, and the
     layers whose chain stops, with what stops it."""
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    owners: dict[int, list[str]] = {}
-    for name, m in modules.items():
-        if isinstance(m, _LAYERS):
-            owners.setdefault(id(m.weight), []).append(name)
+    modules = dict(network.model.named_modules())
+    uses: dict[int, int] = {}  # layer calls per weight tensor: a module called twice, or a shared weight
+    for layer in network.by_node.values():
+        uses[id(layer.weight)] = uses.get(id(layer.weight), 0) + 1
     pairs, stopped = [], []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _LAYERS):
-            continue
-        name = node.target
-        if calls[name] > 1 or len(owners[id(modules[name].weight)]) > 1:
-            stopped.append((name, "called more than once, or its weight is shared"))
+    for node, first in network.by_node.items():
+        if uses[id(first.weight)] > 1:
+            stopped.append((first.name, "called more than once, or its weight is shared"))
             continue
         current, reason, path = node, None, []
         while reason is None:
@@ -292,17 +399,17 @@ def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], l
                 reason = f"its output has {len(users)} readers (a residual add or a branch)" if users else "no reader"
                 break
             user = users[0]
-            if user.op == "call_module" and isinstance(modules[user.target], _LAYERS) and user.args[0] is current:
-                second = modules[user.target]
-                if calls[user.target] > 1 or len(owners[id(second.weight)]) > 1:
-                    reason = f"the next layer {user.target} is called more than once, or its weight is shared"
-                elif (_kind(second) == "linear") != (_kind(modules[name]) == "linear"):
-                    reason = f"the next layer {user.target} reads channels on another axis"
-                elif _in_channels(second) != _out_channels(modules[name]):
-                    reason = f"the next layer {user.target} reads {_in_channels(second)} channels, not " \
-                             f"{_out_channels(modules[name])}"
+            second = network.by_node.get(user)
+            if second is not None and user.args[0] is current:
+                if uses[id(second.weight)] > 1:
+                    reason = f"the next layer {second.name} is called more than once, or its weight is shared"
+                elif (second.kind == "linear") != (first.kind == "linear"):
+                    reason = f"the next layer {second.name} reads channels on another axis"
+                elif _input_ranges(second).numel() != _output_ranges(first).numel():
+                    reason = (f"the next layer {second.name} reads {_input_ranges(second).numel()} channels, not "
+                              f"{_output_ranges(first).numel()}")
                 else:
-                    pairs.append(_Pair(name, user.target, path))
+                    pairs.append(_Pair(first, second, path))
                 break
             if user.op == "output":
                 reason = "its output is the model's"
@@ -313,16 +420,11 @@ def _find_pairs(model: nn.Module, graph: torch.fx.Graph) -> tuple[list[_Pair], l
             current = user
             path.append(user)
         if reason is not None:
-            stopped.append((name, reason))
-    return pairs, stopped
+            stopped.append((first.name, reason))
+    return pairs, list(dict.fromkeys(stopped))  # a layer called twice stops once
 
 
 # --- bias absorption (the paper's section 4.2) --------------------------------------------
-
-_RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_}
-# After the ReLU: what y - c passes through unchanged in shape (f(y - c) = f(y) - c).
-_SHIFT_MODULES = (nn.ReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.MaxPool1d,
-                  nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -342,84 +444,85 @@ def _absorbable(pair: _Pair, modules: dict[str, nn.Module]) -> bool:
     into the second layer's bias exactly: a ReLU first (relu(y) = relu(y - c)
     + c where y >= c), then only what commutes with the shift, and a second
     layer that reads every input position with its whole kernel (a Linear, a
-    Conv without zero padding)."""
-    from bn_ext.fold import _has_zero_padding
-
-    second = modules[pair.second]
+    Conv without zero padding) and has a bias to take it (or is a module,
+    which gets one)."""
     path = list(pair.path)
     while path and path[0].op == "call_module" and isinstance(modules[path[0].target], (nn.Identity, nn.Dropout)):
         path.pop(0)  # a folded BatchNorm's Identity
-    if not path or not _is_relu(path[0], modules):
+    if not path or not _is_relu(path[0], modules) or pair.first.bias is None:
         return False
-    if isinstance(second, _CONV_TRANSPOSES) or (isinstance(second, _CONVS) and _has_zero_padding(second)):
+    second = pair.second
+    if second.kind == "conv_transpose" or second.zero_padded or (second.bias is None and second.module is None):
         return False
     return all(_is_relu(node, modules) or (node.op == "call_module" and isinstance(modules[node.target], _SHIFT_MODULES))
-               for node in path[1:])
+               or (node.op == "call_function" and node.target in _SHIFT_FUNCTIONS) for node in path[1:])
 
 
-def _output_extremes(model: nn.Module, layer: nn.Module, inputs: tuple) -> tuple[Tensor, Tensor]:
+def _output_extremes(network: _Network, layer: _Weights, inputs: tuple) -> tuple[Tensor, Tensor]:
     """Each output channel's smallest and largest value on the inputs."""
     found = []
 
-    def record(m, args, out):
-        moved = out.detach().movedim(-1 if isinstance(m, nn.Linear) else 1, 0).double()
-        flat = moved.reshape(moved.shape[0], -1)
-        found.append((flat.amin(1), flat.amax(1)))
+    def record(seen: _Weights, out: Tensor) -> None:
+        if seen is layer:
+            moved = out.detach().movedim(-1 if layer.kind == "linear" else 1, 0).double()
+            flat = moved.reshape(moved.shape[0], -1)
+            found.append((flat.amin(1), flat.amax(1)))
 
-    run_with_hooks(model, inputs, [layer.register_forward_hook(record)])
+    network.run(inputs, on_output=record)
     return found[0]
 
 
-def _absorb_biases(model: nn.Module, inputs: tuple, pairs: list[_Pair], modules: dict[str, nn.Module],
-                   report: EqualizationReport) -> list[tuple[_Pair, Tensor]]:
+def _absorb(first: _Weights, second: _Weights, shift: Tensor) -> None:
+    """first's bias less `shift`, second's bias plus what `shift` adds to it."""
+    first.bias.data.sub_(shift.to(first.bias.dtype))
+    w = second.weight.detach().double()
+    added = w @ shift if second.kind == "linear" else (w * _grouped(shift, w, second.groups)).reshape(
+        w.shape[0], -1).sum(1)
+    if second.bias is None:
+        weight = second.module.weight
+        second.module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=weight.dtype, device=weight.device),
+                                          requires_grad=weight.requires_grad)
+        second.bias = second.module.bias
+    second.bias.data.add_(added.to(second.bias.dtype))
+
+
+def _absorb_biases(network: _Network, inputs: tuple, pairs: list[_Pair], report: EqualizationReport
+                   ) -> list[tuple[_Pair, Tensor]]:
     """Moves the part of each ReLU input that is always positive on the
     example inputs into the next layer's bias (the paper estimates it as
     beta - 3 gamma from the BatchNorm; its lowest value on the inputs, less a
     margin for rounding, is what holds here). A pair whose absorption raises
     the per-tensor W8 or the W8A8 output error is undone and listed.
     Returns the shifts kept."""
+    modules = dict(network.model.named_modules())
     shifts = []
-    error = quantization_error(model, inputs)
+    error = _quantization_error(network, inputs)
     for pair in pairs:
-        first, second = modules[pair.first], modules[pair.second]
-        if not _absorbable(pair, modules) or first.bias is None:
+        first, second = pair.first, pair.second
+        if not _absorbable(pair, modules):
             continue
-        low, high = _output_extremes(model, first, inputs)
+        low, high = _output_extremes(network, first, inputs)
         shift = (low - 1e-5 * (high - low).abs()).clamp_min(0)
         if not (shift > 0).any():
             continue
         saved = first.bias.detach().clone(), None if second.bias is None else second.bias.detach().clone()
         _absorb(first, second, shift)
-        candidate = quantization_error(model, inputs)
+        candidate = _quantization_error(network, inputs)
         if candidate.per_tensor_weights > error.per_tensor_weights or candidate.w8a8 > error.w8a8:
             first.bias.data.copy_(saved[0])
             if saved[1] is None:
-                second.bias = None  # absorption added it
+                second.module.bias = second.bias = None  # absorption added it
             else:
                 second.bias.data.copy_(saved[1])
-            report.left.append((pair.first, f"absorbing its bias into {pair.second} would raise the int8 output "
+            report.left.append((first.name, f"absorbing its bias into {second.name} would raise the int8 output "
                                             f"error (per-tensor W8 {error.per_tensor_weights:.3g} -> "
                                             f"{candidate.per_tensor_weights:.3g}, W8A8 {error.w8a8:.3g} -> "
                                             f"{candidate.w8a8:.3g})"))
             continue
         error = candidate
         shifts.append((pair, shift))
-        report.absorbed[pair.first] = (high.clamp_min(0).max().item(), (high - shift).clamp_min(0).max().item())
+        report.absorbed[first.name] = (high.clamp_min(0).max().item(), (high - shift).clamp_min(0).max().item())
     return shifts
-
-
-def _absorb(first: nn.Module, second: nn.Module, shift: Tensor) -> None:
-    """first's bias less `shift`, second's bias plus what `shift` adds to it."""
-    first.bias.data.sub_(shift.to(first.bias.dtype))
-    w = second.weight.detach().double()
-    if _kind(second) == "linear":
-        added = w @ shift
-    else:
-        added = (w * _grouped(shift, w, getattr(second, "groups", 1))).reshape(w.shape[0], -1).sum(1)
-    if second.bias is None:
-        second.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=second.weight.dtype, device=second.weight.device),
-                                   requires_grad=second.weight.requires_grad)
-    second.bias.data.add_(added.to(second.bias.dtype))
 
 
 # --- the report and the algorithm --------------------------------------------------------
@@ -467,14 +570,6 @@ class EqualizationReport:
         return "\n".join(lines)
 
 
-def _spread(layer: nn.Module) -> tuple[float, int]:
-    """(per-channel weight range spread, channels per-tensor int8 rounds to zero)."""
-    from bn_ext.fold import weight_quantization
-
-    readiness = weight_quantization("", layer.weight, _kind(layer), getattr(layer, "groups", 1))
-    return readiness.range_spread, readiness.dead_channels
-
-
 class EqualizationError(RuntimeError):
     """The equalized model does not compute what the original does."""
 
@@ -483,7 +578,7 @@ def _scale_error(a: Tensor, b: Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
-def _apply(first: nn.Module, second: nn.Module, scale: Tensor) -> None:
+def _apply(first: _Weights, second: _Weights, scale: Tensor) -> None:
     _scale_outputs(first, 1 / scale)
     _scale_inputs(second, scale)
 
@@ -492,7 +587,7 @@ def _chains(pairs: list[_Pair]) -> list[list[_Pair]]:
     """Pairs joined by a shared layer (a -> b, b -> c), in graph order."""
     chains: list[list[_Pair]] = []
     for pair in pairs:
-        chain = next((c for c in chains if c[-1].second == pair.first), None)
+        chain = next((c for c in chains if c[-1].second is pair.first), None)
         if chain is None:
             chains.append([pair])
         else:
@@ -500,8 +595,7 @@ def _chains(pairs: list[_Pair]) -> list[list[_Pair]]:
     return chains
 
 
-def _equalize_chain(chain: list[_Pair], modules: dict[str, nn.Module], max_sweeps: int,
-                    applied: list[tuple[_Pair, Tensor]]) -> int:
+def _equalize_chain(chain: list[_Pair], max_sweeps: int, applied: list[tuple[_Pair, Tensor]]) -> int:
     """Equalizes each pair of the chain in turn until the scales settle
     (a depthwise layer's input scale moves its output ranges, so the pair
     after it changes); appends each scaling to `applied`; returns the sweeps
@@ -509,13 +603,12 @@ def _equalize_chain(chain: list[_Pair], modules: dict[str, nn.Module], max_sweep
     for sweep in range(max_sweeps):
         moved = False
         for pair in chain:
-            first, second = modules[pair.first], modules[pair.second]
-            r1, r2 = _output_ranges(first).double(), _input_ranges(second).double()
+            r1, r2 = _output_ranges(pair.first).double(), _input_ranges(pair.second).double()
             usable = (r1 > 0) & (r2 > 0)
             scale = torch.where(usable, (r1 * r2).sqrt() / r2.clamp_min(1e-300), torch.ones_like(r1))
             if (scale.log().abs().max() < 1e-3).item():
                 continue
-            _apply(first, second, scale)
+            _apply(pair.first, pair.second, scale)
             applied.append((pair, scale))
             moved = True
         if not moved:
@@ -534,28 +627,54 @@ def _replace_relu6(model: nn.Module) -> int:
     return replaced
 
 
+def _tensors(layer: _Weights) -> list[Tensor]:
+    return [t for t in (layer.weight, layer.bias) if t is not None]
+
+
+def _replay(original: nn.Module, inputs: tuple, applied: list[tuple[_Pair, Tensor]],
+            shifts: list[tuple[_Pair, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The original's and the equalized model's outputs in float64: the same
+    scalings and shifts applied to a float64 copy."""
+    doubled = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
+    original64 = copy.deepcopy(original).double()
+    equalized64 = copy.deepcopy(original64)
+    network64 = _Network(equalized64, _trace(equalized64))
+    by_key = {layer.key: layer for layer in network64.layers}
+    for pair, scale in applied:
+        _apply(by_key[pair.first.key], by_key[pair.second.key], scale)
+    for pair, shift in shifts:
+        first64, second64 = by_key[pair.first.key], by_key[pair.second.key]
+        # the shift the float64 values allow: the float32 model's rounding put its minimum elsewhere
+        low64, _ = _output_extremes(network64, first64, doubled)
+        _absorb(first64, second64, torch.minimum(shift, low64.clamp_min(0)))
+    return (_Network(original64, _trace(original64)).outputs(doubled), network64.outputs(doubled))
+
+
 def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplace: bool = False,
              absorb_bias: bool = False, relu6_to_relu: bool = False,
              max_sweeps: int = 8) -> tuple[nn.Module, EqualizationReport]:
     """Cross-layer equalization of a (folded) eval model; returns (model, report).
 
-    Pairs are found by data flow in a torch.fx trace: a Conv, ConvTranspose or
-    Linear module whose output reaches exactly one next layer through
-    ReLU, LeakyReLU, identity, pooling or a folded BatchNorm's activation
-    (anything else, a residual add or a second reader stops the chain, and the
-    report names it), neither layer called twice nor sharing its weight.
-    Pairs that share a layer form a chain (Conv -> depthwise Conv -> Conv),
-    equalized pair by pair in sweeps until the scales settle; a chain whose
-    equalization raises the model's output error under per-tensor int8
-    weights (on the example inputs) is undone and listed.
+    Pairs are found by data flow in a torch.fx trace (a GraphModule's own
+    graph: a torch.export program's module, say): a Conv, ConvTranspose or
+    Linear (a module, or a functional call on constant weights) whose output
+    reaches exactly one next layer through ReLU, LeakyReLU, identity, pooling
+    or a folded BatchNorm's activation (anything else, a residual add or a
+    second reader stops the chain, and the report names it), neither layer
+    called twice nor sharing its weight. Pairs that share a layer form a
+    chain (Conv -> depthwise Conv -> Conv), equalized pair by pair in sweeps
+    until the scales settle; a chain whose equalization raises the model's
+    output error under per-tensor int8 weights (on the example inputs) is
+    undone and listed.
 
     absorb_bias=True then moves, for each pair joined by a ReLU whose second
     layer reads every position with its whole kernel (a Linear, a Conv
     without zero padding), the part of the ReLU's input that is positive on
     every example input into the second layer's bias (the paper's section
     4.2), narrowing the activation range int8 must hold; undone pair by pair
-    where the per-tensor W8 or W8A8 output error would grow. Exact where inputs stay above that part, as the
-    example inputs do (less a margin of 1e-5 of the range, for rounding).
+    where the per-tensor W8 or W8A8 output error would grow. Exact where
+    inputs stay above that part, as the example inputs do (less a margin of
+    1e-5 of the range, for rounding).
 
     relu6_to_relu=True first makes every ReLU6 module a ReLU, as AIMET does
     for equalization: this changes the model wherever an activation exceeds
@@ -566,66 +685,55 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     scale, or 4x the model's own float32 error where that is larger) and, the
     same changes applied in float64, to 1e-10; EqualizationError otherwise.
     """
-    from bn_ext.fold import _FoldTracer
-
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
-    target.eval()
+    try:
+        target.eval()
+    except NotImplementedError:  # a torch.export program's module: its mode was fixed at export
+        pass
     report = EqualizationReport()
     if relu6_to_relu:
-        before_relu = _outputs(target, inputs)
+        before_relu = _Network(target, _trace(target)).outputs(inputs)
         report.relu6_replaced = _replace_relu6(target)
-        report.relu6_error = _scale_error(_outputs(target, inputs), before_relu)
+        report.relu6_error = _scale_error(_Network(target, _trace(target)).outputs(inputs), before_relu)
     original = copy.deepcopy(target)
-    try:
-        graph = _FoldTracer().trace(target)
-    except Exception as error:  # noqa: BLE001  (any tracing failure: nothing to equalize safely)
-        report.left.append(("(the model)", f"torch.fx cannot trace it ({type(error).__name__}): nothing equalized"))
-        report.before = report.after = quantization_error(target, inputs)
-        report.float32_error = report.float64_error = 0.0
+    graph = _trace(target)
+    network = _Network(target, graph)
+    report.before = _quantization_error(network, inputs)
+    if graph is None:
+        report.left.append(("(the model)", "torch.fx cannot trace it: nothing equalized"))
+        report.after, report.float32_error, report.float64_error = report.before, 0.0, 0.0
         return target, report
-    pairs, report.left = _find_pairs(target, graph)
-    modules = dict(target.named_modules())
-    spreads_before = {name: _spread(modules[name]) for pair in pairs for name in (pair.first, pair.second)}
-    report.before = quantization_error(target, inputs)
-    reference = _outputs(target, inputs)
+    pairs, report.left = _find_pairs(network, graph)
+    spreads_before = {layer.name: _spread(layer) for pair in pairs for layer in (pair.first, pair.second)}
+    reference = network.outputs(inputs)
     error = report.before.per_tensor_weights
     applied: list[tuple[_Pair, Tensor]] = []  # the scalings kept, in order
     for chain in _chains(pairs):
-        layers = [modules[name] for pair in chain for name in (pair.first, pair.second)]
-        saved = [t.detach().clone() for layer in layers for t in (layer.weight, layer.bias) if t is not None]
+        tensors = [t for pair in chain for layer in (pair.first, pair.second) for t in _tensors(layer)]
+        saved = [t.detach().clone() for t in tensors]
         scalings: list[tuple[_Pair, Tensor]] = []
-        report.sweeps = max(report.sweeps, _equalize_chain(chain, modules, max_sweeps, scalings))
-        candidate = _relative(_outputs(target, inputs, _quantized_weights(target, per_channel=False)), reference)
+        report.sweeps = max(report.sweeps, _equalize_chain(chain, max_sweeps, scalings))
+        candidate = _relative(network.outputs(inputs, weights=_quantized_weights(network, False)), reference)
         if candidate <= error:
             error = candidate
-            report.equalized += [(pair.first, pair.second) for pair in chain]
+            report.equalized += [(pair.first.name, pair.second.name) for pair in chain]
             applied += scalings
             continue
-        for tensor, value in zip([t for layer in layers for t in (layer.weight, layer.bias) if t is not None], saved):
+        for tensor, value in zip(tensors, saved):
             tensor.data.copy_(value)
-        names = " -> ".join([chain[0].first] + [pair.second for pair in chain])
-        report.left.append((chain[0].first, f"equalizing the chain {names} would raise the per-tensor int8 output "
-                                            f"error from {error:.3g} to {candidate:.3g}"))
-    report.layers = {name: (*spreads_before[name], *_spread(modules[name])) for pair in report.equalized
+        names = " -> ".join([chain[0].first.name] + [pair.second.name for pair in chain])
+        report.left.append((chain[0].first.name, f"equalizing the chain {names} would raise the per-tensor int8 "
+                                                 f"output error from {error:.3g} to {candidate:.3g}"))
+    layers = {layer.name: layer for pair in pairs for layer in (pair.first, pair.second)}
+    report.layers = {name: (*spreads_before[name], *_spread(layers[name])) for pair in report.equalized
                      for name in pair}
-    shifts = _absorb_biases(target, inputs, pairs, modules, report) if absorb_bias else []
-    report.after = quantization_error(target, inputs)
-    expected = _outputs(original, inputs)
-    report.float32_error = _scale_error(_outputs(target, inputs), expected)
-    # The same scalings on a float64 copy: the function is unchanged up to float64 rounding.
-    doubled = tuple(x.double() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
-    original64 = copy.deepcopy(original).double()
-    equalized64 = copy.deepcopy(original64)
-    modules64 = dict(equalized64.named_modules())
-    for pair, scale in applied:
-        _apply(modules64[pair.first], modules64[pair.second], scale)
-    for pair, shift in shifts:
-        # the shift the float64 values allow: the float32 model's rounding put its minimum elsewhere
-        low64, _ = _output_extremes(equalized64, modules64[pair.first], doubled)
-        _absorb(modules64[pair.first], modules64[pair.second], torch.minimum(shift, low64.clamp_min(0)))
-    exact = _outputs(original64, doubled)
-    report.float64_error = _scale_error(_outputs(equalized64, doubled), exact)
+    shifts = _absorb_biases(network, inputs, pairs, report) if absorb_bias else []
+    report.after = _quantization_error(network, inputs)
+    expected = _Network(original, _trace(original)).outputs(inputs)
+    report.float32_error = _scale_error(network.outputs(inputs), expected)
+    exact, equalized64 = _replay(original, inputs, applied, shifts)
+    report.float64_error = _scale_error(equalized64, exact)
     # A model that amplifies rounding (deep, with spread statistics) moves
     # further in float32 from any change of its weights' rounding: its own
     # float32 error against float64 sets the floor.

@@ -1180,11 +1180,14 @@ def fold_exported_program(
     rtol: float | None = None,
     progress: bool = False,
     strict: bool = True,
+    equalize: bool = False,
 ) -> tuple[torch.export.ExportedProgram, FoldReport]:
     """Fold the eval BatchNorms of a torch.export program (aten.batch_norm on
     constants after aten.conv*/linear) and export the result again. As
     fold_model, raises FoldVerificationError when the result differs from the
-    program beyond the tolerance, unless strict=False."""
+    program beyond the tolerance, unless strict=False. equalize=True then
+    applies cross-layer equalization to the folded program (bn_ext.equalize;
+    its report is `report.equalization`)."""
     if example_inputs is None:
         if program.example_inputs is None:
             raise ValueError("fold_exported_program: the program has no example inputs; pass example_inputs")
@@ -1213,6 +1216,18 @@ def fold_exported_program(
     _verify(report, reference.verify(gm, atol, rtol))
     if strict and not report.passed:
         raise FoldVerificationError("fold_exported_program", report)
+    if equalize and report.passed:
+        from bn_ext.equalization import equalize as equalize_layers
+
+        # program.module() holds the program's own tensors (an exported
+        # program shares its model's): equalization scales copies.
+        for module in gm.modules():
+            for name, tensor in list(module.named_parameters(recurse=False)) + list(
+                    module.named_buffers(recurse=False)):
+                copied = tensor.detach().clone()
+                setattr(module, name, nn.Parameter(copied, tensor.requires_grad) if isinstance(
+                    tensor, nn.Parameter) else copied)
+        gm, report.equalization = equalize_layers(gm, example_inputs, inplace=True)
     return torch.export.export(gm, example_inputs), report
 
 

@@ -172,3 +172,26 @@ def test_fold_command_refuses_a_program_exported_in_training_mode(tmp_path):
     done = fold_command(path, "-o", tmp_path / "out.pt2")
     assert done.returncode == 2 and "input: the program was exported in training mode" in done.stderr
     assert not (tmp_path / "out.pt2").exists()
+
+
+def test_fold_command_equalizes_a_program_on_request(tmp_path, capsys):
+    from bn_ext.equalization_bench import depthwise_chain, spread_statistics
+
+    torch.manual_seed(0)
+    model = depthwise_chain()
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    spread_statistics(model, (x,))
+    path = tmp_path / "chain.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    assert main(["fold", str(path), "-o", str(tmp_path / "out.pt2"), "--equalize"]) == 0
+    line = capsys.readouterr().out
+    assert "folded 2 of 2 BatchNorms" in line and "equalized 2 layer pairs" in line, line
+    before, after = (float(v) for v in line.split("output error ")[1].split(";")[0].split(" -> "))
+    assert after < before / 10, line
+    equalized = torch.export.load(tmp_path / "out.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(equalized(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
+    onnx_path = tmp_path / "chain.onnx"
+    onnx_path.write_bytes(b"not read")
+    assert main(["fold", str(onnx_path), "-o", str(tmp_path / "out.onnx"), "--equalize"]) == 2
+    assert "--equalize: ONNX files are not equalized yet" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bn_ext
-from bn_ext.equalization import _input_ranges, _output_ranges, quantization_error
+from bn_ext.equalization import _input_ranges, _output_ranges, _Weights, quantization_error
 from bn_ext.equalization_bench import depthwise_chain, spread_statistics
 
 pytestmark = pytest.mark.level_independent
@@ -64,6 +64,7 @@ def _spread_pair(first, second, seed):
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        first, second = _Weights.of_module(first), _Weights.of_module(second)
         factor = 10 ** (torch.rand(_output_ranges(first).numel(), generator=g, dtype=torch.float64) * 6 - 3)
         _scale_outputs(first, factor)
         _scale_inputs(second, 1 / factor)
@@ -81,9 +82,11 @@ def test_each_layer_kind_is_equalized_exactly(case):
     # one pair, its channel ranges matched: r1' = r2' = sqrt(r1 r2)
     assert report.equalized == [("0", "2")] and report.float64_error <= 1e-10, str(report)
     assert report.float32_error <= 1e-5, str(report)
-    ranges = _output_ranges(equalized[0]).double(), _input_ranges(equalized[2]).double()
+    ranges = _output_ranges(_Weights.of_module(equalized[0])).double(), _input_ranges(
+        _Weights.of_module(equalized[2])).double()
     torch.testing.assert_close(ranges[0], ranges[1], rtol=1e-5, atol=0)
-    spread = [r.max() / r.min() for r in (_output_ranges(model[0]), _output_ranges(equalized[0]))]
+    spread = [r.max() / r.min() for r in (_output_ranges(_Weights.of_module(model[0])),
+                                          _output_ranges(_Weights.of_module(equalized[0])))]
     assert spread[1] < spread[0] / 10, spread
     assert report.after.per_tensor_weights < report.before.per_tensor_weights / 3, str(report)
     assert equalized[0] is not model[0]  # the caller's model is not changed
@@ -263,9 +266,27 @@ def test_relu6_to_relu_is_opt_in_and_its_error_reported():
     assert any(isinstance(m, nn.ReLU6) for m in folded.modules())  # the caller's model keeps them
     # the change is measured on the example inputs and stated
     with torch.no_grad():
-        moved = (bn_ext.equalization._outputs(equalized, (x,)) - bn_ext.equalization._outputs(folded, (x,)))
-    scale = bn_ext.equalization._outputs(folded, (x,)).abs().max().item()
+        moved = (equalized(x) - folded(x)).double()
+    scale = folded(x).abs().max().item()
     assert report.relu6_error > 0 and "ReLU6 made ReLU first" in str(report)
     # (equalized's own change is 1e-5 of the scale; ReLU6 -> ReLU's, with spread statistics, 27x it)
     assert math.isclose(moved.abs().max().item() / scale, report.relu6_error, rel_tol=1e-3)
     assert len(report.equalized) > len(as_built.equalized), str(report)
+
+
+def test_a_torch_export_program_is_equalized_through_its_functional_calls():
+    # aten.conv2d on constant weights, the ReLUs aten.relu_: the same pairs
+    # and the same effect as on the modules
+    model = depthwise_chain()
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    spread_statistics(model, (x,))
+    before = copy.deepcopy(model.state_dict())
+    program, report = bn_ext.fold.fold_exported_program(torch.export.export(model, (x,)), (x,), equalize=True)
+    for name, tensor in model.state_dict().items():  # the program shares them: not changed
+        assert torch.equal(tensor, before[name]), name
+    equalization = report.equalization
+    assert len(equalization.equalized) == 2 and equalization.float64_error <= 1e-10, str(equalization)
+    assert equalization.after.per_tensor_weights <= equalization.before.per_tensor_weights / 10, str(equalization)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
