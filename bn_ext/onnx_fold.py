@@ -392,6 +392,11 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[torch.Ten
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
 
+# The ONNX norm operators, for the report's census (BatchNormalization folds).
+_NORM_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+             "RMSNormalization", "MeanVarianceNormalization", "LpNormalization", "LRN")
+
+
 def fold_onnx(
     model: onnx.ModelProto | str | os.PathLike,
     *,
@@ -414,10 +419,11 @@ def fold_onnx(
     folded_model = copy.deepcopy(original)
     g = _Graph(folded_model)
     before = sum(n.op_type == "BatchNormalization" for n in g.graph.node)
+    census = dict(Counter(n.op_type for n in g.graph.node if n.op_type in _NORM_OPS))
     folded, left = _fold_graph(g)
     onnx.checker.check_model(folded_model)
     report = FoldReport(method="the ONNX graph", batch_norms_before=before, batch_norms_after=before - len(folded),
-                        folded=folded, left=left)
+                        folded=folded, left=left, norms=census)
     feeds = example_inputs if example_inputs is not None else _random_inputs(original, seed)
     _verify(report, compare_outputs(_run(original, feeds), _run(folded_model, feeds), atol, rtol))
     if strict and not report.passed:

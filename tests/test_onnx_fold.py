@@ -418,3 +418,16 @@ def test_constants_through_cast_and_identity_fold():
     assert report.batch_norms_after == 0 and report.passed, str(report)
     assert op_types(folded) == ["Conv"]
     assert_same_outputs(folded, model, {"X": rng.standard_normal((1, 3, 6, 6)).astype(np.float32)})
+
+
+def test_the_census_counts_onnx_norms_that_do_not_fold():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 8])
+    scale = numpy_helper.from_array(np.linspace(0.5, 1.5, 8).astype(np.float32), "scale")
+    bias = numpy_helper.from_array(np.zeros(8, np.float32), "bias")
+    node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["y"], axis=-1)
+    model = helper.make_model(helper.make_graph([node], "ln", [x], [y], [scale, bias]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    _, report = bn_ext.fold_onnx(model)
+    assert report.norms == {"LayerNormalization": 1} and report.batch_norms_before == 0, str(report)
+    assert "nothing folded: the model holds no BatchNorm; its norms compute statistics" in str(report)
