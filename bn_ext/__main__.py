@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     fold.add_argument("--example-shape", type=_shape, help="input shape for verification, e.g. 1,3,224,224 "
                       "(default: the program's own example inputs)")
     fold.add_argument("--equalize", action="store_true",
-                      help="then cross-layer equalization for int8 (.pt2 programs; see bn_ext.equalize)")
+                      help="then cross-layer equalization for int8 (see bn_ext.equalize)")
     fold.add_argument("--atol", type=float)
     fold.add_argument("--rtol", type=float)
 
@@ -155,6 +155,7 @@ def _fold(args: argparse.Namespace) -> int:
 
     import torch
 
+    from bn_ext.equalization import EqualizationError
     from bn_ext.fold import FoldVerificationError, fold_exported_program, training_batch_norms
 
     def bad(argument: str, message: str) -> int:
@@ -169,8 +170,6 @@ def _fold(args: argparse.Namespace) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.input):
         return bad("--output", "is the input file; write the folded program elsewhere")
     if args.input.endswith(".onnx"):
-        if args.equalize:
-            return bad("--equalize", "ONNX files are not equalized yet: equalize the torch model or its .pt2 program")
         return _fold_onnx_file(args, bad)
     # torch.export.load logs the error with its traceback before raising it.
     export_log = logging.getLogger("torch.export")
@@ -197,6 +196,8 @@ def _fold(args: argparse.Namespace) -> int:
                                                equalize=args.equalize)
     except FoldVerificationError as error:
         return _verification_failed(error)
+    except EqualizationError as error:
+        return _equalization_failed(error)
     torch.export.save(folded, args.output)
     return _folded(report, args)
 
@@ -204,6 +205,12 @@ def _fold(args: argparse.Namespace) -> int:
 def _verification_failed(error) -> int:
     print(error.report)
     print(f"verification FAILED (max error {error.report.max_abs_error:.3g}); nothing written", file=sys.stderr)
+    return 1
+
+
+def _equalization_failed(error) -> int:
+    print(error, file=sys.stderr)
+    print("nothing written", file=sys.stderr)
     return 1
 
 
@@ -224,6 +231,7 @@ def _fold_onnx_file(args: argparse.Namespace, bad) -> int:
     import numpy as np
     import onnx
 
+    from bn_ext.equalization import EqualizationError
     from bn_ext.fold import FoldVerificationError
     from bn_ext.onnx_fold import fold_onnx, training_batch_norms
 
@@ -245,9 +253,11 @@ def _fold_onnx_file(args: argparse.Namespace, bad) -> int:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
         feeds = {inputs[0].name: np.random.default_rng(0).standard_normal(args.example_shape).astype(dtype)}
     try:
-        folded, report = fold_onnx(model, example_inputs=feeds, atol=args.atol, rtol=args.rtol)
+        folded, report = fold_onnx(model, example_inputs=feeds, atol=args.atol, rtol=args.rtol, equalize=args.equalize)
     except FoldVerificationError as error:
         return _verification_failed(error)
+    except EqualizationError as error:
+        return _equalization_failed(error)
     except Exception as error:  # noqa: BLE001  (onnxruntime rejecting the example shape, say)
         return bad("--example-shape" if feeds is not None else "input",
                    f"the model does not run ({type(error).__name__}: {str(error).splitlines()[0]})")

@@ -313,10 +313,11 @@ class QuantizationError:
 
     @staticmethod
     def sqnr(relative: float) -> float:
-        return -20 * math.log10(relative) if relative > 0 else math.inf
+        return -20 * math.log10(relative) if relative > 0 else math.inf if relative == 0 else math.nan
 
     def __str__(self) -> str:
-        return ", ".join(f"{label} {value:.3g} ({self.sqnr(value):.1f} dB)" for label, value in (
+        return ", ".join(f"{label} {value:.3g} ({self.sqnr(value):.1f} dB)" if not math.isnan(value) else
+                         f"{label} not measured" for label, value in (
             ("per-tensor W8", self.per_tensor_weights), ("per-channel W8", self.per_channel_weights),
             ("W8A8", self.w8a8)))
 
@@ -565,8 +566,10 @@ class EqualizationReport:
             lines += [f"    {name:<40} [0, {a:.3g}] -> [0, {b:.3g}]" for name, (a, b) in self.absorbed.items()]
         lines.append(f"  int8 output error before: {self.before}")
         lines.append(f"  int8 output error after:  {self.after}")
+        float64 = ("float64 not run" if math.isnan(self.float64_error) else
+                   f"float64 {self.float64_error:.3g} (allowed 1e-10)")
         lines.append(f"  equalized vs original: float32 {self.float32_error:.3g} (allowed {self.float32_tolerance:.3g}), "
-                     f"float64 {self.float64_error:.3g} (allowed 1e-10), relative to the output scale")
+                     f"{float64}, relative to the output scale")
         return "\n".join(lines)
 
 

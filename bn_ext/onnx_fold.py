@@ -388,6 +388,7 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[torch.Ten
     options = onnxruntime.SessionOptions()
     # Compare the graphs as written, not after onnxruntime's own fusions.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
 
@@ -405,6 +406,7 @@ def fold_onnx(
     rtol: float | None = None,
     strict: bool = True,
     seed: int = 0,
+    equalize: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold the eval BatchNormalization nodes of an ONNX model (a ModelProto,
     never changed, or a file path) into the layers before them.
@@ -413,7 +415,9 @@ def fold_onnx(
     onnx.checker and is run with onnxruntime against the original on
     example_inputs (default: random inputs of the graph's shapes, dynamic
     dimensions 1); when they differ beyond atol/rtol, FoldVerificationError is
-    raised unless strict=False.
+    raised unless strict=False. equalize=True then applies cross-layer
+    equalization (bn_ext.onnx_equalization.equalize_onnx; its report is
+    `report.equalization`).
     """
     original = onnx.load(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else model
     folded_model = copy.deepcopy(original)
@@ -428,4 +432,8 @@ def fold_onnx(
     _verify(report, compare_outputs(_run(original, feeds), _run(folded_model, feeds), atol, rtol))
     if strict and not report.passed:
         raise FoldVerificationError("fold_onnx", report)
+    if equalize and report.passed:
+        from bn_ext.onnx_equalization import equalize_onnx
+
+        folded_model, report.equalization = equalize_onnx(folded_model, feeds)
     return folded_model, report

@@ -290,3 +290,49 @@ def test_a_torch_export_program_is_equalized_through_its_functional_calls():
     assert equalization.after.per_tensor_weights <= equalization.before.per_tensor_weights / 10, str(equalization)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5 * model(x).abs().max().item())
+
+
+def _onnx(model, x):
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model.eval(), (x,), buffer, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("name", ["chain", "linear", "resnet18"])
+def test_onnx_models_are_equalized_as_torch_models_are(name):
+    import torchvision
+
+    from bn_ext.onnx_equalization import equalize_onnx
+
+    torch.manual_seed(0)
+    if name == "linear":
+        model, x = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)), torch.randn(32, 6)
+        _spread_pair(model[0], model[2], 2)
+    else:
+        model = depthwise_chain() if name == "chain" else torchvision.models.resnet18()
+        x = torch.randn(*((8, 3, 16, 16) if name == "chain" else (2, 3, 64, 64)),
+                        generator=torch.Generator().manual_seed(1))
+        spread_statistics(model, (x,))
+    original = _onnx(model, x)
+    feeds = {original.graph.input[0].name: x.numpy()}
+    folded, _ = bn_ext.fold_onnx(original, example_inputs=feeds)
+    kept = folded.SerializeToString()
+    equalized, report = equalize_onnx(folded, feeds)
+    assert folded.SerializeToString() == kept  # the caller's model is not changed
+    before, after = report.before.per_tensor_weights, report.after.per_tensor_weights
+    assert report.float32_error <= 1e-5 and after <= before, str(report)
+    # the same as equalizing the torch model (the pairs by their ONNX names)
+    _, torch_report = bn_ext.equalize(bn_ext.fold_model(model, x)[0], x)
+    assert len(report.equalized) == len(torch_report.equalized), (str(report), str(torch_report))
+    if name != "resnet18":
+        assert after <= before / 3, str(report)
+    else:
+        assert any("readers" in why for _, why in report.left), str(report)
+    from bn_ext.onnx_fold import _run
+
+    torch.testing.assert_close(_run(equalized, feeds)[0], _run(folded, feeds)[0], rtol=1e-5,
+                               atol=1e-5 * _run(folded, feeds)[0].abs().max().item())
