@@ -668,7 +668,8 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     chain (Conv -> depthwise Conv -> Conv), equalized pair by pair in sweeps
     until the scales settle; a chain whose equalization raises the model's
     output error under per-tensor int8 weights (on the example inputs) is
-    undone and listed.
+    undone, and its pairs are tried one by one, each kept only where it
+    lowers that error; the others are listed.
 
     absorb_bias=True then moves, for each pair joined by a ReLU whose second
     layer reads every position with its whole kernel (a Linear, a Conv
@@ -712,7 +713,10 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     reference = network.outputs(inputs)
     error = report.before.per_tensor_weights
     applied: list[tuple[_Pair, Tensor]] = []  # the scalings kept, in order
-    for chain in _chains(pairs):
+    def attempt(chain: list[_Pair]) -> float | None:
+        """Equalizes the chain; keeps it and returns None, or undoes it and
+        returns the per-tensor error it would have had."""
+        nonlocal error, applied
         tensors = [t for pair in chain for layer in (pair.first, pair.second) for t in _tensors(layer)]
         saved = [t.detach().clone() for t in tensors]
         scalings: list[tuple[_Pair, Tensor]] = []
@@ -722,12 +726,30 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
             error = candidate
             report.equalized += [(pair.first.name, pair.second.name) for pair in chain]
             applied += scalings
-            continue
+            return None
         for tensor, value in zip(tensors, saved):
             tensor.data.copy_(value)
-        names = " -> ".join([chain[0].first.name] + [pair.second.name for pair in chain])
-        report.left.append((chain[0].first.name, f"equalizing the chain {names} would raise the per-tensor int8 "
-                                                 f"output error from {error:.3g} to {candidate:.3g}"))
+        return candidate
+
+    refused: dict[int, tuple[_Pair, float]] = {}
+    for chain in _chains(pairs):
+        worse = attempt(chain)
+        if worse is None:
+            continue
+        # The chain as a whole raises the error; its pairs may lower it alone.
+        for pair in chain:
+            alone = attempt([pair]) if len(chain) > 1 else worse
+            if alone is not None:
+                refused[id(pair)] = (pair, alone)
+    # Once their neighbours moved, refused pairs may lower the error.
+    for key, (pair, _) in list(refused.items()):
+        alone = attempt([pair])
+        if alone is None:
+            del refused[key]
+        else:
+            refused[key] = (pair, alone)
+    report.left += [(pair.first.name, f"equalizing it with {pair.second.name} would raise the per-tensor int8 "
+                                      f"output error from {error:.3g} to {alone:.3g}") for pair, alone in refused.values()]
     layers = {layer.name: layer for pair in pairs for layer in (pair.first, pair.second)}
     report.layers = {name: (*spreads_before[name], *_spread(layers[name])) for pair in report.equalized
                      for name in pair}
