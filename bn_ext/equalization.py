@@ -381,9 +381,25 @@ def _homogeneous(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in _HOMOGENEOUS_METHODS
 
 
-def _find_pairs(network: _Network, graph: torch.fx.Graph) -> tuple[list[_Pair], list[tuple[str, str]]]:
-    """The layer pairs joined through homogeneous functions only, and the
-    layers whose chain stops, with what stops it."""
+_FLATTENS = {torch.flatten, _aten.flatten.using_ints, _aten.view.default, _aten.reshape.default, torch.reshape}
+
+
+def _keeps_channels_as_features(node: torch.fx.Node, modules: dict[str, nn.Module], shapes: dict) -> bool:
+    """A flatten or reshape of an (N, C, 1, ...) tensor to (N, C): a Conv
+    head's pooled channels become a Linear's features, in order."""
+    flattens = (node.op == "call_module" and isinstance(modules[node.target], nn.Flatten)) or (
+        node.op == "call_function" and node.target in _FLATTENS) or (
+        node.op == "call_method" and node.target in ("flatten", "view", "reshape"))
+    before, after = shapes.get(node.args[0].name if node.args else None), shapes.get(node.name)
+    return (flattens and before is not None and after is not None and len(before) > 2
+            and all(size == 1 for size in before[2:]) and list(after) == list(before[:2]))
+
+
+def _find_pairs(network: _Network, graph: torch.fx.Graph,
+                shapes: dict) -> tuple[list[_Pair], list[tuple[str, str]]]:
+    """The layer pairs joined through homogeneous functions only (and, from a
+    Conv to a Linear, a flatten of 1x1 maps), and the layers whose chain
+    stops, with what stops it."""
     modules = dict(network.model.named_modules())
     uses: dict[int, int] = {}  # layer calls per weight tensor: a module called twice, or a shared weight
     for layer in network.by_node.values():
@@ -393,7 +409,7 @@ def _find_pairs(network: _Network, graph: torch.fx.Graph) -> tuple[list[_Pair], 
         if uses[id(first.weight)] > 1:
             stopped.append((first.name, "called more than once, or its weight is shared"))
             continue
-        current, reason, path = node, None, []
+        current, reason, path, flattened = node, None, [], False
         while reason is None:
             users = list(current.users)
             if len(users) != 1:
@@ -404,7 +420,7 @@ def _find_pairs(network: _Network, graph: torch.fx.Graph) -> tuple[list[_Pair], 
             if second is not None and user.args[0] is current:
                 if uses[id(second.weight)] > 1:
                     reason = f"the next layer {second.name} is called more than once, or its weight is shared"
-                elif (second.kind == "linear") != (first.kind == "linear"):
+                elif (second.kind == "linear") != (first.kind == "linear" or flattened):
                     reason = f"the next layer {second.name} reads channels on another axis"
                 elif _input_ranges(second).numel() != _output_ranges(first).numel():
                     reason = (f"the next layer {second.name} reads {_input_ranges(second).numel()} channels, not "
@@ -415,7 +431,10 @@ def _find_pairs(network: _Network, graph: torch.fx.Graph) -> tuple[list[_Pair], 
             if user.op == "output":
                 reason = "its output is the model's"
                 break
-            if not _homogeneous(user, modules) or user.args[0] is not current:
+            if first.kind != "linear" and not flattened and user.args and user.args[0] is current and \
+                    _keeps_channels_as_features(user, modules, shapes):
+                flattened = True
+            elif not _homogeneous(user, modules) or user.args[0] is not current:
                 reason = f"{_describe(user, modules)} stands before the next layer (not positively homogeneous)"
                 break
             current = user
@@ -708,7 +727,9 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
         report.left.append(("(the model)", "torch.fx cannot trace it: nothing equalized"))
         report.after, report.float32_error, report.float64_error = report.before, 0.0, 0.0
         return target, report
-    pairs, report.left = _find_pairs(network, graph)
+    from bn_ext.fold import _shapes
+
+    pairs, report.left = _find_pairs(network, graph, _shapes(network.gm, inputs))
     spreads_before = {layer.name: _spread(layer) for pair in pairs for layer in (pair.first, pair.second)}
     reference = network.outputs(inputs)
     error = report.before.per_tensor_weights

@@ -938,7 +938,8 @@ class _GraphFolder:
 def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size]:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    ShapeProp(gm).propagate(*example_inputs)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
     return {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes
             if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
 
