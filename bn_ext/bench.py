@@ -103,6 +103,21 @@ class Result:
     # On a GPU, torch with cuDNN (BatchNorm cases); torch_ms is then torch's native kernel.
     cudnn_ms: float | None = None
     plain_ms: float | None = None  # bn_ext's plain BatchNorm beside a fused case, reused memory
+    # The kernel ratios of the first, second and last third of the rounds
+    # (three repeats): a case is slower than its peer only where all three are below 1.
+    ratio_thirds: list[float] | None = None
+    compiled_ratio_thirds: list[float] | None = None
+
+    @property
+    def slower(self) -> bool:
+        """Slower than torch eager or torch.compile in each of the three repeats."""
+        return any(thirds is not None and max(thirds) < 1.0
+                   for thirds in (self.ratio_thirds, self.compiled_ratio_thirds))
+
+    @property
+    def noise(self) -> bool:
+        """A ratio below 1 that a repeat does not confirm."""
+        return not self.slower and (self.ratio < 1.0 or (self.compiled_ratio or math.inf) < 1.0)
 
     @property
     def fused_cost(self) -> float | None:
@@ -682,9 +697,26 @@ def peak_extra_bytes(fn, device: str = "cpu") -> int | None:
 def time_interleaved(fns, repeats: int, min_seconds: float, device: str = "cpu",
                      max_seconds: float = math.inf) -> list[float]:
     """Interleaved timing of several functions after warm-up; medians in
-    milliseconds. Rounds: `repeats`, more (up to ten times as many) while
-    they take under `min_seconds`, fewer (not under MIN_ROUNDS) where they
-    take over `max_seconds`: a slow case's rounds vary less."""
+    milliseconds (interleaved_samples' rounds)."""
+    return [statistics.median(t) for t in interleaved_samples(fns, repeats, min_seconds, device, max_seconds)]
+
+
+def thirds(samples: list[float]) -> list[float]:
+    """The medians of a timing's first, second and last third of rounds:
+    three repeats of the measurement, interleaved with the peers' as the
+    whole is, to tell a ratio from noise."""
+    size = len(samples)
+    bounds = [0, size // 3, 2 * size // 3, size]
+    return [statistics.median(samples[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def interleaved_samples(fns, repeats: int, min_seconds: float, device: str = "cpu",
+                        max_seconds: float = math.inf) -> list[list[float]]:
+    """Interleaved timing of several functions after warm-up: each one's
+    times in milliseconds, round by round. Rounds: `repeats`, more (up to ten
+    times as many) while they take under `min_seconds`, fewer (not under
+    MIN_ROUNDS) where they take over `max_seconds`: a slow case's rounds vary
+    less."""
     elapsed = _timer(device)
     for _ in range(2):
         for fn in fns:
@@ -697,8 +729,8 @@ def time_interleaved(fns, repeats: int, min_seconds: float, device: str = "cpu",
                 or (rounds >= min(repeats, MIN_ROUNDS) and spent >= max_seconds)):
             break
         for fn, sink in zip(fns, times):
-            sink.append(elapsed(fn))
-    return [statistics.median(t) * 1e3 for t in times]
+            sink.append(elapsed(fn) * 1e3)
+    return times
 
 
 def _with_cudnn(fn, enabled: bool):
@@ -708,15 +740,15 @@ def _with_cudnn(fn, enabled: bool):
     return call
 
 
-# A case's timing rounds: fewer, down to MIN_ROUNDS, once they take over
-# MAX_CASE_SECONDS.
-MIN_ROUNDS = 5
+# A case's timing rounds: fewer, down to MIN_ROUNDS (two per third), once
+# they take over MAX_CASE_SECONDS.
+MIN_ROUNDS = 6
 MAX_CASE_SECONDS = 1.0
 
 
 def _repetitions(quick: bool) -> tuple[int, float]:
     """Rounds and least seconds of a case's kernel timings."""
-    return (5, 0.05) if quick else (15, 0.3)
+    return (6, 0.05) if quick else (15, 0.3)
 
 
 # The as-shipped figures (second to the kernel ratio) take the quick run's
@@ -742,14 +774,23 @@ def kernel_timings(quick: bool, pattern: str | None, compile_peer: bool, path: P
             fns.append(calls.plain)
         if compile_peer and calls.compiled is not None:
             fns.append(calls.compiled)
-        medians = time_interleaved(fns, repeats, min_seconds, max_seconds=MAX_CASE_SECONDS)
-        timings[f"{case.group}|{case.name}"] = {"torch": medians[0], "bn_ext": medians[1],
-                                                "plain": medians[2] if calls.plain is not None else None,
-                                                "compiled": medians[-1] if len(fns) > 2 + (calls.plain is not None)
-                                                else None}
+        samples = interleaved_samples(fns, repeats, min_seconds, max_seconds=MAX_CASE_SECONDS)
+        medians = [statistics.median(t) for t in samples]
+        compiled = len(fns) > 2 + (calls.plain is not None)
+        timings[f"{case.group}|{case.name}"] = {
+            "torch": medians[0], "bn_ext": medians[1],
+            "plain": medians[2] if calls.plain is not None else None,
+            "compiled": medians[-1] if compiled else None,
+            "torch_thirds": thirds(samples[0]), "bn_ext_thirds": thirds(samples[1]),
+            "compiled_thirds": thirds(samples[-1]) if compiled else None,
+        }
         del calls, fns
         # After every case: an interrupted run leaves the medians it has.
         path.write_text(json.dumps(timings, indent=1))
+
+
+def _ratios(peer: list[float] | None, ours: list[float] | None) -> list[float] | None:
+    return None if peer is None or ours is None else [p / o for p, o in zip(peer, ours)]
 
 
 def _kernel_timings_in_child(quick, pattern, threads, compile_peer, path: Path) -> dict[str, list[float]]:
@@ -806,10 +847,13 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
             else:
                 kernel = ({"torch": medians[0], "bn_ext": medians[1]} if case.first_call
                           else kernels[f"{case.group}|{case.name}"])
+                ours = kernel.get("bn_ext_thirds")
                 result = Result(case.group, case.name, kernel["torch"], kernel["bn_ext"], calls.bytes,
                                 compiled_ms=kernel.get("compiled"), shipped_torch_ms=medians[0],
                                 shipped_bn_ext_ms=medians[1], limit_ms=limit_ms, extra_bytes=extra,
-                                plain_ms=kernel.get("plain"))
+                                plain_ms=kernel.get("plain"),
+                                ratio_thirds=_ratios(kernel.get("torch_thirds"), ours),
+                                compiled_ratio_thirds=_ratios(kernel.get("compiled_thirds"), ours))
             results.append(result)
             del calls
             write_json(results, bandwidth, _machine(device, torch.get_num_threads()), output, complete=False)
@@ -919,7 +963,7 @@ def write_json(results: list[Result], bandwidth: float, machine: str, output: Pa
         "copy_bandwidth_gbps": bandwidth,
         "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
                                              "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
-                                             "fused_cost": r.fused_cost}
+                                             "fused_cost": r.fused_cost, "slower": r.slower, "noise": r.noise}
                     for r in results],
         "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
     }
@@ -938,7 +982,9 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
     fused = any(r.plain_ms is not None for r in results)
     if fused:
         print("fused cases: torch is its unfused ops; vs plain: bn_ext fused / bn_ext plain BatchNorm\n")
-    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'compile':>7} "
+    print("repeats: the lowest and highest ratio over the three thirds of the rounds; SLOWER: below 1.0 in all "
+          "three (against torch or torch.compile); noise: a ratio below 1.0 a repeat does not confirm\n")
+    print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'repeats':>11} {'compile':>7} "
           f"{'shipped':>7} {'limit ms':>9} {'% limit':>7} {'extra KB':>9}"
           + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else "") + (f" {'vs plain':>8}" if fused else ""))
     groups: dict[str, list[Result]] = {}
@@ -947,10 +993,12 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
         extra = "-" if r.extra_bytes is None else f"{r.extra_bytes / 1024:.1f}"
         vs_cudnn = "" if r.cudnn_ms is None else f" {r.cudnn_ms:>9.3f} {r.cudnn_ms / r.bn_ext_ms:>8.2f}"
         share = None if r.limit_share is None else 100 * r.limit_share
-        print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} "
+        repeats = "-" if r.ratio_thirds is None else f"{min(r.ratio_thirds):.2f}-{max(r.ratio_thirds):.2f}"
+        flag = "  SLOWER" if r.slower else "  noise" if r.noise else ""
+        print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} {repeats:>11} "
               f"{_figure(r.compiled_ratio, '.2f'):>7} {_figure(r.shipped_ratio, '.2f'):>7} "
               f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% {extra:>9}{vs_cudnn}"
-              + (f" {_figure(r.fused_cost, '.2f'):>8}" if fused else ""))
+              + (f" {_figure(r.fused_cost, '.2f'):>8}" if fused else "") + flag)
     print(f"\n{'group':<28} {'geomean':>8} {'min':>6} {'compile geomean':>15} {'compile min':>11} "
           f"{'shipped geomean':>15}")
     for group, rs in groups.items():
@@ -960,6 +1008,9 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
               f"{_figure(geomean(compiled) if compiled else None, '.2f'):>15} "
               f"{_figure(min(compiled) if compiled else None, '.2f'):>11} "
               f"{_figure(geomean(shipped) if shipped else None, '.2f'):>15}")
+    slower = [r for r in results if r.slower]
+    print(f"\ncases slower than torch eager or torch.compile in all three repeats: {len(slower)}"
+          + "".join(f"\n  {r.group}: {r.name}" for r in slower))
     write_json(results, bandwidth, machine, output, complete=True)
     _plot(groups, output / "bench.png", machine)
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")

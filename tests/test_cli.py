@@ -73,6 +73,27 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert all(r["extra_bytes"] is not None and r["extra_bytes"] < 4096 for r in data["results"])
     assert data["copy_bandwidth_gbps"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    # each kernel ratio repeated three times (the thirds of its rounds), and the verdict on it
+    assert all(len(r["ratio_thirds"]) == 3 and min(r["ratio_thirds"]) > 0 for r in data["results"])
+    assert all(r["slower"] == (max(r["ratio_thirds"]) < 1.0 or (r["compiled_ratio_thirds"] is not None and max(
+        r["compiled_ratio_thirds"]) < 1.0)) for r in data["results"])
+    assert "cases slower than torch eager or torch.compile in all three repeats" in out
+
+
+@pytest.mark.level_independent
+def test_bench_tells_a_slower_case_from_noise():
+    from bn_ext import bench
+
+    assert bench.thirds([5.0, 1.0, 2.0, 9.0, 3.0, 4.0, 7.0]) == [3.0, 5.5, 4.0]  # [5, 1], [2, 9], [3, 4, 7]
+    case = dict(group="g", name="n", torch_ms=0.9, bn_ext_ms=1.0, bytes=1)
+    slower = bench.Result(**case, ratio_thirds=[0.9, 0.95, 0.99])
+    noise = bench.Result(**case, ratio_thirds=[0.8, 1.01, 0.9])
+    behind_compile = bench.Result(**case | {"torch_ms": 1.5}, compiled_ms=0.9, ratio_thirds=[1.4, 1.5, 1.6],
+                                  compiled_ratio_thirds=[0.8, 0.9, 0.95])
+    assert slower.slower and not slower.noise
+    assert noise.noise and not noise.slower
+    assert behind_compile.slower
+    assert not bench.Result(**case | {"torch_ms": 1.2}, ratio_thirds=[1.1, 1.2, 1.3]).noise
 
 
 @pytest.mark.level_independent
@@ -97,7 +118,7 @@ def test_bench_rounds_follow_the_case_time(monkeypatch):
     assert rounds(2**-6, 15, 0.0, 1.0) == 15
     assert rounds(2**-6, 15, 0.25, 1.0) == 16  # more while under min_seconds
     assert rounds(2**-10, 15, 0.25, 1.0) == 150  # at most ten times as many
-    assert rounds(0.25, 15, 0.25, 1.0) == bench.MIN_ROUNDS == 5  # fewer once over max_seconds, not under 5
+    assert rounds(0.25, 15, 0.25, 1.0) == bench.MIN_ROUNDS == 6  # fewer once over max_seconds, not under 6
     assert rounds(0.25, 15, 0.25, bench.math.inf) == 15
     assert rounds(0.25, 3, 0.0, 1.0) == 3
 
