@@ -24,6 +24,7 @@ Results go to a table, a JSON file and a PNG plot.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -75,6 +76,10 @@ class Calls:
     compiled: Fn | None = None
     # A fused op's unfused bn_ext counterpart (plain BatchNorm), for the fusion's cost.
     plain: Fn | None = None
+    # What the algorithm must read a second time beyond `bytes`: a reduction
+    # over a whole tensor (BatchNorm's statistics, its backward's sums) reads
+    # it again for the output once it is larger than the last-level cache.
+    reread: int = 0
 
 
 @dataclasses.dataclass
@@ -97,6 +102,8 @@ class Result:
     shipped_torch_ms: float | None = None  # default allocator, bn_ext's output cache
     shipped_bn_ext_ms: float | None = None
     limit_ms: float | None = None  # minimal traffic at the copy speed into existing memory
+    # the algorithm's own traffic (limit_ms's plus what it must read again) at that speed
+    algorithm_limit_ms: float | None = None
     # bn_ext's peak tensor allocation beyond what the call returns (the profiler
     # sees tensor allocations only, not the kernels' own O(C x stripes) partials).
     extra_bytes: int | None = None
@@ -142,6 +149,10 @@ class Result:
     def limit_share(self) -> float | None:
         return None if self.limit_ms is None else self.limit_ms / self.bn_ext_ms
 
+    @property
+    def algorithm_share(self) -> float | None:
+        return None if self.algorithm_limit_ms is None else self.algorithm_limit_ms / self.bn_ext_ms
+
 
 def _random_images(n: int, c: int, s: int, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
     """(n, c, s, s) standard normal values, generated in memory order: a
@@ -150,6 +161,24 @@ def _random_images(n: int, c: int, s: int, dtype: torch.dtype, memory_format: to
     if memory_format == torch.channels_last:
         return torch.randn(n, s, s, c, dtype=dtype).permute(0, 3, 1, 2)
     return torch.randn(n, c, s, s, dtype=dtype)
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache's size (Linux sysfs); 32 MiB where unknown."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 * 1024**2)
+
+
+def _reread(*tensors: torch.Tensor) -> int:
+    """Bytes a whole-tensor reduction reads again: all of them once they
+    outgrow the last-level cache, none while they stay in it."""
+    total = _nbytes(*tensors)
+    return total if total > last_level_cache_bytes() else 0
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -327,7 +356,7 @@ def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
             x, w, b, _, _ = inputs()
             compiled = _compiled(_bn_train)
             return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
-                         2 * _nbytes(x), lambda: compiled(x, w, b))
+                         2 * _nbytes(x), lambda: compiled(x, w, b), reread=_reread(x))
 
         def eval_(inputs=inputs):
             x, w, b, rm, rv = inputs()
@@ -344,7 +373,7 @@ def _bn_cases(shapes, fmt_name, dtype) -> list[Case]:
             compiled = _compiled(_bn_backward)
             return Calls(lambda: _bn_backward(dy, x, w, rm, rv, mean_t, invstd_t),
                          lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask),
-                         3 * _nbytes(x), lambda: compiled(dy, x, w, rm, rv, mean_t, invstd_t))
+                         3 * _nbytes(x), lambda: compiled(dy, x, w, rm, rv, mean_t, invstd_t), reread=_reread(x, dy))
 
         cases += [Case("BatchNorm2d train forward", tag, train), Case("BatchNorm2d backward", tag, backward),
                   Case("BatchNorm2d eval forward", tag, eval_)]
@@ -396,10 +425,10 @@ def _fused_cases(quick) -> list[Case]:
                         compiled = _compiled(_bn_add_relu)
                         return Calls(lambda: _bn_add_relu(x, r, w, b),
                                      lambda: bn_ext.batch_norm_act(x, None, None, w, b, True, residual=r),
-                                     3 * _nbytes(x), lambda: compiled(x, r, w, b), plain)
+                                     3 * _nbytes(x), lambda: compiled(x, r, w, b), plain, reread=_reread(x))
                     compiled = _compiled(_bn_relu)
                     return Calls(lambda: _bn_relu(x, w, b), lambda: bn_ext.batch_norm_act(x, None, None, w, b, True),
-                                 2 * _nbytes(x), lambda: compiled(x, w, b), plain)
+                                 2 * _nbytes(x), lambda: compiled(x, w, b), plain, reread=_reread(x))
 
                 def backward(inputs=inputs, residual=residual):
                     x, r, w, b = inputs()
@@ -416,7 +445,8 @@ def _fused_cases(quick) -> list[Case]:
                                                              mask),
                         (4 if residual else 3) * _nbytes(x),
                         lambda: compiled(dy, out_t, x, w, None, None, mean_t, invstd_t),
-                        lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask[:3]))
+                        lambda: _ops.batch_norm_backward(dy, x, w, mean_o, invstd_o, True, 1e-5, mask[:3]),
+                        reread=_reread(x, dy, *([r] if residual else [])))
 
                 cases += [Case(f"{name} forward", tag, forward), Case(f"{name} backward", tag, backward)]
     return cases
@@ -503,7 +533,7 @@ def _bn1d_cases(quick) -> list[Case]:
             w, b = torch.rand(shape[1]) + 0.5, torch.randn(shape[1])
             compiled = _compiled(_bn_train)
             return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
-                         2 * _nbytes(x), lambda: compiled(x, w, b))
+                         2 * _nbytes(x), lambda: compiled(x, w, b), reread=_reread(x))
         cases.append(Case("BatchNorm1d train forward", "x".join(map(str, shape)), train))
     return cases
 
@@ -515,7 +545,7 @@ def _large_cases() -> list[Case]:
         w, b = torch.rand(1024) + 0.5, torch.randn(1024)
         compiled = _compiled(_bn_train)
         return Calls(lambda: _bn_train(x, w, b), lambda: bn_ext.batch_norm(x, None, None, w, b, True),
-                     2 * _nbytes(x), lambda: compiled(x, w, b))
+                     2 * _nbytes(x), lambda: compiled(x, w, b), reread=_reread(x))
 
     def ln():
         x = torch.randn(16384, 4096)
@@ -767,6 +797,7 @@ def kernel_timings(quick: bool, pattern: str | None, compile_peer: bool, path: P
 
     repeats, min_seconds = _repetitions(quick)
     timings = {}
+    path.write_text("{}")  # a filter that selects no case still leaves a file
     for case in tqdm([c for c in _selected(quick, pattern) if not c.first_call], desc="kernels", unit="case"):
         calls = case.make()
         fns = [calls.torch, calls.bn_ext]
@@ -840,10 +871,12 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
                         fns.append(_with_cudnn(calls.torch, True))
                 medians = time_interleaved(fns, repeats, min_seconds, device, MAX_CASE_SECONDS)
             limit_ms = calls.bytes / (bandwidth * 1e9) * 1e3
+            algorithm_limit_ms = (calls.bytes + calls.reread) / (bandwidth * 1e9) * 1e3
             extra = None if case.first_call else peak_extra_bytes(calls.bn_ext, device)
             if device == "cuda":
                 result = Result(case.group, case.name, medians[0], medians[1], calls.bytes, limit_ms=limit_ms,
-                                extra_bytes=extra, cudnn_ms=medians[2] if len(medians) > 2 else None)
+                                extra_bytes=extra, cudnn_ms=medians[2] if len(medians) > 2 else None,
+                                algorithm_limit_ms=algorithm_limit_ms)
             else:
                 kernel = ({"torch": medians[0], "bn_ext": medians[1]} if case.first_call
                           else kernels[f"{case.group}|{case.name}"])
@@ -851,7 +884,7 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
                 result = Result(case.group, case.name, kernel["torch"], kernel["bn_ext"], calls.bytes,
                                 compiled_ms=kernel.get("compiled"), shipped_torch_ms=medians[0],
                                 shipped_bn_ext_ms=medians[1], limit_ms=limit_ms, extra_bytes=extra,
-                                plain_ms=kernel.get("plain"),
+                                plain_ms=kernel.get("plain"), algorithm_limit_ms=algorithm_limit_ms,
                                 ratio_thirds=_ratios(kernel.get("torch_thirds"), ours),
                                 compiled_ratio_thirds=_ratios(kernel.get("compiled_thirds"), ours))
             results.append(result)
@@ -961,9 +994,11 @@ def write_json(results: list[Result], bandwidth: float, machine: str, output: Pa
         "cpu_capability": bn_ext.cpu_capability(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "copy_bandwidth_gbps": bandwidth,
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "results": [dataclasses.asdict(r) | {"ratio": r.ratio, "compiled_ratio": r.compiled_ratio,
                                              "shipped_ratio": r.shipped_ratio, "limit_share": r.limit_share,
-                                             "fused_cost": r.fused_cost, "slower": r.slower, "noise": r.noise}
+                                             "fused_cost": r.fused_cost, "slower": r.slower, "noise": r.noise,
+                                             "algorithm_share": r.algorithm_share}
                     for r in results],
         "geomean": {g: geomean([r.ratio for r in rs]) for g, rs in groups.items()},
     }
@@ -977,7 +1012,8 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
     if device == "cpu":
         print("ratio: torch / bn_ext, kernel against kernel (outputs in reused memory); compile: torch.compile / "
               "bn_ext;\nshipped: torch / bn_ext with the default allocator; limit: minimal traffic at the copy "
-              "speed, and bn_ext's share of it\n")
+              "speed, and bn_ext's share of it;\n% alg: the share of the algorithm's own traffic (a whole-tensor "
+              "reduction larger than the last-level cache reads its input twice)\n")
     cudnn = any(r.cudnn_ms is not None for r in results)
     fused = any(r.plain_ms is not None for r in results)
     if fused:
@@ -985,7 +1021,7 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
     print("repeats: the lowest and highest ratio over the three thirds of the rounds; SLOWER: below 1.0 in all "
           "three (against torch or torch.compile); noise: a ratio below 1.0 a repeat does not confirm\n")
     print(f"{'group':<28} {'case':<44} {'torch ms':>9} {'bn_ext ms':>9} {'ratio':>6} {'repeats':>11} {'compile':>7} "
-          f"{'shipped':>7} {'limit ms':>9} {'% limit':>7} {'extra KB':>9}"
+          f"{'shipped':>7} {'limit ms':>9} {'% limit':>7} {'% alg':>6} {'extra KB':>9}"
           + (f" {'cuDNN ms':>9} {'vs cuDNN':>8}" if cudnn else "") + (f" {'vs plain':>8}" if fused else ""))
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -997,7 +1033,9 @@ def report(results: list[Result], bandwidth: float, threads: int, output: Path, 
         flag = "  SLOWER" if r.slower else "  noise" if r.noise else ""
         print(f"{r.group:<28} {r.name:<44} {r.torch_ms:>9.3f} {r.bn_ext_ms:>9.3f} {r.ratio:>6.2f} {repeats:>11} "
               f"{_figure(r.compiled_ratio, '.2f'):>7} {_figure(r.shipped_ratio, '.2f'):>7} "
-              f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% {extra:>9}{vs_cudnn}"
+              f"{_figure(r.limit_ms, '.3f'):>9} {_figure(share, '.0f'):>6}% "
+              f"{_figure(None if r.algorithm_share is None else 100 * r.algorithm_share, '.0f'):>5}% "
+              f"{extra:>9}{vs_cudnn}"
               + (f" {_figure(r.fused_cost, '.2f'):>8}" if fused else "") + flag)
     print(f"\n{'group':<28} {'geomean':>8} {'min':>6} {'compile geomean':>15} {'compile min':>11} "
           f"{'shipped geomean':>15}")

@@ -97,6 +97,22 @@ def test_bench_tells_a_slower_case_from_noise():
 
 
 @pytest.mark.level_independent
+def test_bench_counts_the_second_read_of_a_reduction_past_the_cache(monkeypatch):
+    from bn_ext import bench
+
+    x = torch.empty(1024, 256)  # 1 MiB
+    assert bench._reread(x) == 0 and bench._reread(x, x) == 0  # within this machine's last-level cache
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 1024**2 + 1)
+    assert bench._reread(x) == 0 and bench._reread(x, x) == 2 * 1024**2  # x and dy together outgrow it
+    result = bench.Result("g", "n", 2.0, 1.0, 100, limit_ms=0.5, algorithm_limit_ms=0.75)
+    assert result.limit_share == 0.5 and result.algorithm_share == 0.75
+    # a BatchNorm training forward past that cache: its input read again for the output
+    case = next(c for c in bench.suite(quick=True) if c.group == "BatchNorm2d train forward")
+    calls = case.make()
+    assert calls.reread == calls.bytes // 2 > 0, case.name  # bytes: x read once, y written once
+
+
+@pytest.mark.level_independent
 def test_bench_rounds_follow_the_case_time(monkeypatch):
     from bn_ext import bench
 
