@@ -218,11 +218,17 @@ def test_torchvision_models_are_never_worse(name, relu):
         assert any("add stands before" in why for _, why in report.left)
 
 
-def test_fold_model_equalizes_on_request():
+def spread_chain():
+    """The depthwise chain with spread statistics, and its example input."""
     torch.manual_seed(0)
     model = depthwise_chain()
     x = torch.randn(8, 3, 16, 16)
     spread_statistics(model, (x,))
+    return model, x
+
+
+def test_fold_model_equalizes_on_request():
+    model, x = spread_chain()
     folded, report = bn_ext.fold_model(copy.deepcopy(model), x, equalize=True)
     assert report.passed and len(report.equalization.equalized) == 2, str(report)
     assert "Cross-layer equalization: 2 layer pairs" in str(report)
@@ -373,10 +379,7 @@ def test_a_conv_feeds_a_linear_through_a_flatten_of_pooled_channels(flatten_to):
 
 
 def test_fold_model_runs_the_pt2e_flow_on_the_equalized_model():
-    torch.manual_seed(0)
-    model = depthwise_chain()
-    x = torch.randn(8, 3, 16, 16)
-    spread_statistics(model, (x,))
+    model, x = spread_chain()
     _, plain = bn_ext.fold_model(copy.deepcopy(model), x, quantization=True)
     _, report = bn_ext.fold_model(copy.deepcopy(model), x, equalize=True, quantization=True)
     assert report.pt2e_failure is None and plain.pt2e_failure is None, (str(plain), str(report))
