@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import bn_ext
 
@@ -900,8 +901,9 @@ def run(quick: bool = False, pattern: str | None = None, threads: int | None = N
 # the prefix of their profiler names: the normalisation, and the activations
 # and residual adds around it.
 _NORM_OPS = ("bn_ext::", "aten::native_batch_norm", "aten::batch_norm", "aten::_batch_norm",
-             "aten::cudnn_batch_norm", "aten::_native_batch_norm")
-_ELEMENTWISE_OPS = ("aten::relu", "aten::threshold_backward", "aten::add", "aten::add_", "aten::clamp_min")
+             "aten::cudnn_batch_norm", "aten::_native_batch_norm", "aten::native_group_norm", "aten::group_norm")
+_ELEMENTWISE_OPS = ("aten::relu", "aten::threshold_backward", "aten::add", "aten::add_", "aten::clamp_min",
+                    "aten::silu", "aten::silu_backward")
 
 
 def _step_share(step: Fn) -> tuple[float, float]:
@@ -917,11 +919,59 @@ def _step_share(step: Fn) -> tuple[float, float]:
     return norm / total, elementwise / total
 
 
+class UNetBlock(nn.Module):
+    """A Stable Diffusion U-Net residual block: (GroupNorm -> SiLU -> 3x3
+    conv) twice, plus its input. fused: bn_ext's GroupNorm with the SiLU in
+    its kernel (same parameters)."""
+
+    def __init__(self, channels: int, fused: bool = False):
+        super().__init__()
+        norm = (lambda: bn_ext.nn.GroupNorm(32, channels, activation="silu")) if fused else (
+            lambda: nn.GroupNorm(32, channels))
+        act = nn.Identity if fused else nn.SiLU
+        self.norm1, self.act1, self.conv1 = norm(), act(), nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2, self.act2, self.conv2 = norm(), act(), nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(self.act2(self.norm2(self.conv1(self.act1(self.norm1(x))))))
+
+
+def _step_rows(models: dict[str, nn.Module], x: torch.Tensor, loss: Callable, steps: int, layout: str,
+               workload: str) -> list[dict]:
+    """Interleaved training steps (forward, loss, backward, SGD step) of
+    models computing the same function: medians, the ratio to the first
+    model's, and the share of each step in norm and elementwise ops."""
+    step_fns = []
+    for model in models.values():
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step(model=model, optimizer=optimizer):
+            optimizer.zero_grad(set_to_none=True)
+            loss(model(x)).backward()
+            optimizer.step()
+
+        step_fns.append(step)
+    medians = time_interleaved(step_fns, steps, 0.0)
+    rows = []
+    for (name, _), fn, ms in zip(models.items(), step_fns, medians):
+        norm, elementwise = _step_share(fn)
+        rows.append({"workload": workload, "layout": layout, "model": name, "step_ms": ms,
+                     "speedup": medians[0] / ms, "norm_share": norm, "elementwise_share": elementwise})
+    return rows
+
+
+# The U-Net block's shapes: Stable Diffusion's C320 at 64x64 and C640 at 32x32, batch 2.
+UNET_SHAPES = [(2, 320, 64), (2, 640, 32)]
+
+
 def training_step_report(steps: int = 5, batch: int = 16, side: int = 128) -> list[dict]:
-    """A torchvision ResNet-50 training step (forward, loss, backward, SGD
-    step) on the CPU, both layouts: torch eager against bn_ext.nn.convert
-    and convert(fuse_activations=True), interleaved medians, and the share
-    of each step left in norm and elementwise ops."""
+    """Training steps on the CPU, both layouts, torch eager against bn_ext:
+    a torchvision ResNet-50 (bn_ext.nn.convert, and convert with
+    fuse_activations=True) and a Stable Diffusion U-Net block (GroupNorm +
+    SiLU; converted, and with the SiLU fused into bn_ext's GroupNorm);
+    interleaved medians and the share of each step left in norm and
+    elementwise ops."""
     import copy
 
     import torchvision
@@ -934,27 +984,22 @@ def training_step_report(steps: int = 5, batch: int = 16, side: int = 128) -> li
         models["bn_ext fused"] = bn_ext.nn.convert(copy.deepcopy(base), fuse_activations=True)
         x = torch.randn(batch, 3, side, side).to(memory_format=fmt)
         target = torch.randint(0, 100, (batch,))
-        step_fns = []
-        for model in models.values():
-            model.train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-            def step(model=model, optimizer=optimizer):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), target).backward()
-                optimizer.step()
-
-            step_fns.append(step)
-        medians = time_interleaved(step_fns, steps, 0.0)
-        for (name, _), fn, ms in zip(models.items(), step_fns, medians):
-            norm, elementwise = _step_share(fn)
-            rows.append({"layout": fmt_name, "model": name, "step_ms": ms, "speedup": medians[0] / ms,
-                         "norm_share": norm, "elementwise_share": elementwise})
-    print(f"\nResNet-50 training step, batch {batch}, {side}x{side}, {_cpu_name()}, {torch.get_num_threads()} "
-          f"threads, CPU kernels {bn_ext.cpu_capability()}")
-    print(f"{'layout':<14} {'model':<14} {'step ms':>9} {'vs torch':>8} {'norm %':>7} {'elementwise %':>13}")
+        rows += _step_rows(models, x, lambda out: F.cross_entropy(out, target), steps, fmt_name,
+                           f"ResNet-50, batch {batch}, {side}x{side}")
+        for n, c, s in UNET_SHAPES:
+            torch.manual_seed(0)
+            block = UNetBlock(c).to(memory_format=fmt)
+            fused = UNetBlock(c, fused=True).to(memory_format=fmt)
+            fused.load_state_dict(block.state_dict())
+            models = {"torch": block, "bn_ext": bn_ext.nn.convert(copy.deepcopy(block)), "bn_ext fused": fused}
+            x = torch.randn(n, c, s, s).to(memory_format=fmt)
+            rows += _step_rows(models, x, lambda out: out.square().mean(), steps, fmt_name,
+                               f"U-Net block N{n} C{c} {s}x{s}")
+    print(f"\nTraining steps, {_cpu_name()}, {torch.get_num_threads()} threads, CPU kernels {bn_ext.cpu_capability()}")
+    print(f"{'workload':<28} {'layout':<14} {'model':<14} {'step ms':>9} {'vs torch':>8} {'norm %':>7} "
+          f"{'elementwise %':>13}")
     for r in rows:
-        print(f"{r['layout']:<14} {r['model']:<14} {r['step_ms']:>9.1f} {r['speedup']:>8.2f} "
+        print(f"{r['workload']:<28} {r['layout']:<14} {r['model']:<14} {r['step_ms']:>9.1f} {r['speedup']:>8.2f} "
               f"{100 * r['norm_share']:>7.1f} {100 * r['elementwise_share']:>13.1f}")
     return rows
 

@@ -1,5 +1,6 @@
 """The command line: `python -m bn_ext demo` and `python -m bn_ext fold`."""
 
+import copy
 import subprocess
 import sys
 
@@ -236,3 +237,25 @@ def test_fold_command_equalizes_a_program_on_request(tmp_path, capsys):
     line = capsys.readouterr().out
     before, after = (float(v) for v in line.split("output error ")[1].split(";")[0].split(" -> "))
     assert "equalized 2 layer pairs" in line and after < before / 10, line
+
+
+@pytest.mark.level_independent
+def test_the_unet_block_workload_computes_the_same_fused_and_unfused():
+    from bn_ext import bench
+
+    torch.manual_seed(0)
+    block = bench.UNetBlock(64)
+    fused = bench.UNetBlock(64, fused=True)
+    fused.load_state_dict(block.state_dict())
+    converted = bn_ext.nn.convert(copy.deepcopy(block))
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    want = block(x)
+    (grad,) = torch.autograd.grad(want.square().sum(), x)
+    for model in (fused, converted):
+        got = model(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0], grad, rtol=1e-4, atol=1e-4)
+    rows = bench._step_rows({"torch": block, "bn_ext fused": fused}, x.detach(), lambda out: out.square().mean(), 2,
+                            "contiguous", "U-Net block")
+    assert [r["model"] for r in rows] == ["torch", "bn_ext fused"] and rows[0]["speedup"] == 1.0
+    assert all(r["step_ms"] > 0 and 0 < r["norm_share"] < 1 for r in rows)
