@@ -166,7 +166,8 @@ def _random_images(n: int, c: int, s: int, dtype: torch.dtype, memory_format: to
 
 @functools.cache
 def last_level_cache_bytes() -> int:
-    """The largest CPU cache's size (Linux sysfs); 32 MiB where unknown."""
+    """The largest cache Linux lists for cpu0 (sysfs), as the CPU kernels
+    read it; 32 MiB where unknown."""
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = path.read_text().strip()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -638,6 +638,54 @@ def _equalize_chain(chain: list[_Pair], max_sweeps: int, applied: list[tuple[_Pa
     return max_sweeps
 
 
+def _equalize_pairs(pairs: list[_Pair], max_sweeps: int, per_tensor_error: Callable[[], float], error: float,
+                    report: EqualizationReport) -> tuple[list[tuple[_Pair, Tensor]], float]:
+    """Equalizes the chains of `pairs`, each kept only where
+    per_tensor_error() (the model's output error under per-tensor int8
+    weights, its layers as they now are) does not grow past `error`. A chain
+    that raises it as a whole has its pairs tried alone, and the refused ones
+    once more after their neighbours moved; those still refused are listed in
+    report.left. Returns the scalings kept, in order, and the error reached."""
+    applied: list[tuple[_Pair, Tensor]] = []
+
+    def attempt(chain: list[_Pair]) -> float | None:
+        """Equalizes the chain; keeps it and returns None, or undoes it and
+        returns the error it would have had."""
+        nonlocal error
+        tensors = [t for pair in chain for layer in (pair.first, pair.second) for t in _tensors(layer)]
+        saved = [t.detach().clone() for t in tensors]
+        scalings: list[tuple[_Pair, Tensor]] = []
+        report.sweeps = max(report.sweeps, _equalize_chain(chain, max_sweeps, scalings))
+        candidate = per_tensor_error()
+        if candidate <= error:
+            error = candidate
+            report.equalized += [(pair.first.name, pair.second.name) for pair in chain]
+            applied.extend(scalings)
+            return None
+        for tensor, value in zip(tensors, saved):
+            tensor.data.copy_(value)
+        return candidate
+
+    refused: dict[int, tuple[_Pair, float]] = {}
+    for chain in _chains(pairs):
+        worse = attempt(chain)
+        if worse is None:
+            continue
+        for pair in chain:
+            alone = attempt([pair]) if len(chain) > 1 else worse
+            if alone is not None:
+                refused[id(pair)] = (pair, alone)
+    for key, (pair, _) in list(refused.items()):
+        alone = attempt([pair])
+        if alone is None:
+            del refused[key]
+        else:
+            refused[key] = (pair, alone)
+    report.left += [(pair.first.name, f"equalizing it with {pair.second.name} would raise the per-tensor int8 "
+                                      f"output error from {error:.3g} to {alone:.3g}") for pair, alone in refused.values()]
+    return applied, error
+
+
 def _replace_relu6(model: nn.Module) -> int:
     """ReLU6 modules made ReLU (same inplace); returns how many."""
     replaced = 0
@@ -733,44 +781,9 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     spreads_before = {layer.name: _spread(layer) for pair in pairs for layer in (pair.first, pair.second)}
     reference = network.outputs(inputs)
     error = report.before.per_tensor_weights
-    applied: list[tuple[_Pair, Tensor]] = []  # the scalings kept, in order
-    def attempt(chain: list[_Pair]) -> float | None:
-        """Equalizes the chain; keeps it and returns None, or undoes it and
-        returns the per-tensor error it would have had."""
-        nonlocal error, applied
-        tensors = [t for pair in chain for layer in (pair.first, pair.second) for t in _tensors(layer)]
-        saved = [t.detach().clone() for t in tensors]
-        scalings: list[tuple[_Pair, Tensor]] = []
-        report.sweeps = max(report.sweeps, _equalize_chain(chain, max_sweeps, scalings))
-        candidate = _relative(network.outputs(inputs, weights=_quantized_weights(network, False)), reference)
-        if candidate <= error:
-            error = candidate
-            report.equalized += [(pair.first.name, pair.second.name) for pair in chain]
-            applied += scalings
-            return None
-        for tensor, value in zip(tensors, saved):
-            tensor.data.copy_(value)
-        return candidate
-
-    refused: dict[int, tuple[_Pair, float]] = {}
-    for chain in _chains(pairs):
-        worse = attempt(chain)
-        if worse is None:
-            continue
-        # The chain as a whole raises the error; its pairs may lower it alone.
-        for pair in chain:
-            alone = attempt([pair]) if len(chain) > 1 else worse
-            if alone is not None:
-                refused[id(pair)] = (pair, alone)
-    # Once their neighbours moved, refused pairs may lower the error.
-    for key, (pair, _) in list(refused.items()):
-        alone = attempt([pair])
-        if alone is None:
-            del refused[key]
-        else:
-            refused[key] = (pair, alone)
-    report.left += [(pair.first.name, f"equalizing it with {pair.second.name} would raise the per-tensor int8 "
-                                      f"output error from {error:.3g} to {alone:.3g}") for pair, alone in refused.values()]
+    applied, error = _equalize_pairs(
+        pairs, max_sweeps, lambda: _relative(network.outputs(inputs, weights=_quantized_weights(network, False)),
+                                             reference), error, report)
     layers = {layer.name: layer for pair in pairs for layer in (pair.first, pair.second)}
     report.layers = {name: (*spreads_before[name], *_spread(layers[name])) for pair in report.equalized
                      for name in pair}

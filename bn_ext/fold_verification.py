@@ -86,8 +86,9 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in self.ops and _float_tensors(args):
-            self.decisions.append(_Decision(func, [t.clone() for t in _float_tensors(args)],
+        inputs = _float_tensors(args) if func in self.ops else []
+        if inputs:
+            self.decisions.append(_Decision(func, [t.clone() for t in inputs],
                                             _pytree.tree_map_only(Tensor, torch.clone, out)))
         return out
 

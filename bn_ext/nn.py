@@ -280,10 +280,12 @@ def _fusable_activation(act: torch.nn.Module) -> str | None:
     return {torch.nn.ReLU: "relu", torch.nn.SiLU: "silu", torch.nn.Identity: "none"}.get(type(act))
 
 
-def _fuses(module: torch.nn.Module, fusable: tuple[str, ...]) -> bool:
-    """Whether a zoo norm + activation module (norm, then its `drop`, then its
-    `act` module) runs as one call: act is one the kernel fuses, and no drop."""
-    return _fusable_activation(module.act) in fusable and isinstance(module.drop, torch.nn.Identity)
+def _kernel_activation(module: torch.nn.Module, fusable: tuple[str, ...] = ("none", "relu", "silu")) -> str | None:
+    """The activation a zoo norm + activation module (norm, then its `drop`,
+    then its `act` module) runs inside bn_ext's kernel: act's name where the
+    kernel fuses it and there is no drop; None where drop and act run after."""
+    activation = _fusable_activation(module.act)
+    return activation if activation in fusable and isinstance(module.drop, torch.nn.Identity) else None
 
 
 class _TimmBatchNormActForward(_BatchNormForward):
@@ -293,9 +295,10 @@ class _TimmBatchNormActForward(_BatchNormForward):
 
     def forward(self, x: Tensor) -> Tensor:
         running_mean, running_var, weight, bias, training, momentum, eps, tracked = self._batch_norm_arguments(x)
-        if _fuses(self, ("none", "relu", "silu")):
-            return batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                                  _fusable_activation(self.act), None, tracked)
+        activation = _kernel_activation(self)
+        if activation is not None:
+            return batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                                  None, tracked)
         x = _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, tracked)
         return self.act(self.drop(x))
 
@@ -306,11 +309,10 @@ class _FrozenBatchNormForward:
     FrozenBatchNormAct2d's drop and act after it, fused where they can be."""
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = not hasattr(self, "act") or _fuses(self, ("none", "relu", "silu"))
-        activation = _fusable_activation(self.act) if fused and hasattr(self, "act") else "none"
+        activation = _kernel_activation(self) if hasattr(self, "act") else "none"
         out = batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps,
-                             activation)
-        return out if fused else self.act(self.drop(out))
+                             activation or "none")
+        return out if activation is not None else self.act(self.drop(out))
 
 
 class _GroupNormActForward:
@@ -319,10 +321,10 @@ class _GroupNormActForward:
     and there is no drop layer."""
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = _fuses(self, ("none", "relu", "silu"))
-        activation = _fusable_activation(self.act) if fused else "none"
-        out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps, None if activation == "none" else activation)
-        return out if fused else self.act(self.drop(out))
+        activation = _kernel_activation(self)
+        out = group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
+                         None if activation in (None, "none") else activation)
+        return out if activation is not None else self.act(self.drop(out))
 
 
 class _LayerNormAct2dForward:
@@ -400,9 +402,10 @@ def _unfused_note(module: torch.nn.Module, forward: type) -> str:
     """What of a swapped module still runs outside bn_ext's kernel."""
     if not hasattr(module, "act"):
         return ""
-    fusable = ("none",) if forward is _LayerNormAct2dForward else ("none", "relu", "silu")
-    if _fuses(module, fusable):
-        return "activation fused" if _fusable_activation(module.act) != "none" else ""
+    activation = _kernel_activation(module, ("none",)) if forward is _LayerNormAct2dForward else _kernel_activation(
+        module)
+    if activation is not None:
+        return "activation fused" if activation != "none" else ""
     outside = [type(m).__name__ for m in (module.drop, module.act) if not isinstance(m, torch.nn.Identity)]
     return f"{' and '.join(outside)} run after the kernel, unfused"
 

@@ -3,9 +3,10 @@ Conv, ConvTranspose and Gemm nodes with constant weights), after fold_onnx.
 
 Pairs are joined through Relu, LeakyRelu, pooling, Identity or Dropout
 nodes, each output read once. Weights are rescaled in float64 and written as
-new initializers (a shared one stays as it was). onnxruntime judges: a chain
-is kept only where the output error under per-tensor int8 weights does not
-grow, and the result must match the original within 1e-5 of the output scale.
+new initializers (a shared one stays as it was). onnxruntime judges, by
+equalize's rule: a chain (or, failing that, each of its pairs) is kept only
+where the output error under per-tensor int8 weights does not grow, and the
+result must match the original within 1e-5 of the output scale.
 Activation quantization (W8A8) is not measured here.
 """
 
@@ -22,8 +23,7 @@ from bn_ext.equalization import (
     EqualizationError,
     EqualizationReport,
     QuantizationError,
-    _chains,
-    _equalize_chain,
+    _equalize_pairs,
     _input_ranges,
     _output_ranges,
     _output_rows,
@@ -174,29 +174,16 @@ def equalize_onnx(model: onnx.ModelProto, example_inputs: dict[str, np.ndarray] 
     before = _error(g.model, layers, feeds, reference, False)
     report.before = QuantizationError(before, _error(g.model, layers, feeds, reference, True), math.nan)
     spreads = {layer.name: _spread(layer) for pair in pairs for layer in (pair.first, pair.second)}
-    error = before
-    for chain in _chains(pairs):
-        tensors = [t for pair in chain for layer in (pair.first, pair.second) for t in (layer.weight, layer.bias)
-                   if t is not None]
-        saved = [t.clone() for t in tensors]
-        report.sweeps = max(report.sweeps, _equalize_chain(chain, max_sweeps, []))
-        candidate = _error(g.model, layers, feeds, reference, False)
-        if candidate <= error:
-            error = candidate
-            report.equalized += [(pair.first.name, pair.second.name) for pair in chain]
-            continue
-        for tensor, value in zip(tensors, saved):
-            tensor.copy_(value)
-        report.left.append((chain[0].first.name, f"equalizing the chain from it would raise the per-tensor int8 "
-                                                 f"output error from {error:.3g} to {candidate:.3g}"))
+    _, error = _equalize_pairs(pairs, max_sweeps, lambda: _error(g.model, layers, feeds, reference, False), before,
+                               report)
     report.layers = {name: (*spreads[name], *_spread(layers[name][1])) for pair in report.equalized for name in pair}
     equalized = _current(g, {name: value for name, value in layers.items()
                              if any(name in pair for pair in report.equalized)})
-    _Graph(equalized).drop_unused_constants()
+    written = _Graph(equalized)
+    written.drop_unused_constants()
     onnx.checker.check_model(equalized)
-    report.after = QuantizationError(error, _error(equalized, {
-        _label(n): (n, layer) for n in equalized.graph.node if (layer := _weights(_Graph(equalized), n)) is not None},
-        feeds, reference, True), math.nan)
+    final = {_label(n): (n, layer) for n in equalized.graph.node if (layer := _weights(written, n)) is not None}
+    report.after = QuantizationError(error, _error(equalized, final, feeds, reference, True), math.nan)
     report.float32_error = _scale_error(_flat(_run(equalized, feeds)), reference)
     report.float64_error = math.nan  # onnxruntime runs the float32 graph only
     if not report.float32_error <= report.float32_tolerance:

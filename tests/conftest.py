@@ -60,16 +60,9 @@ def param_dtype(dtype):
 def last_level_cache_bytes():
     """The largest cache Linux lists for cpu0, as the CPU kernels read it (else
     32 MB): passes with at least this many output bytes use streaming stores."""
-    sizes = []
-    for index in range(8):
-        try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
-                text = f.read().strip()
-        except OSError:
-            break
-        scale = {"K": 1024, "M": 1024**2}.get(text[-1], 1)
-        sizes.append(int(text.rstrip("KM")) * scale)
-    return max(sizes, default=32 << 20)
+    from bn_ext.bench import last_level_cache_bytes as largest_cache
+
+    return largest_cache()
 
 
 def assert_close(actual, expected, dtype, atol_scale=1.0, msg=""):
