@@ -795,36 +795,39 @@ void block_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<
   finish_streaming(stream);
 }
 
+// The elementwise pass over one row of `width` values from out and in, its
+// coefficients from L1, a vector (or a pair of half-type vectors) at a time.
+template <typename T, typename Form>
+inline void form_row(T* out, const FormInputs<T> in, const typename ChannelCoefficients<T>::Row coefficients,
+                     int64_t width, bool stream) {
+  constexpr int64_t W = OpVec<T>::size();
+  int64_t c = 0;
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    for (; c + 2 * W <= width; c += 2 * W) {
+      const FormCoefficients<OpVec<T>> pair[2] = {coefficients.load(c), coefficients.load(c + W)};
+      form_half_pair<T, Form>(out, in, c, pair, stream);
+    }
+  }
+  for (; c < width; c += W) form_vector<T, Form>(out, in, c, coefficients.load(c), stream, std::min(W, width - c));
+}
+
 // The elementwise pass over channels-last rows [row_begin, row_end) of C
 // values; row r takes the coefficient set r / rows_per_set. Row by row in
-// memory order, the coefficients read from L1; streamed when the output is
-// large (see streams_output).
+// memory order; streamed when the output is large (see streams_output).
 template <typename T, typename Form>
 void rows_form_pass(T* out, const FormInputs<T>& in, const ChannelCoefficients<T>& k, int64_t C, int64_t row_begin,
                     int64_t row_end, int64_t rows_per_set) {
-  constexpr int64_t W = OpVec<T>::size();
   const int64_t row_bytes = C * static_cast<int64_t>(sizeof(T));
   const bool stream = streams_output(out + row_begin * C, (row_end - row_begin) * row_bytes, row_bytes);
   at::parallel_for(row_begin, row_end, grain_for(C), [&](int64_t r0, int64_t r1) {
-    // Locals, not the struct's fields: the stores below may alias memory
-    // (no strict aliasing in kernel files), which would reload them each step.
+    // Locals, not captures: the stores below may alias memory (no strict
+    // aliasing in kernel files), which would reload them each step.
     const int64_t width = C;
+    const bool streamed = stream;
     for (int64_t r = r0; r < r1; ++r) {
-      const auto coefficients = k.row(r / rows_per_set * k.stride);
-      T* out_row = out + r * width;
-      const FormInputs<T> row = in.at(r * width);
-      int64_t c = 0;
-      if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-        for (; c + 2 * W <= width; c += 2 * W) {
-          const FormCoefficients<OpVec<T>> pair[2] = {coefficients.load(c), coefficients.load(c + W)};
-          form_half_pair<T, Form>(out_row, row, c, pair, stream);
-        }
-      }
-      for (; c < width; c += W) {
-        form_vector<T, Form>(out_row, row, c, coefficients.load(c), stream, std::min(W, width - c));
-      }
+      form_row<T, Form>(out + r * width, in.at(r * width), k.row(r / rows_per_set * k.stride), width, streamed);
     }
-    finish_streaming(stream);
+    finish_streaming(streamed);
   });
 }
 
@@ -931,15 +934,28 @@ struct GradientThroughResidual {
 // the rounding remainder, so inputs with a large mean keep their precision.
 constexpr double kFoldedMeanDeviations = 8.0;
 
+// Channels [c, c + count), which share one mean and invstd (a group's), with
+// weights w[0, count) and biases b[0, count).
+template <typename T>
+inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, int64_t count, double mean, double invstd,
+                                     const double* w, const double* b) {
+  using Op = opmath_t<T>;
+  const Op center = std::abs(mean) * invstd <= kFoldedMeanDeviations ? Op(0) : static_cast<Op>(mean);
+  const double folded = mean - static_cast<double>(center);
+  // Pointers in locals: the stores may alias the vectors' fields.
+  Op *centers = k.center.data() + c, *beta = k.beta.data() + c, *gamma = k.gamma.data() + c;
+  for (int64_t j = 0; j < count; ++j) {
+    const double a = w[j] * invstd;
+    centers[j] = center;
+    beta[j] = static_cast<Op>(a);
+    gamma[j] = static_cast<Op>(b[j] - folded * a);
+  }
+}
+
 template <typename T>
 inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, double mean, double invstd, double w,
                                      double b) {
-  using Op = opmath_t<T>;
-  const double a = w * invstd;
-  const bool folded = std::abs(mean) * invstd <= kFoldedMeanDeviations;
-  k.center[c] = folded ? Op(0) : static_cast<Op>(mean);
-  k.beta[c] = static_cast<Op>(a);
-  k.gamma[c] = static_cast<Op>(b - (mean - static_cast<double>(k.center[c])) * a);
+  set_forward_coefficients(k, c, 1, mean, invstd, &w, &b);
 }
 
 // fn(std::bool_constant<centered>): the kCentered of a pass over entries
