@@ -19,6 +19,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from bn_ext import modules
+
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, torch.nn.functional.relu}
 _RELU_METHODS = {"relu", "relu_"}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -33,10 +35,8 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _fused_classes() -> dict[type, type]:
-    from bn_ext import nn as bn_nn
-
-    return {bn_nn.BatchNorm1d: bn_nn.BatchNormAct1d, bn_nn.BatchNorm2d: bn_nn.BatchNormAct2d,
-            bn_nn.BatchNorm3d: bn_nn.BatchNormAct3d}
+    return {modules.BatchNorm1d: modules.BatchNormAct1d, modules.BatchNorm2d: modules.BatchNormAct2d,
+            modules.BatchNorm3d: modules.BatchNormAct3d}
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

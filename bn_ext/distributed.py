@@ -1,5 +1,5 @@
-"""SyncBatchNorm over torch.distributed, on any backend it offers (gloo on
-the CPU as well as NCCL on GPUs).
+"""The computation of SyncBatchNorm (bn_ext.modules) over torch.distributed,
+on any backend it offers (gloo on the CPU as well as NCCL on GPUs).
 
 Training forward: per-channel (count, mean, M2) of the local batch, one
 all_gather, Chan's merge (exact for uneven and empty batches), normalisation
@@ -13,11 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from bn_ext.nn import _BatchNormForward
-
-__all__ = ["SyncBatchNorm"]
 
 _ops = torch.ops.bn_ext
 
@@ -96,75 +92,3 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNormForward, _BatchNorm):
-    """torch.nn.SyncBatchNorm on bn_ext kernels, for CPU (gloo) and CUDA process groups.
-
-    Same constructor, parameters and buffers as torch.nn.SyncBatchNorm. Falls
-    back to plain BatchNorm in eval mode, without an initialised process
-    group, or in a group of one process. It is deliberately not a subclass of
-    torch.nn.SyncBatchNorm: DistributedDataParallel refuses those on the CPU.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 bias: bool = True) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
-                         bias=bias)
-        self.process_group = process_group
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-    def _synchronising(self) -> bool:
-        if not self.training or not (dist.is_available() and dist.is_initialized()):
-            return False
-        return dist.get_world_size(self.process_group or dist.group.WORLD) > 1
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self._synchronising():
-            return super().forward(input)
-        self._check_input_dim(input)
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        group = self.process_group or dist.group.WORLD
-        return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.num_batches_tracked, self.momentum, self.eps, group,
-        )
-
-    @classmethod
-    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
-        """Replace every BatchNorm*d (torch.nn's or bn_ext's) in `module` by a
-        bn_ext SyncBatchNorm with the same state; returns the converted module.
-        A BatchNorm subclass with a forward of its own (timm's BatchNormAct2d
-        applies an activation after normalising) is refused with ValueError:
-        replacing it would silently drop what that forward adds."""
-        from bn_ext.fold import _overrides_forward
-
-        converted = module
-        if isinstance(module, _BatchNorm) and not isinstance(module, cls) and _overrides_forward(module):
-            raise ValueError(
-                f"SyncBatchNorm.convert_sync_batchnorm: {type(module).__module__}.{type(module).__qualname__} is a "
-                "BatchNorm subclass with its own forward; a SyncBatchNorm in its place would drop what that forward "
-                "does after normalising. Convert such models with their library's own converter (timm: "
-                "timm.layers.convert_sync_batchnorm)."
-            )
-        if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
-            if module.affine:
-                with torch.no_grad():
-                    converted.weight = module.weight
-                    converted.bias = module.bias
-            converted.running_mean = module.running_mean
-            converted.running_var = module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-            converted.train(module.training)
-            if hasattr(module, "qconfig"):
-                converted.qconfig = module.qconfig
-        for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
-        return converted

@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _pytree
 
+from bn_ext.fold_arithmetic import _CONV_TRANSPOSES, _CONVS, _has_zero_padding
+from bn_ext.fold_graph import NormThenActivation, _arg, _as_layer, _FoldTracer, _shapes
+from bn_ext.quantization_diagnostics import weight_quantization
+
 _aten = torch.ops.aten
 
 # Modules and functions with f(s x) = s f(x) for every per-channel s > 0.
@@ -55,7 +59,6 @@ _HOMOGENEOUS_METHODS = {"relu", "relu_", "contiguous"}
 
 
 def _is_homogeneous_module(m: nn.Module) -> bool:
-    from bn_ext.fold import NormThenActivation
 
     if isinstance(m, NormThenActivation):  # a folded BatchNorm + activation: Identity, then its activation
         return isinstance(m.norm, nn.Identity) and _is_homogeneous_module(m.act)
@@ -83,7 +86,6 @@ class _Weights:
 
     @staticmethod
     def of_module(module: nn.Module, name: str = "") -> _Weights:
-        from bn_ext.fold import _CONV_TRANSPOSES, _CONVS, _has_zero_padding
 
         kind = "linear" if isinstance(module, nn.Linear) else "conv_transpose" if isinstance(
             module, _CONV_TRANSPOSES) else "conv"
@@ -93,7 +95,6 @@ class _Weights:
 
 def _layer_weights(root: nn.Module, node: torch.fx.Node) -> _Weights | None:
     """The weights of a graph node that is a layer with constant weights."""
-    from bn_ext.fold import _arg, _as_layer
 
     layer = _as_layer(root, node)
     if layer is None:
@@ -167,7 +168,6 @@ def _scale_inputs(layer: _Weights, factor: Tensor) -> None:
 
 def _spread(layer: _Weights) -> tuple[float, int]:
     """(per-channel weight range spread, channels per-tensor int8 rounds to zero)."""
-    from bn_ext.fold import weight_quantization
 
     readiness = weight_quantization("", layer.weight, layer.kind, layer.groups)
     return readiness.range_spread, readiness.dead_channels
@@ -260,7 +260,6 @@ class _Network:
 
 
 def _conv_classes() -> tuple[type, ...]:
-    from bn_ext.fold import _CONV_TRANSPOSES, _CONVS
 
     return _CONVS + _CONV_TRANSPOSES
 
@@ -339,7 +338,6 @@ def _quantization_error(network: _Network, inputs: tuple) -> QuantizationError:
 
 
 def _trace(model: nn.Module) -> torch.fx.Graph | None:
-    from bn_ext.fold import _FoldTracer
 
     try:
         return _FoldTracer().trace(model)
@@ -448,7 +446,6 @@ def _find_pairs(network: _Network, graph: torch.fx.Graph,
 
 
 def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    from bn_ext.fold import NormThenActivation
 
     if node.op == "call_module":
         m = modules[node.target]
@@ -775,7 +772,6 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
         report.left.append(("(the model)", "torch.fx cannot trace it: nothing equalized"))
         report.after, report.float32_error, report.float64_error = report.before, 0.0, 0.0
         return target, report
-    from bn_ext.fold import _shapes
 
     pairs, report.left = _find_pairs(network, graph, _shapes(network.gm, inputs))
     spreads_before = {layer.name: _spread(layer) for pair in pairs for layer in (pair.first, pair.second)}

@@ -11,20 +11,54 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import operator
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils import _pytree
 
 import bn_ext.functional  # noqa: F401  (registers the operators)
+from bn_ext.fold_arithmetic import (
+    _CONV_TRANSPOSES,
+    _CONVS,
+    FrozenBatchNorm,
+    _detach,
+    _has_zero_padding,
+    _is_foldable_norm,
+    fuse_bn_conv,
+    fuse_bn_linear,
+    fuse_conv_bn,
+    fuse_layer_norm_linear,
+    fuse_linear_bn,
+)
+from bn_ext.fold_graph import (
+    _ACTIVATION_OPS,
+    _activation_tail,
+    _as_layer,
+    _as_norm,
+    _batch_norm_calls,
+    _depends_on_constants_only,
+    _describe,
+    _fetch,
+    _FoldTracer,
+    _Layer,
+    _Norm,
+    _norm_output,
+    _OWN_FORWARD,
+    _reads_metadata_only,
+    _set_arg,
+    _shapes,
+    _statistics_owner,
+    _unknown_forward,
+    _value_users,
+    NormThenActivation,
+    training_batch_norms,
+)
+from bn_ext.equalization import equalize as _equalize_layers
 from bn_ext.fold_verification import ReferenceRun, Verification
+from bn_ext.quantization_diagnostics import WeightQuantization, _pt2e_error, weight_quantization
 from bn_ext.norm_classes import class_name, frozen_batch_norm_classes, holds_running_statistics, norm_modules
 
 __all__ = [
@@ -39,501 +73,15 @@ __all__ = [
     "fuse_conv_bn",
     "fuse_layer_norm_linear",
     "fuse_linear_bn",
+    "training_batch_norms",
 ]
 
 _ops = torch.ops.bn_ext
 _aten = torch.ops.aten
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Norm modules whose eval output with tracked running statistics is a
-# per-channel affine map, y = (x - running_mean) / sqrt(running_var + eps) * w + b:
-# BatchNorm, and InstanceNorm with track_running_stats (eval uses the running
-# statistics, as BatchNorm's).
-_FOLDABLE_NORMS = (_BatchNorm, _InstanceNorm)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _is_foldable_norm(m: nn.Module) -> bool:
-    return isinstance(m, _FOLDABLE_NORMS + frozen_batch_norm_classes())
-
-
-def _normalises_with_batch_statistics(m: nn.Module) -> bool:
-    """A norm module in training mode, unless it is frozen."""
-    return m.training and not isinstance(m, frozen_batch_norm_classes())
-
-
-# ---------------------------------------------------------------------------
-# Pairwise folding
-
-
-def _require_eval(*modules: nn.Module) -> None:
-    for m in modules:
-        if m.training:
-            raise RuntimeError(f"folding needs modules in eval mode: {type(m).__name__} is training (call .eval())")
-
-
-def _require_running_stats(bn: _BatchNorm) -> None:
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"cannot fold {type(bn).__name__} with track_running_stats=False: "
-            "its eval output uses the batch's statistics, not constants"
-        )
-
-
-def _bn_args(bn: _BatchNorm) -> tuple:
-    return bn.running_mean, bn.running_var, bn.eps, _detach(bn.weight), _detach(bn.bias)
-
-
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
-
-def _with_weights(layer: nn.Module, weight: Tensor, bias: Tensor) -> nn.Module:
-    fused = copy.deepcopy(layer)
-    fused.weight = nn.Parameter(weight, requires_grad=layer.weight.requires_grad)
-    fused.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
-    return fused
-
-
-def _has_zero_padding(conv: nn.Module) -> bool:
-    return conv.padding_mode == "zeros" and any(p != 0 for p in conv._reversed_padding_repeated_twice)
-
-
-def fuse_conv_bn(conv: nn.Module, bn: _BatchNorm) -> nn.Module:
-    """Conv{1,2,3}d or ConvTranspose{1,2,3}d followed by BatchNorm -> one new layer.
-
-    Any groups (depthwise included), dilation, stride and padding mode, with or
-    without conv bias; BatchNorm with or without affine. The inputs are not changed.
-    """
-    if not isinstance(conv, _CONVS + _CONV_TRANSPOSES):
-        raise TypeError(f"fuse_conv_bn: conv must be a Conv or ConvTranspose module, got {type(conv).__name__}")
-    _require_eval(conv, bn)
-    _require_running_stats(bn)
-    weight, bias = _ops.fuse_conv_bn_weights(
-        conv.weight.detach(), _detach(conv.bias), *_bn_args(bn), isinstance(conv, _CONV_TRANSPOSES), conv.groups
-    )
-    return _with_weights(conv, weight, bias)
-
-
-def fuse_linear_bn(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
-    """Linear followed by BatchNorm1d over its output features -> one new Linear."""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"fuse_linear_bn: linear must be nn.Linear, got {type(linear).__name__}")
-    _require_eval(linear, bn)
-    _require_running_stats(bn)
-    weight, bias = _ops.fuse_conv_bn_weights(linear.weight.detach(), _detach(linear.bias), *_bn_args(bn), False, 1)
-    return _with_weights(linear, weight, bias)
-
-
-def fuse_bn_conv(bn: _BatchNorm, conv: nn.Module) -> nn.Module:
-    """BatchNorm followed by a Conv{1,2,3}d -> one new Conv.
-
-    Exact only when no zero padding is added to the BatchNorm's output (padding
-    0, or a padding_mode other than 'zeros'); otherwise refused.
-    """
-    if not isinstance(conv, _CONVS):
-        raise TypeError(
-            f"fuse_bn_conv: conv must be Conv1d/2d/3d, got {type(conv).__name__} (a BatchNorm before a "
-            "ConvTranspose does not fold exactly: border outputs see fewer taps)"
-        )
-    _require_eval(conv, bn)
-    _require_running_stats(bn)
-    if _has_zero_padding(conv):
-        raise ValueError(
-            f"fuse_bn_conv: the conv zero-pads its input (padding={conv.padding}): the padded zeros would "
-            "become BatchNorm's shift after folding, so the result would differ at the borders"
-        )
-    weight, bias = _ops.fuse_bn_conv_weights(conv.weight.detach(), _detach(conv.bias), *_bn_args(bn), conv.groups)
-    return _with_weights(conv, weight, bias)
-
-
-def fuse_bn_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
-    """BatchNorm1d over (N, C) features followed by Linear(C, out) -> one new Linear."""
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"fuse_bn_linear: linear must be nn.Linear, got {type(linear).__name__}")
-    _require_eval(linear, bn)
-    _require_running_stats(bn)
-    weight, bias = _ops.fuse_bn_conv_weights(linear.weight.detach(), _detach(linear.bias), *_bn_args(bn), 1)
-    return _with_weights(linear, weight, bias)
-
-
-def fuse_layer_norm_linear(
-    ln: nn.LayerNorm, linears: nn.Linear | Sequence[nn.Linear]
-) -> tuple[nn.LayerNorm, list[nn.Linear]]:
-    """Move a LayerNorm's weight and bias into the Linear layers it feeds.
-
-    Returns a LayerNorm of the same class without affine parameters and new
-    Linears with W' = W * gamma and b' = b + W @ beta. Exact when the LayerNorm's
-    output feeds only these Linears.
-    """
-    linears = [linears] if isinstance(linears, nn.Linear) else list(linears)
-    if len(ln.normalized_shape) != 1:
-        raise ValueError(f"fuse_layer_norm_linear: needs a 1-D normalized_shape, got {tuple(ln.normalized_shape)}")
-    for linear in linears:
-        if not isinstance(linear, nn.Linear) or linear.in_features != ln.normalized_shape[0]:
-            raise ValueError(
-                f"fuse_layer_norm_linear: every layer must be nn.Linear with in_features={ln.normalized_shape[0]}, "
-                f"got {linear}"
-            )
-    plain = type(ln)(ln.normalized_shape, eps=ln.eps, elementwise_affine=False,
-                     device=next(linears[0].parameters()).device)
-    plain.train(ln.training)
-    if not ln.elementwise_affine:
-        return plain, [copy.deepcopy(linear) for linear in linears]
-    gamma = ln.weight.detach().double()
-    beta = ln.bias.detach().double() if ln.bias is not None else torch.zeros_like(gamma)
-    fused = []
-    for linear in linears:
-        w = linear.weight.detach().double()
-        b = linear.bias.detach().double() if linear.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-        new_w = torch.empty_like(linear.weight).copy_(w * gamma)
-        new_b = (b + w @ beta).to(linear.weight.dtype)
-        fused.append(_with_weights(linear, new_w, new_b))
-    return plain, fused
-
-
-class FrozenBatchNorm(nn.Module):
-    """An eval BatchNorm as a per-channel affine map, y = x * scale + shift (dim 1)."""
-
-    def __init__(self, bn: _BatchNorm):
-        super().__init__()
-        mean, var, eps, weight, bias = _bn_args(bn)
-        scale = (weight.double() if weight is not None else 1.0) / (var.double() + eps).sqrt()
-        shift = (bias.double() if bias is not None else 0.0) - mean.double() * scale
-        dtype = (bn.weight if bn.weight is not None else bn.running_mean).dtype
-        self.register_buffer("scale", scale.to(dtype))
-        self.register_buffer("shift", shift.to(dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return x * self.scale.view(shape) + self.shift.view(shape)
-
-
-# ---------------------------------------------------------------------------
-# Graph analysis: BatchNorm-like and layer-like nodes of a torch.fx graph,
-# whether they call modules or functions on attributes (as torch.export does).
-
-_BN_FUNCTION_ARGS = {
-    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
-    _aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
-                               "eps"),
-}
-# instance_norm calls are BatchNorm-like too; their use_input_stats argument
-# (instance statistics) stands where batch_norm's `training` does.
-_INSTANCE_NORM_FUNCTION_ARGS = {
-    F.instance_norm: _BN_FUNCTION_ARGS[F.batch_norm],
-    torch.instance_norm: _BN_FUNCTION_ARGS[torch.batch_norm],
-    _aten.instance_norm.default: _BN_FUNCTION_ARGS[_aten.batch_norm.default],
-}
-_BN_FUNCTION_ARGS.update(_INSTANCE_NORM_FUNCTION_ARGS)
-# bn_ext's own forward operators (as torch.export records bn_ext's modules)
-# return (out, save_mean, save_invstd); only out may be read for them to fold.
-_BN_EXT_FORWARD_ARGS = {
-    _ops.batch_norm_forward.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "eps"),
-    _ops.batch_norm_act_forward.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "eps",
-                                          "activation", "residual"),
-}
-_BN_FUNCTION_ARGS.update(_BN_EXT_FORWARD_ARGS)
-# The aten op of each batch_norm_act activation, for what is left of a folded call.
-_ACTIVATION_OPS = {"relu": _aten.relu.default, "silu": _aten.silu.default}
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
-_LAYER_FUNCTION_ARGS = {
-    **{f: ("conv", _CONV_ARGS) for f in (F.conv1d, F.conv2d, F.conv3d, _aten.conv1d.default,
-                                         _aten.conv2d.default, _aten.conv3d.default)},
-    **{f: ("conv_transpose", _CONV_T_ARGS) for f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                                                     _aten.conv_transpose1d.default, _aten.conv_transpose2d.input,
-                                                     _aten.conv_transpose3d.input)},
-    **{f: ("linear", ("input", "weight", "bias")) for f in (F.linear, _aten.linear.default)},
-}
-
-
-def _arg(node: torch.fx.Node, names: Sequence[str], name: str, default: Any = None) -> Any:
-    i = names.index(name)
-    if i < len(node.args):
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _set_arg(node: torch.fx.Node, names: Sequence[str], name: str, value: Any) -> None:
-    i = names.index(name)
-    if i < len(node.args):
-        args = list(node.args)
-        args[i] = value
-        node.args = tuple(args)
-    else:
-        node.kwargs = {**node.kwargs, name: value}
-
-
-def _fetch(root: nn.Module, value: Any) -> Any:
-    """The tensor a get_attr node names, or the constant itself."""
-    if isinstance(value, torch.fx.Node):
-        if value.op != "get_attr":
-            raise LookupError(value.name)
-        obj = root
-        for part in value.target.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return value
-
-
-@dataclasses.dataclass
-class _Norm:
-    """A BatchNorm-like node: its constants, and how to describe it."""
-
-    node: torch.fx.Node
-    name: str
-    module: _BatchNorm | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    weight: Tensor | None
-    bias: Tensor | None
-    eps: float
-    training: bool
-    # What the forward does after normalising (a fused activation, residual
-    # add): a module called as tail(out) or tail(out, residual); None if nothing.
-    tail: nn.Module | None = None
-    activation: str | None = None  # a functional call's fused activation
-    residual: Any = None  # a functional call's residual node
-
-    def affine_args(self) -> tuple:
-        return self.running_mean, self.running_var, self.eps, _detach(self.weight), _detach(self.bias)
-
-
-@dataclasses.dataclass
-class _Layer:
-    """A Conv / ConvTranspose / Linear node and where its weight and bias live."""
-
-    node: torch.fx.Node
-    name: str
-    kind: str  # "conv", "conv_transpose" or "linear" ("module" where only the module matters)
-    module: nn.Module | None
-    names: Sequence[str] = ()
-
-    def weight(self, root: nn.Module) -> Tensor:
-        return self.module.weight if self.module is not None else _fetch(root, _arg(self.node, self.names, "weight"))
-
-    def bias(self, root: nn.Module) -> Tensor | None:
-        if self.module is not None:
-            return self.module.bias
-        return _fetch(root, _arg(self.node, self.names, "bias"))
-
-    def groups(self) -> int:
-        if self.module is not None:
-            return getattr(self.module, "groups", 1)
-        return _arg(self.node, self.names, "groups", 1) if self.kind != "linear" else 1
-
-    def zero_padded(self) -> bool:
-        if self.module is not None:
-            return isinstance(self.module, _CONVS) and _has_zero_padding(self.module)
-        padding = _arg(self.node, self.names, "padding", 0) if self.kind != "linear" else 0
-        if isinstance(padding, str):
-            return padding == "same"
-        return any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding]))
-
-
-# Reads of a tensor that see only its metadata, never its values: they do not
-# keep a producer's output from being replaced by a folded one of the same shape.
-_METADATA_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "layout", "is_cuda"}
-_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement"}
-
-
-def _reads_values(user: torch.fx.Node) -> bool:
-    if user.op == "call_function" and user.target is getattr:
-        return user.args[1] not in _METADATA_ATTRIBUTES
-    if user.op == "call_method":
-        return user.target not in _METADATA_METHODS
-    return not (user.op == "call_function" and user.target is len)
-
-
-def _reads_metadata_only(func) -> bool:
-    """The execution trace's counterpart of _reads_values: x.shape, x.size(), len(x)..."""
-    descriptor = getattr(getattr(func, "__self__", None), "__name__", None)
-    if getattr(func, "__name__", None) == "__get__":
-        return descriptor in _METADATA_ATTRIBUTES
-    return getattr(func, "__name__", None) in _METADATA_METHODS | {"__len__"}
-
-
-def _value_users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [u for u in node.users if _reads_values(u)]
-
-
-def _overrides_forward(bn: nn.Module) -> bool:
-    """Whether a BatchNorm module's class has a forward of its own (timm's
-    BatchNormAct2d applies an activation after normalising, say): replacing
-    such a module as a whole would drop what its forward adds."""
-    from bn_ext import nn as bn_nn
-    from bn_ext.distributed import SyncBatchNorm
-
-    # Batch Renormalization is BatchNorm in eval (its running statistics normalise).
-    known = {_BatchNorm.forward, nn.SyncBatchNorm.forward, bn_nn.BatchNorm2d.forward, SyncBatchNorm.forward,
-             _InstanceNorm.forward, bn_nn.BatchRenorm2d.forward, bn_nn._FrozenBatchNormForward.forward,
-             *(c.forward for c in frozen_batch_norm_classes())}
-    return type(bn).forward not in known
-
-
-def _unknown_forward(bn: nn.Module) -> bool:
-    """A forward of its own that folding cannot keep (_activation_tail knows the BatchNorm + activation ones)."""
-    return _overrides_forward(bn) and _activation_tail(bn) is None
-
-
-_OWN_FORWARD = ("{0.__module__}.{0.__qualname__} has a forward of its own: removing the module would drop what it "
-                "does after normalising")
-
-
-def _activation_tail(bn: nn.Module) -> nn.Module | None:
-    """What a BatchNorm + activation module does after normalising, as a
-    module called tail(out[, residual]): bn_ext's BatchNormAct (its activation
-    of out + residual), and timm's BatchNormAct2d and its bn_ext twin (drop,
-    then act). None for any other module."""
-    from bn_ext import nn as bn_nn
-
-    forward = type(bn).forward
-    if forward is bn_nn.BatchNormAct2d.forward:
-        activation = {"relu": nn.ReLU(), "silu": nn.SiLU()}.get(bn.activation, nn.Identity())
-        return NormThenActivation(nn.Identity(), activation)
-    # timm's classes stay bases of their bn_ext twins.
-    timm_classes = tuple(bn_nn._zoo_classes("timm.layers", "BatchNormAct2d", "FrozenBatchNormAct2d"))
-    if isinstance(bn, timm_classes):
-        return NormThenActivation(nn.Identity(), nn.Sequential(bn.drop, bn.act))
-    return None
-
-
-class NormThenActivation(nn.Module):
-    """act(norm(input) + residual): a BatchNorm + activation module once its
-    BatchNorm is folded away (norm is Identity) or frozen (FrozenBatchNorm)."""
-
-    def __init__(self, norm: nn.Module, act: nn.Module):
-        super().__init__()
-        self.norm, self.act = norm, act
-
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        out = self.norm(input)
-        return self.act(out if residual is None else out + residual)
-
-
-def _node_label(node: torch.fx.Node) -> str:
-    """The module path a functional node came from (torch.export records it), else its name."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if path:
-            return path
-    return node.name
-
-
-def _as_norm(root: nn.Module, node: torch.fx.Node) -> _Norm | None:
-    if node.op == "call_module":
-        m = root.get_submodule(node.target)
-        if _is_foldable_norm(m):
-            return _Norm(node, node.target, m, m.running_mean, m.running_var, m.weight, m.bias, m.eps,
-                         _normalises_with_batch_statistics(m), _activation_tail(m))
-        return None
-    if node.op != "call_function" or node.target not in _BN_FUNCTION_ARGS or _depends_on_constants_only(node.args[0]):
-        return None
-    names = _BN_FUNCTION_ARGS[node.target]
-    try:
-        values = {n: _fetch(root, _arg(node, names, n)) for n in ("running_mean", "running_var", "weight", "bias")}
-    except LookupError:
-        return None  # statistics computed in the graph, not constants
-    activation = _arg(node, names, "activation") if "activation" in names else None
-    residual = _arg(node, names, "residual") if "residual" in names else None
-    return _Norm(node, _node_label(node), None, values["running_mean"], values["running_var"], values["weight"],
-                 values["bias"], _arg(node, names, "eps", 1e-5), bool(_arg(node, names, "training", False)),
-                 activation=None if activation == "none" else activation, residual=residual)
-
-
-def _norm_output(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The node holding a norm call's output: the call itself, or for bn_ext's
-    forward operators the item 0 of its result; None when another item (the
-    saved statistics) is read or the output is not."""
-    if node.target not in _BN_EXT_FORWARD_ARGS:
-        return node
-    items = {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
-    if len(items) != len(node.users) or any(u.users for i, u in items.items() if i != 0):
-        return None
-    return items.get(0)
-
-
-def _as_layer(root: nn.Module, node: torch.fx.Node) -> _Layer | None:
-    if node.op == "call_module":
-        m = root.get_submodule(node.target)
-        if isinstance(m, _CONVS):
-            return _Layer(node, node.target, "conv", m)
-        if isinstance(m, _CONV_TRANSPOSES):
-            return _Layer(node, node.target, "conv_transpose", m)
-        if isinstance(m, nn.Linear):
-            return _Layer(node, node.target, "linear", m)
-        return None
-    if node.op == "call_function" and node.target in _LAYER_FUNCTION_ARGS:
-        kind, names = _LAYER_FUNCTION_ARGS[node.target]
-        weight = _arg(node, names, "weight")
-        bias = _arg(node, names, "bias")
-        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and (
-            bias is None or (isinstance(bias, torch.fx.Node) and bias.op == "get_attr")
-        ):
-            return _Layer(node, _node_label(node), kind, None, names)
-    return None
-
-
-def _describe(root: nn.Module, node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return f"'{node.target}' ({type(root.get_submodule(node.target)).__name__})"
-    if node.op == "call_function":
-        return f"'{node.name}' ({getattr(node.target, '__name__', str(node.target))})"
-    return f"'{node.name}' ({node.op})"
-
 
 # ---------------------------------------------------------------------------
 # Whole-model folding
-
-
-@dataclasses.dataclass
-class WeightQuantization:
-    """How the int8 weights of one folded layer would fare. Folding multiplies
-    each output channel by gamma / sqrt(var + eps): a channel with a tiny
-    running_var or gamma gets huge or vanishing weights, which per-tensor int8
-    cannot hold and per-channel int8 holds at some cost."""
-
-    layer: str
-    channels: int
-    range_spread: float  # largest over smallest non-zero per-channel max |w|
-    dead_channels: int  # channels per-tensor int8 rounds to all zeros
-    per_tensor_error: float  # ||W - Q(W)|| / ||W||, symmetric int8, one scale
-    per_channel_error: float  # the same with one scale per output channel
-
-    def __str__(self) -> str:
-        flag = "  <- per-tensor int8 unsuitable" if self.dead_channels or self.range_spread > 100 else ""
-        return (f"{self.layer:<40} {self.channels} channels, range spread {self.range_spread:.3g}x, "
-                f"{self.dead_channels} dead per-tensor; int8 weight error per-tensor {self.per_tensor_error:.2e}, "
-                f"per-channel {self.per_channel_error:.2e}{flag}")
-
-
-def _int8_error(w: Tensor, absmax: Tensor) -> float:
-    """Relative error of symmetric int8 quantization of the rows of w with the given per-row max |w|."""
-    scale = (absmax / 127).clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-    q = (w / scale).round().clamp(-127, 127) * scale
-    return ((w - q).norm() / w.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
-
-
-def weight_quantization(layer: str, weight: Tensor, kind: str = "conv", groups: int = 1) -> WeightQuantization:
-    """The int8 readiness of a layer's weight (output channels: dim 0, or for a
-    ConvTranspose weight (in, out / groups, *k) the second dim within groups)."""
-    w = weight.detach().double()
-    if kind == "conv_transpose":
-        # (in, out / groups, *k) -> (groups, out / groups, in / groups, k): a row per output channel
-        w = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).transpose(1, 2)
-        rows = w.reshape(groups * w.shape[1], -1)
-    else:
-        rows = w.reshape(w.shape[0], -1)
-    channel_max = rows.abs().amax(1)
-    largest = channel_max.max()
-    nonzero = channel_max[channel_max > 0]
-    spread = (largest / nonzero.min()).item() if nonzero.numel() else float("inf")
-    dead = int((channel_max * 127 < 0.5 * largest).sum().item()) if largest > 0 else rows.shape[0]
-    return WeightQuantization(layer, rows.shape[0], spread, dead, _int8_error(rows, largest.expand(rows.shape[0])),
-                              _int8_error(rows, channel_max))
 
 
 @dataclasses.dataclass
@@ -617,49 +165,6 @@ class FoldReport:
         if self.failure:
             lines.append(f"    first difference: {self.failure}")
         return "\n".join(lines)
-
-
-class _FoldTracer(torch.fx.Tracer):
-    """torch.fx tracer that keeps bn_ext's norm modules whole, like torch.nn's."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (type(m).__module__.startswith("bn_ext") or isinstance(m, frozen_batch_norm_classes())
-                or super().is_leaf_module(m, qualname))
-
-
-def training_batch_norms(graph: torch.fx.Graph) -> list[str]:
-    """The batch_norm calls of a graph in training mode (batch statistics)."""
-    return [_node_label(n) for n in _batch_norm_calls(graph)
-            if n.target not in _INSTANCE_NORM_FUNCTION_ARGS and _arg(n, _BN_FUNCTION_ARGS[n.target], "training", False)]
-
-
-def _depends_on_constants_only(node: Any) -> bool:
-    """Whether a graph value is computed from parameters and buffers alone
-    (timm's StdConv2d standardises its weight with a batch_norm call)."""
-    pending, seen = [node], set()
-    while pending:
-        current = pending.pop()
-        if not isinstance(current, torch.fx.Node) or current in seen:
-            continue
-        seen.add(current)
-        if current.op in ("placeholder", "call_module"):
-            return False
-        pending += current.all_input_nodes
-    return True
-
-
-def _batch_norm_calls(graph: torch.fx.Graph | None) -> list[torch.fx.Node]:
-    """The graph's batch_norm calls that normalise activations (not weights)."""
-    return [node for node in (graph.nodes if graph is not None else ())
-            if node.op == "call_function" and node.target in _BN_FUNCTION_ARGS
-            and not _depends_on_constants_only(node.args[0])]
-
-
-def _statistics_owner(node: torch.fx.Node) -> str | None:
-    """The module whose running_mean a batch_norm call reads, if it reads an attribute."""
-    stats = _arg(node, _BN_FUNCTION_ARGS[node.target], "running_mean")
-    on_attribute = isinstance(stats, torch.fx.Node) and stats.op == "get_attr"
-    return stats.target.rpartition(".")[0] if on_attribute else None
 
 
 def _count_batch_norms(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
@@ -935,15 +440,6 @@ class _GraphFolder:
         return folded
 
 
-def _shapes(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, torch.Size]:
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
-    return {n.name: n.meta["tensor_meta"].shape for n in gm.graph.nodes
-            if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
-
-
 def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
     """Replace unfolded BatchNorm modules that have running statistics by their exact affine map."""
     for norm in folder.unfolded_norms:
@@ -953,11 +449,6 @@ def _freeze(root: nn.Module, folder: _GraphFolder | _RuntimeFolder) -> None:
                 frozen = NormThenActivation(frozen, norm.tail.act)
             _replace_submodule(root, norm.name, frozen)
             folder.frozen.append(norm.name)
-
-
-def _outputs(model: nn.Module, example_inputs: tuple) -> list[Tensor]:
-    with torch.no_grad():
-        return [t for t in _pytree.tree_leaves(model(*example_inputs)) if isinstance(t, Tensor)]
 
 
 class FoldVerificationError(RuntimeError):
@@ -975,26 +466,6 @@ class FoldVerificationError(RuntimeError):
 def _verify(report: FoldReport, check: Verification) -> None:
     for field in dataclasses.fields(Verification):
         setattr(report, field.name, getattr(check, field.name))
-
-
-def _pt2e_error(model: nn.Module, example_inputs: tuple) -> float:
-    """Output error, relative to the output scale, of `model` quantized to int8
-    by the PT2E flow with the X86 Inductor quantizer, calibrated on the inputs."""
-    try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-    except ImportError as error:
-        raise ImportError("fold_model(quantization=True) needs torchao (pip install torchao)") from error
-    quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(torch.export.export(model, example_inputs).module(), quantizer)
-    with torch.no_grad():
-        prepared(*example_inputs)
-        quantized = convert_pt2e(prepared)
-        expected, actual = _outputs(model, example_inputs), _outputs(quantized, example_inputs)
-    scale = max(e.double().abs().max().item() for e in expected)
-    error = max((a.double() - e.double()).abs().max().item() for a, e in zip(actual, expected))
-    return error / scale if scale > 0 else error
 
 
 def fold_model(
@@ -1085,9 +556,8 @@ def fold_model(
     )
     _verify(report, reference.verify(result, atol, rtol))
     if equalize and report.passed:
-        from bn_ext.equalization import equalize as equalize_layers
 
-        result, report.equalization = equalize_layers(result, example_inputs, inplace=True)
+        result, report.equalization = _equalize_layers(result, example_inputs, inplace=True)
     if quantization:
         try:
             report.pt2e_error = _pt2e_error(result.eval(), example_inputs)
@@ -1218,7 +688,6 @@ def fold_exported_program(
     if strict and not report.passed:
         raise FoldVerificationError("fold_exported_program", report)
     if equalize and report.passed:
-        from bn_ext.equalization import equalize as equalize_layers
 
         # program.module() holds the program's own tensors (an exported
         # program shares its model's): equalization scales copies.
@@ -1228,7 +697,7 @@ def fold_exported_program(
                 copied = tensor.detach().clone()
                 setattr(module, name, nn.Parameter(copied, tensor.requires_grad) if isinstance(
                     tensor, nn.Parameter) else copied)
-        gm, report.equalization = equalize_layers(gm, example_inputs, inplace=True)
+        gm, report.equalization = _equalize_layers(gm, example_inputs, inplace=True)
     return torch.export.export(gm, example_inputs), report
 
 

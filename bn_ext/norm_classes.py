@@ -66,3 +66,5 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def class_name(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+

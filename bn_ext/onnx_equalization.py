@@ -34,7 +34,7 @@ from bn_ext.equalization import (
     _spread,
     _Weights,
 )
-from bn_ext.onnx_fold import _attribute, _Graph, _label, _layer_constants, _random_inputs, _run
+from bn_ext.onnx_graph import _attribute, _Graph, _label, _layer_constants, _random_inputs, _run
 
 _HOMOGENEOUS_OPS = ("Relu", "LeakyRelu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity",
                     "Dropout")

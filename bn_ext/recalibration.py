@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from bn_ext.modules import SyncBatchNorm, _BatchRenormForward
+
 __all__ = ["recalibrate_batch_norm"]
 
 
@@ -64,8 +66,6 @@ def _channel_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
 
 
 def _is_synchronised(bn: nn.Module) -> bool:
-    from bn_ext.distributed import SyncBatchNorm
-
     return isinstance(bn, (nn.SyncBatchNorm, SyncBatchNorm)) and dist.is_available() and dist.is_initialized()
 
 
@@ -113,8 +113,6 @@ def recalibrate_batch_norm(
     bar (default: when there are more than 50 batches). Returns `model`.
     Typical use: after pruning or fine-tuning, before folding.
     """
-    from bn_ext.nn import _BatchRenormForward
-
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None
              and m.running_var is not None]
     if not norms:

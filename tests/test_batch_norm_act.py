@@ -374,8 +374,8 @@ def test_convert_timm_batch_norm_act_runs_fused_and_reverts():
     reference.load_state_dict(model.state_dict())
     bn_ext.nn.convert(model)
     norms = [m for m in model.modules() if isinstance(m, TimmBatchNormAct2d)]
-    assert norms and all(type(m).__module__ == "bn_ext.nn" for m in norms)
-    assert {bn_ext.nn._fusable_activation(m.act) for m in norms} <= {"silu", "none"}
+    assert norms and all(type(m).__module__ == "bn_ext.modules" for m in norms)
+    assert {bn_ext.modules._fusable_activation(m.act) for m in norms} <= {"silu", "none"}
     x = torch.randn(2, 3, 64, 64)
     for training in (True, False):
         model.train(training)

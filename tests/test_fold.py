@@ -917,7 +917,7 @@ def test_frozen_batch_norms_fold_and_are_counted(cls, path):
     model = container(nn.Conv2d(3, 8, 3), _randomised_frozen(cls, 8, 1), nn.Conv2d(8, 4, 1)).eval()
     if path == "converted":
         bn_ext.nn.convert(model)
-        assert type(model[1]).__module__ == "bn_ext.nn"
+        assert type(model[1]).__module__ == "bn_ext.modules"
     x = torch.randn(2, 3, 9, 9)
     if path == "exported":  # torch.export decomposes it into x * scale + shift
         program, report = bn_ext.fold.fold_exported_program(torch.export.export(model, (x,)), (x,))

@@ -204,7 +204,7 @@ def test_zoo_model_converts_completely_and_trains_as_torch(name):
     inputs = example_inputs(kind)
     converted, report = bn_ext.nn.convert(copy.deepcopy(model), report=True)
     assert report.left == [] and len(report.swapped) == sum(census.values()), str(report)
-    swapped_classes = {type(m) for m in converted.modules() if type(m).__module__ == "bn_ext.nn"}
+    swapped_classes = {type(m) for m in converted.modules() if type(m).__module__ == "bn_ext.modules"}
     assert {cls.__name__ for cls in swapped_classes} >= set(census), str(report)
     # float32 eval: the same outputs, ties broken as the original broke them
     check = ReferenceRun(model, inputs).verify(converted, None, None)
@@ -267,7 +267,7 @@ def test_convert_swaps_each_zoo_norm_class_and_matches_it(case):
     module = copy.deepcopy(reference)
     model, report = bn_ext.nn.convert(nn.Sequential(module), report=True)
     assert report.swapped == [("0", type(reference).__name__, note)] and report.left == [], str(report)
-    assert type(module).__module__ == "bn_ext.nn" and isinstance(module, type(reference))
+    assert type(module).__module__ == "bn_ext.modules" and isinstance(module, type(reference))
     for training in (True, False):
         reference.train(training)
         module.train(training)
