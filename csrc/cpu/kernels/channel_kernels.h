@@ -714,11 +714,7 @@ inline void form_vector(T* out, const FormInputs<T>& in, int64_t i, const FormCo
   if constexpr (Form::kUsesX) v.x = load_op_n(in.x + i, count);
   if constexpr (Form::kUsesAux) v.aux = load_op_n(in.aux + i, count);
   const OpVec<T> result = Form::apply(v, k);
-  if (count == OpVec<T>::size()) {
-    store_op(out + i, result, stream);
-  } else {
-    store_op_partial(out + i, result, count);
-  }
+  store_op_n(out + i, result, count, stream);
 }
 
 // Two float vectors per half-type vector at [i, i + 2W): converting them
@@ -897,11 +893,7 @@ struct GradientThroughResidual {
     Vec operator()(const Vec& dy, const Vec& x, int64_t offset, int64_t count) const {
       const Vec y = round_to_type<T>(at::vec::fmadd(x - center, scale, shift));
       const Vec dz = gradient_of_rounded<T, Act>(dy, y + load_op_n(residual + offset, count));
-      if (count == Vec::size()) {
-        store_op(out + offset, dz);
-      } else {
-        store_op_partial(out + offset, dz, count);
-      }
+      store_op_n(out + offset, dz, count);
       return dz;
     }
   };
@@ -927,9 +919,9 @@ struct GradientThroughResidual {
 // into gamma (center 0): y = fma(x, beta, b - mean * beta), whose one
 // rounding of the folded term is at most 2^-21 of y's spread (torch folds
 // every mean so, however large). A pass whose centers are all zero skips
-// the center's load and subtraction: three coefficient arrays a row where
-// torch's pass reads two made channels-last eval 0.76x torch at C2048 7x7,
-// whose arrays no longer fit L1 beside the rows (AVX2, AMD EPYC Zen 4).
+// the center's load and subtraction: three coefficient arrays a row, where
+// torch's pass reads two, no longer fit L1 beside wide channels-last rows
+// (perf-notes: kFoldedMeanDeviations).
 // A mean further out is the center, rounded to op-math, with gamma folding
 // the rounding remainder, so inputs with a large mean keep their precision.
 constexpr double kFoldedMeanDeviations = 8.0;

@@ -224,8 +224,8 @@ constexpr int64_t kRowOrderSumRows = 64;
 // values, added into the float64 column arrays sum_dy and sum_dyx: row by
 // row in memory order, op-math partials per column (in L1) over
 // kRowOrderSumRows rows at a time. (Walked down the columns, as BatchNorm's
-// column_cascade_sums does, rows 4 KB apart share L1 sets: N16 C1024 14x14
-// bfloat16's sums took 1.6x as long, C2048 7x7 1.1-1.3x; AMD EPYC Zen 4.)
+// column_cascade_sums does, rows 4 KB apart share L1 sets; perf-notes:
+// add_row_order_grad_sums.)
 template <typename T>
 void add_row_order_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, int64_t C, int64_t r0, int64_t r1,
                              double* sum_dy, double* sum_dyx) {
@@ -553,11 +553,7 @@ void layer_norm_channels_forward_kernel(const T* x, T* y, int64_t N, int64_t C, 
             ((load_op_n(xt + c * S + j, count) - Vec::loadu(center.data() + j)) - Vec::loadu(remainder.data() + j)) *
             Vec::loadu(rstd.data() + j);
         const Vec v = at::vec::fmadd(xhat, vw, vb);
-        if (count == W) {
-          store_op(yt + c * S + j, v);
-        } else {
-          store_op_partial(yt + c * S + j, v, count);
-        }
+        store_op_n(yt + c * S + j, v, count);
       }
     }
   });
@@ -608,11 +604,7 @@ std::vector<double> layer_norm_channels_backward_kernel(const T* dy, const T* x,
         if (dx != nullptr) {
           const Vec v = (dyv * weight(c) - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j)) *
                         Vec::loadu(rs.data() + j);
-          if (count == W) {
-            store_op(dx + offset + c * S + j, v);
-          } else {
-            store_op_partial(dx + offset + c * S + j, v, count);
-          }
+          store_op_n(dx + offset + c * S + j, v, count);
         }
         if (param_grads) {
           // Lanes past count hold dy = 0: they add nothing.

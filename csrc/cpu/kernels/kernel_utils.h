@@ -103,9 +103,8 @@ inline at::vec::Vectorized<T> round_to_half_type(const OpVec<T>& lo, const OpVec
 // Streaming (non-temporal) stores, for outputs too large to stay in the
 // caches: a plain store first reads the line it writes, a third of an
 // elementwise pass's traffic; a streaming store does not, but leaves the line
-// out of the caches, a loss for outputs read again while still cached (a
-// 103 MB float pass 7.3-8.3 -> 6.0-7.2 ms; a 13 MB one, inside the 32 MB L3,
-// 0.40-0.46 -> 0.49-0.60 ms; AVX2, AMD EPYC Zen 4). So a pass streams outputs
+// out of the caches, a loss for outputs read again while still cached
+// (docs/perf-notes.md, streams_output). So a pass streams outputs
 // of at least the last-level cache's size (cpu/dispatch.cpp), and only where
 // its runs of output (rows, planes) are whole 64-byte lines from an aligned
 // start: a line written partly by streaming and partly by plain stores is
@@ -281,6 +280,17 @@ inline void store_op_partial(T* p, const OpVec<T>& v, int64_t count) {
 #endif
   } else {
     v.store(p, count);
+  }
+}
+
+// Stores v at p as T: whole (streamed when `stream`, see store_op), or its
+// first `count` lanes for the tail of a run; load_op_n's counterpart.
+template <typename T>
+inline void store_op_n(T* p, const OpVec<T>& v, int64_t count, bool stream = false) {
+  if (count == OpVec<T>::size()) {
+    store_op(p, v, stream);
+  } else {
+    store_op_partial(p, v, count);
   }
 }
 
@@ -524,8 +534,7 @@ inline std::vector<Op> column_array(int64_t columns) {
 //   - rows of up to kRowOrderColumns: the tile row by row, in memory order,
 //     its partial sums in small arrays. Walked down the columns, such a tile
 //     is many short streams (16 rows of 1 KB at C256 fp32), which the
-//     hardware prefetchers hardly follow: N32 C128/C256 statistics read at
-//     a third of the copy speed that way (AVX2, AMD EPYC Zen 4).
+//     hardware prefetchers hardly follow (perf-notes: kRowOrderColumns).
 //   - wider rows: down the columns, kBlockVectors adjacent column vectors
 //     at a time (see with_moments_column_block), their partial sums in
 //     registers (array partials updated row by row stalled on their stores
@@ -541,12 +550,9 @@ constexpr int64_t kRowOrderColumns = 512;
 // takes at a time. At AVX2, rows a multiple of 4 KB apart (C2048 bfloat16,
 // C1024 and C2048 float32) take a cache line of a row at a time: there a
 // tile's 16 lines of a column share one L1 set, too many to stay, and one
-// vector at a time read each line from L2 two or four times. Channels-last
-// N32 C2048 7x7 statistics then took 0.63-0.68x the time at bfloat16,
-// 0.84-0.90x at float32, N32 C1024 14x14 float32 0.81-0.92x. Other row
-// lengths (bfloat16 C1024: 1.14-1.22x), the AVX512 level (bfloat16: 1.2-1.7x)
-// and the gradient sums (two inputs and a center a vector: 1.05-1.3x) were
-// slower so, and walk one vector at a time (AMD EPYC Zen 4).
+// vector at a time read each line from L2 two or four times. Other row
+// lengths, the AVX512 level and the gradient sums measured slower so and
+// walk one vector at a time (perf-notes: with_moments_column_block).
 // Addresses this many bytes apart share an L1 set (64 sets of 64-byte lines).
 constexpr int64_t kL1SetSpanBytes = 4096;
 

@@ -90,11 +90,7 @@ inline void normalize_row(const T* x, const P* weight, const P* bias, T* y, int6
     Vec v = ((load_op_n(x + j, count) - vcenter) - vremainder) * vrstd;
     if (weight) v = v * weight_vector<T>(weight, j, count);
     if (bias) v = v + weight_vector<T>(bias, j, count);
-    if (count == W) {
-      store_op(y + j, v, stream);
-    } else {
-      store_op_partial(y + j, v, count);
-    }
+    store_op_n(y + j, v, count, stream);
   }
 }
 
@@ -132,11 +128,7 @@ inline void row_backward(const T* dy, const T* x, const P* weight, T* dx, opmath
     const Vec xhat = (load_op_n(x + j, count) - vmu) * vrs;
     if (dx) {
       const Vec v = (dyv * weight_vector<T>(weight, j, count) - vmean_g - xhat * vmean_gx) * vrs;
-      if (count == W) {
-        store_op(dx + j, v, stream);
-      } else {
-        store_op_partial(dx + j, v, count);
-      }
+      store_op_n(dx + j, v, count, stream);
     }
     if (sums) {
       // Lanes past count hold dy = 0: they add nothing.
