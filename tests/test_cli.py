@@ -1,6 +1,7 @@
 """The command line: `python -m bn_ext demo` and `python -m bn_ext fold`."""
 
 import copy
+import math
 import subprocess
 import sys
 
@@ -102,9 +103,9 @@ def test_bench_counts_the_second_read_of_a_reduction_past_the_cache(monkeypatch)
     from bn_ext import bench
 
     x = torch.empty(1024, 256)  # 1 MiB
-    assert bench._reread(x) == 0 and bench._reread(x, x) == 0  # within this machine's last-level cache
-    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: 1024**2 + 1)
-    assert bench._reread(x) == 0 and bench._reread(x, x) == 2 * 1024**2  # x and dy together outgrow it
+    assert bench.catalogue._reread(x) == 0 and bench.catalogue._reread(x, x) == 0  # within this machine's last-level cache
+    monkeypatch.setattr(bench.catalogue, "last_level_cache_bytes", lambda: 1024**2 + 1)
+    assert bench.catalogue._reread(x) == 0 and bench.catalogue._reread(x, x) == 2 * 1024**2  # x and dy together outgrow it
     result = bench.Result("g", "n", 2.0, 1.0, 100, limit_ms=0.5, algorithm_limit_ms=0.75)
     assert result.limit_share == 0.5 and result.algorithm_share == 0.75
     # a BatchNorm training forward past that cache: its input read again for the output
@@ -119,7 +120,7 @@ def test_bench_rounds_follow_the_case_time(monkeypatch):
 
     # A clock that moves only when a timed call runs: each call takes `cost`.
     clock = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench.engine.time, "perf_counter", lambda: clock[0])
 
     def rounds(cost, repeats, min_seconds, max_seconds):
         calls = []
@@ -136,14 +137,14 @@ def test_bench_rounds_follow_the_case_time(monkeypatch):
     assert rounds(2**-6, 15, 0.25, 1.0) == 16  # more while under min_seconds
     assert rounds(2**-10, 15, 0.25, 1.0) == 150  # at most ten times as many
     assert rounds(0.25, 15, 0.25, 1.0) == bench.MIN_ROUNDS == 6  # fewer once over max_seconds, not under 6
-    assert rounds(0.25, 15, 0.25, bench.math.inf) == 15
+    assert rounds(0.25, 15, 0.25, math.inf) == 15
     assert rounds(0.25, 3, 0.0, 1.0) == 3
 
 
 @pytest.mark.level_independent
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_bench_images_come_in_their_memory_format(memory_format):
-    from bn_ext.bench import _random_images
+    from bn_ext.bench.catalogue import _random_images
 
     torch.manual_seed(0)
     x = _random_images(4, 64, 16, torch.bfloat16, memory_format)
@@ -255,7 +256,7 @@ def test_the_unet_block_workload_computes_the_same_fused_and_unfused():
         got = model(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0], grad, rtol=1e-4, atol=1e-4)
-    rows = bench._step_rows({"torch": block, "bn_ext fused": fused}, x.detach(), lambda out: out.square().mean(), 2,
+    rows = bench.engine._step_rows({"torch": block, "bn_ext fused": fused}, x.detach(), lambda out: out.square().mean(), 2,
                             "contiguous", "U-Net block")
     assert [r["model"] for r in rows] == ["torch", "bn_ext fused"] and rows[0]["speedup"] == 1.0
     assert all(r["step_ms"] > 0 and 0 < r["norm_share"] < 1 for r in rows)

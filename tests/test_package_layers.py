@@ -23,13 +23,18 @@ LAYERS = {
     "tools": {"bench", "demo", "equalization_bench", "__main__", "__init__"},
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+# The package's modules, and its subpackages (the bench) as one module each.
+MODULES = sorted([p.stem for p in PACKAGE.glob("*.py")] + [p.parent.name for p in PACKAGE.glob("*/__init__.py")])
+
+
+def _files(module: str) -> list[pathlib.Path]:
+    return sorted((PACKAGE / module).glob("*.py")) if (PACKAGE / module).is_dir() else [PACKAGE / f"{module}.py"]
 
 
 def _imports(module: str) -> set[str]:
     """The bn_ext modules `module` imports, anywhere in its code."""
     found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+    for node in (n for f in _files(module) for n in ast.walk(ast.parse(f.read_text()))):
         if isinstance(node, ast.ImportFrom) and node.module == "bn_ext":
             found |= {alias.name for alias in node.names if alias.name in RANK}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bn_ext."):
