@@ -96,6 +96,9 @@ void moments(const Tensor& x, const BatchNormGeometry& g, double* mean, double* 
 
 }  // namespace
 
-extern const BatchNormKernels batch_norm_kernels = {&train_forward, &affine_forward, &moments, &batch_norm_backward};
+// Fields by name: the compiler checks each against the table's declaration.
+extern const BatchNormKernels batch_norm_kernels = {
+    .train_forward = &train_forward, .affine_forward = &affine_forward, .moments = &moments,
+    .backward = &batch_norm_backward};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY

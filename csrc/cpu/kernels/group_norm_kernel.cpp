@@ -697,7 +697,9 @@ std::vector<double> layer_norm_channels_backward(const Tensor& dy, const Tensor&
 
 }  // namespace
 
-extern const GroupNormKernels group_norm_kernels = {&forward, &backward, &layer_norm_channels_forward,
-                                                    &layer_norm_channels_backward};
+extern const GroupNormKernels group_norm_kernels = {.forward = &forward,
+                                                    .backward = &backward,
+                                                    .layer_norm_channels_forward = &layer_norm_channels_forward,
+                                                    .layer_norm_channels_backward = &layer_norm_channels_backward};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY

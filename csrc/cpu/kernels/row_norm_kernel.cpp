@@ -264,7 +264,9 @@ std::vector<double> rms_norm_backward(const Tensor& dy, const Tensor& x, const s
 
 }  // namespace
 
-extern const RowNormKernels row_norm_kernels = {&layer_norm_forward, &layer_norm_backward, &rms_norm_forward,
-                                                &rms_norm_backward};
+extern const RowNormKernels row_norm_kernels = {.layer_norm_forward = &layer_norm_forward,
+                                                .layer_norm_backward = &layer_norm_backward,
+                                                .rms_norm_forward = &rms_norm_forward,
+                                                .rms_norm_backward = &rms_norm_backward};
 
 }  // namespace bn_ext::cpu::CPU_CAPABILITY
