@@ -2,21 +2,15 @@
 #include "bn_ext/bn_ext.h"
 
 #include "cpu/dispatch.h"
+#include "op_handle.h"
 
 #include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/pow.h>
 #include <c10/core/GradMode.h>
 
 namespace bn_ext {
 namespace {
-
-// The typed handle of operator bn_ext::<name>, looked up once.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using Optional = const std::optional<Tensor>&;
 

@@ -2,7 +2,8 @@
 // Python autograd overhead (it dominated small inputs). The backward
 // operators are called through the dispatcher, so their own autograd formulas
 // (bn_ext/functional.py) still serve double backward.
-#include <ATen/core/dispatch/Dispatcher.h>
+#include "op_handle.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -12,11 +13,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 std::optional<Tensor> optional_of(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 Tensor defined_or_empty(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }

@@ -1,5 +1,6 @@
 // Every bn_ext operator schema, in one place. Implementations are registered
-// per backend (cpu/, cuda/); fake kernels and autograd live in bn_ext/functional.py.
+// per backend (cpu/, cuda/); the forward ops' autograd in autograd.cpp; fake
+// kernels and the backward ops' autograd (double backward) in bn_ext/functional.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(bn_ext, m) {
