@@ -752,8 +752,7 @@ def group_norm(
     `activation` (None, "relu" or "silu"), applied to the normalised output in
     the same pass: exactly act(group_norm(...)), with its backward.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"group_norm: activation must be None, 'relu' or 'silu', got {activation!r}")
+    _check_activation("group_norm", activation)
     if input.dim() >= 2 and num_groups > 0:
         # torch.nn.functional.group_norm's own check, with its words.
         size = [input.shape[0] * input.shape[1] // num_groups, num_groups, *input.shape[2:]]

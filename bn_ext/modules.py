@@ -19,7 +19,6 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from bn_ext.distributed import _SyncBatchNormFunction
 
 from bn_ext.functional import (
-    _ACTIVATIONS,
     _batch_norm,
     _check_activation,
     batch_norm_act,
@@ -215,8 +214,7 @@ class GroupNorm(torch.nn.GroupNorm):
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True,
                  activation=None):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"GroupNorm: activation must be None, 'relu' or 'silu', got {activation!r}")
+        _check_activation("GroupNorm", activation)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
         self.activation = activation
 
