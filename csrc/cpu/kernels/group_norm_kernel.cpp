@@ -404,12 +404,14 @@ void set_group_backward_coefficients(ChannelCoefficients<T>& k, int64_t at, cons
     B += w[c] * sums[n * g.C + c].dy_xc;
   }
   const double D = static_cast<double>(Cg * g.S);
-  for (int64_t c = c0; c < c1; ++c) {
-    const int64_t i = at + c - c0;
-    const double beta = -rstd * rstd * rstd * B / D;
-    k.alpha[i] = static_cast<Op>(rstd * w[c]);
-    k.beta[i] = static_cast<Op>(beta);
-    k.gamma[i] = static_cast<Op>(-rstd * A / D - beta * (mean - static_cast<double>(k.center[i])));
+  const double beta = -rstd * rstd * rstd * B / D, shift = -rstd * A / D;
+  // Pointers in locals: the stores may alias the vectors' fields.
+  Op *alpha = k.alpha.data() + at, *betas = k.beta.data() + at, *gamma = k.gamma.data() + at;
+  const Op* center = k.center.data() + at;
+  for (int64_t j = 0; j < Cg; ++j) {
+    alpha[j] = static_cast<Op>(rstd * w[c0 + j]);
+    betas[j] = static_cast<Op>(beta);
+    gamma[j] = static_cast<Op>(shift - beta * (mean - static_cast<double>(center[j])));
   }
 }
 
