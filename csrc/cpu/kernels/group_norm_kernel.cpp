@@ -88,26 +88,26 @@ void set_group_forward_coefficients(ChannelCoefficients<T>& k, int64_t at, const
 // standard deviation from the mean; those samples take a second pass for
 // the squares about the mean. No per-channel moments, no per-channel division.
 
-// Column sums over rows [r0, r1) of `width` columns (whole groups) of a
-// sample's rows, in chunks, added per group into s1 and s2: terms(row, j,
-// count) gives the vector of d at row `row`, columns [j, j + count).
+// Column sums over rows [r0, r1) of a sample's rows, in chunks, added per
+// group into s1 and s2: terms(row, j, count) gives the vector of d at row
+// `row`, columns [j, j + count).
 template <typename T, bool kWithSum, typename Terms>
-void add_group_column_sums(const GroupNormGeometry& g, int64_t width, int64_t r0, int64_t r1, const Terms& terms,
-                           double* s1, double* s2) {
+void add_group_column_sums(const GroupNormGeometry& g, int64_t r0, int64_t r1, const Terms& terms, double* s1,
+                           double* s2) {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t Cg = g.group_channels();
-  auto sum = column_array<Op>(width), squares = column_array<Op>(width);
+  auto sum = column_array<Op>(g.C), squares = column_array<Op>(g.C);
   for (int64_t r = r0; r < r1; r += kChunkRows) {
     std::fill(sum.begin(), sum.end(), Op(0));
     std::fill(squares.begin(), squares.end(), Op(0));
     with_moments_column_block<T>(g.C, [&](auto block) {
       column_cascade_sums<kWithSum, Vec, block()>(
-          std::min(r1, r + kChunkRows) - r, width,
+          std::min(r1, r + kChunkRows) - r, g.C,
           [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = b = terms(r + s, j, count); }, sum.data(),
           squares.data());
     });
-    for (int64_t group = 0, c = 0; group < width / Cg; ++group) {
+    for (int64_t group = 0, c = 0; group < g.G; ++group) {
       double group_sum = 0.0, group_squares = 0.0;
       for (int64_t end = c + Cg; c < end; ++c) group_sum += sum[c], group_squares += squares[c];
       if constexpr (kWithSum) s1[group] += group_sum;
@@ -116,58 +116,57 @@ void add_group_column_sums(const GroupNormGeometry& g, int64_t width, int64_t r0
   }
 }
 
-// A block of `width` columns (whole groups) of one sample's rows, read by
-// load(row, j, count): columns [j, j + count) of a row.
+// A sample's rows are read by load(row, j, count): columns [j, j + count).
 
-// Each group's shift, the mean of its values in the block's first rows
+// Each group's shift, the mean of its values in the sample's first rows
 // (enough for kShiftSamples values: one row of a wide group; 16 rows were a
 // third of N16 C2048 7x7's reading), broadcast over its channels into the
 // column array `shift`.
 template <typename T, typename Load>
-void set_group_shifts(const GroupNormGeometry& g, int64_t width, const Load& load, opmath_t<T>* shift) {
+void set_group_shifts(const GroupNormGeometry& g, const Load& load, opmath_t<T>* shift) {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   const int64_t Cg = g.group_channels(), rows = std::min(g.S, (kShiftSamples + Cg - 1) / Cg);
-  auto first = column_array<Op>(width), unused = column_array<Op>(width);
+  auto first = column_array<Op>(g.C), unused = column_array<Op>(g.C);
   column_cascade_sums<true, Vec>(
-      rows, width, [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = load(s, j, count), b = Vec(0); },
+      rows, g.C, [&](int64_t s, int64_t j, int64_t count, Vec& a, Vec& b) { a = load(s, j, count), b = Vec(0); },
       first.data(), unused.data());
-  for (int64_t c0 = 0; c0 < width; c0 += Cg) {
+  for (int64_t c0 = 0; c0 < g.C; c0 += Cg) {
     double total = 0.0;
     for (int64_t c = c0; c < c0 + Cg; ++c) total += first[c];
     std::fill_n(shift + c0, Cg, finite_or_zero(static_cast<Op>(total / static_cast<double>(rows * Cg))));
   }
 }
 
-// The moments of the block's groups, into groups[0, width / Cg), from the
-// sums (s1, s2 per group) of d = x - shift over all its rows. As
-// ShiftedSums: M2 = sum(d^2) - sum(d)^2 / n, unless some shift proved over
-// a standard deviation from its group's mean; then the block takes a second
-// pass for the squares about the means (each kept in two parts, shift +
-// offset). No per-channel moments, no per-channel division.
+// The moments of a sample's groups, into groups[0, G), from the sums (s1,
+// s2 per group) of d = x - shift over all its rows. As ShiftedSums: M2 =
+// sum(d^2) - sum(d)^2 / n, unless some shift proved over a standard
+// deviation from its group's mean; then the sample takes a second pass for
+// the squares about the means (each kept in two parts, shift + offset). No
+// per-channel moments, no per-channel division.
 template <typename T, typename Load>
-void finish_group_moments(const GroupNormGeometry& g, int64_t width, const Load& load, const opmath_t<T>* shift,
-                          const double* s1, const double* s2, Moments* groups) {
+void finish_group_moments(const GroupNormGeometry& g, const Load& load, const opmath_t<T>* shift, const double* s1,
+                          const double* s2, Moments* groups) {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
-  const int64_t Cg = g.group_channels(), count = g.S * Cg, block_groups = width / Cg;
+  const int64_t Cg = g.group_channels(), count = g.S * Cg;
   bool single = true;
-  for (int64_t group = 0; group < block_groups; ++group) {
+  for (int64_t group = 0; group < g.G; ++group) {
     single = single && shift_keeps_precision(count, s1[group], s2[group]);
     groups[group] = shifted_moments(count, shift[group * Cg], static_cast<Op>(s1[group] / static_cast<double>(count)),
                                     s1[group], s2[group], true);
   }
   if (single) return;
-  auto offset = column_array<Op>(width);
-  for (int64_t c = 0; c < width; ++c) offset[c] = static_cast<Op>(groups[c / Cg].mean - static_cast<double>(shift[c]));
-  std::vector<double> unused(block_groups, 0.0), squares(block_groups, 0.0);
+  auto offset = column_array<Op>(g.C);
+  for (int64_t c = 0; c < g.C; ++c) offset[c] = static_cast<Op>(groups[c / Cg].mean - static_cast<double>(shift[c]));
+  std::vector<double> unused(g.G, 0.0), squares(g.G, 0.0);
   add_group_column_sums<T, false>(
-      g, width, 0, g.S,
+      g, 0, g.S,
       [&](int64_t row, int64_t j, int64_t cnt) {
         return keep_lanes((load(row, j, cnt) - Vec::loadu(shift + j)) - Vec::loadu(offset.data() + j), cnt);
       },
       unused.data(), squares.data());
-  for (int64_t group = 0; group < block_groups; ++group) groups[group].m2 = squares[group];
+  for (int64_t group = 0; group < g.G; ++group) groups[group].m2 = squares[group];
 }
 
 // Moments of the groups of samples [n0, n1) into groups[n * G + group]:
@@ -184,7 +183,7 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
   };
   std::vector<Op> shift(samples * stride, Op(0));
   at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) set_group_shifts<T>(g, g.C, sample(n), shift.data() + (n - n0) * stride);
+    for (int64_t n = a; n < b; ++n) set_group_shifts<T>(g, sample(n), shift.data() + (n - n0) * stride);
   });
   // Per task (sample, stripe) and group: sum(d), sum(d^2).
   std::vector<double> s1(samples * stripes * g.G, 0.0), s2(samples * stripes * g.G, 0.0);
@@ -194,7 +193,7 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
       const Op* sn = shift.data() + (n - n0) * stride;
       const auto load = sample(n);
       add_group_column_sums<T, true>(
-          g, g.C, part_begin(stripe, stripes, g.S), part_begin(stripe + 1, stripes, g.S),
+          g, part_begin(stripe, stripes, g.S), part_begin(stripe + 1, stripes, g.S),
           [&](int64_t row, int64_t j, int64_t count) { return load(row, j, count) - Vec::loadu(sn + j); }, &s1[slot],
           &s2[slot]);
     }
@@ -210,7 +209,7 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
           squares[group] += s2[((n - n0) * stripes + stripe) * g.G + group];
         }
       }
-      finish_group_moments<T>(g, g.C, sample(n), shift.data() + (n - n0) * stride, sum.data(), squares.data(),
+      finish_group_moments<T>(g, sample(n), shift.data() + (n - n0) * stride, sum.data(), squares.data(),
                               groups + n * g.G);
     }
   });
