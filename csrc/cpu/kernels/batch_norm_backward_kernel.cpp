@@ -14,20 +14,20 @@ using at::Tensor;
 
 namespace {
 
-// Backward coefficients of channel c: dx = dy * alpha + (x - center) * beta + gamma,
+// Backward coefficients of channel c: dx = dy * dy_scale + (x - center) * x_scale + constant,
 // from sum(dy) and sum(dy * (x - mean)) over the channel's M values.
-//   training: dx = alpha * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy (x - mean))/M)
-//   eval:     dx = alpha * dy
+//   training: dx = dy_scale * (dy - sum(dy)/M - (x - mean) * invstd^2 * sum(dy (x - mean))/M)
+//   eval:     dx = dy_scale * dy
 template <typename T>
 inline void set_backward_coefficients(ChannelCoefficients<T>& k, int64_t c, double mean, double invstd, double w,
                                       double sum_dy, double sum_dy_xmu, double M, bool training) {
   using Op = opmath_t<T>;
-  const double alpha = w * invstd;
-  k.alpha[c] = static_cast<Op>(alpha);
+  const double dy_scale = w * invstd;
+  k.dy_scale[c] = static_cast<Op>(dy_scale);
   if (training) {
     const double proj = invstd * invstd * sum_dy_xmu / M;
-    k.beta[c] = static_cast<Op>(-alpha * proj);
-    k.gamma[c] = static_cast<Op>(alpha * (proj * (mean - static_cast<double>(k.center[c])) - sum_dy / M));
+    k.x_scale[c] = static_cast<Op>(-dy_scale * proj);
+    k.constant[c] = static_cast<Op>(dy_scale * (proj * (mean - static_cast<double>(k.center[c])) - sum_dy / M));
   }
 }
 
@@ -44,7 +44,7 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   constexpr bool kThrough = !kResidual && !std::is_same_v<Act, NoActivation>;
   const double M = static_cast<double>(g.reduce_size());
   ChannelCoefficients<T> k(g.C);
-  // The forward's scale (weight * invstd, also the backward's alpha) and
+  // The forward's scale (weight * invstd, also the backward's dy_scale) and
   // shift (used with an activation or a residual; O(C) to set up).
   const ChannelCoefficients<T> forward = forward_coefficients<T>(g, mean, invstd, w, b);
   // The sums are taken about the mean rounded to op-math (about zero they
@@ -55,7 +55,7 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
   for (int64_t c = 0; c < g.C; ++c) {
     sums_center[c] = static_cast<Op>(mean[c]);
     k.center[c] = forward.center[c];
-    if constexpr (kThrough) k.shift[c] = forward.gamma[c];
+    if constexpr (kThrough) k.shift[c] = forward.constant[c];
   }
   // Centers all zero (means folded, see set_forward_coefficients) or not.
   const bool centered = k.centered();
@@ -67,7 +67,7 @@ void backward_kernel(const T* pdy, const T* px, const T* residual, T* pdres, T* 
         fn(GradientThroughResidual<T, Act>{&forward, pdy, px, residual, pdres}, Affine<true, true, kCentered>{},
            Affine<true, false>{});
       } else if constexpr (kThrough) {
-        fn(GradientThrough<T, Act, kCentered>{forward.beta.data(), forward.gamma.data(), forward.center.data()},
+        fn(GradientThrough<T, Act, kCentered>{forward.x_scale.data(), forward.constant.data(), forward.center.data()},
            AffineThrough<T, Act, true, kCentered>{}, AffineThrough<T, Act, false, kCentered>{});
       } else {
         fn(PlainGradient<T>{}, Affine<true, true, kCentered>{}, Affine<true, false>{});

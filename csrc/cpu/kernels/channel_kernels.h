@@ -556,24 +556,24 @@ inline Vec gradient_of_rounded(const Vec& dy, const Vec& v) {
 // ---------------------------------------------------------------------------
 // Elementwise pass: out = Form::apply(operands, coefficients of channel c)
 // for every element of channel c. The operands are dy, x and aux (a third
-// input: BatchNorm's residual); the coefficients alpha, beta, gamma, center
+// input: BatchNorm's residual); the coefficients dy_scale, x_scale, constant, center
 // and shift. A form reads only the operands it declares (kUsesDy, kUsesX,
 // kUsesAux). Forms:
-//   Affine<kUseDy, kUseX>:  [dy * alpha] + [(x - center) * beta] + gamma
+//   Affine<kUseDy, kUseX>:  [dy * dy_scale] + [(x - center) * x_scale] + constant
 //     (forward: the x term only; backward in eval mode: the dy term only)
 //   ActivatedAffine<Act, kResidual>: act(Affine<false, true> [+ aux]), with the
 //     roundings of the unfused ops (the sum rounded to T before act)
 //   ActivationGradient<Act, kResidual>: dy * act'(z) for that forward value z
 //   AffineThrough<Act, kTraining, kCentered>: Affine<true, kTraining> of the gradient through act, the
-//     forward value z = (x - center) * alpha + shift (BatchNorm's weight * invstd
-//     is both the forward scale and the backward alpha).
+//     forward value z = (x - center) * dy_scale + shift (BatchNorm's weight * invstd
+//     is both the forward scale and the backward dy_scale).
 template <typename Vec>
 struct FormOperands {
   Vec dy, x, aux;
 };
 template <typename Vec>
 struct FormCoefficients {
-  Vec alpha, beta, gamma, center, shift;
+  Vec dy_scale, x_scale, constant, center, shift;
 };
 template <typename T>
 struct FormInputs {
@@ -593,9 +593,9 @@ struct Affine {
   static constexpr bool kUsesDy = kUseDy, kUsesX = kUseX, kUsesAux = false;
   template <typename Vec>
   static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
-    Vec out = k.gamma;
-    if constexpr (kUseX) out = at::vec::fmadd(kCentered ? v.x - k.center : v.x, k.beta, out);
-    if constexpr (kUseDy) out = at::vec::fmadd(v.dy, k.alpha, out);
+    Vec out = k.constant;
+    if constexpr (kUseX) out = at::vec::fmadd(kCentered ? v.x - k.center : v.x, k.x_scale, out);
+    if constexpr (kUseDy) out = at::vec::fmadd(v.dy, k.dy_scale, out);
     return out;
   }
 };
@@ -642,7 +642,7 @@ inline Vec gradient_through(const Vec& dy, const Vec& x_centered, const Vec& sca
   return gradient_of_rounded<T, Act>(dy, at::vec::fmadd(x_centered, scale, shift));
 }
 
-// kTraining false: the eval-mode backward, dz * alpha (+ gamma, zero).
+// kTraining false: the eval-mode backward, dz * dy_scale (+ constant, zero).
 // kCentered false: every center is zero, as Affine's.
 template <typename T, typename Act, bool kTraining, bool kCentered = true>
 struct AffineThrough {
@@ -650,9 +650,9 @@ struct AffineThrough {
   template <typename Vec>
   static Vec apply(const FormOperands<Vec>& v, const FormCoefficients<Vec>& k) {
     const Vec xc = kCentered ? v.x - k.center : v.x;
-    const Vec dz = gradient_through<T, Act>(v.dy, xc, k.alpha, k.shift);
-    if constexpr (kTraining) return at::vec::fmadd(dz, k.alpha, at::vec::fmadd(xc, k.beta, k.gamma));
-    return at::vec::fmadd(dz, k.alpha, k.gamma);
+    const Vec dz = gradient_through<T, Act>(v.dy, xc, k.dy_scale, k.shift);
+    if constexpr (kTraining) return at::vec::fmadd(dz, k.dy_scale, at::vec::fmadd(xc, k.x_scale, k.constant));
+    return at::vec::fmadd(dz, k.dy_scale, k.constant);
   }
 };
 
@@ -665,25 +665,25 @@ struct ChannelCoefficients {
   using Op = opmath_t<T>;
   using Vec = OpVec<T>;
   int64_t stride;
-  std::vector<Op> alpha, beta, gamma, center, shift;
+  std::vector<Op> dy_scale, x_scale, constant, center, shift;
   explicit ChannelCoefficients(int64_t C, int64_t sets = 1)
-      : stride(static_cast<int64_t>(column_array<Op>(C).size())), alpha(sets * stride), beta(sets * stride),
-        gamma(sets * stride), center(sets * stride), shift(sets * stride) {}
+      : stride(static_cast<int64_t>(column_array<Op>(C).size())), dy_scale(sets * stride), x_scale(sets * stride),
+        constant(sets * stride), center(sets * stride), shift(sets * stride) {}
   // Entry i in every lane.
   FormCoefficients<Vec> broadcast(int64_t i) const {
-    return {Vec(alpha[i]), Vec(beta[i]), Vec(gamma[i]), Vec(center[i]), Vec(shift[i])};
+    return {Vec(dy_scale[i]), Vec(x_scale[i]), Vec(constant[i]), Vec(center[i]), Vec(shift[i])};
   }
   // Set entries from `first` on, through pointers a pass keeps in locals.
   struct Row {
-    const Op *alpha, *beta, *gamma, *center, *shift;
+    const Op *dy_scale, *x_scale, *constant, *center, *shift;
     // Entries [c, c + W), one a lane.
     FormCoefficients<Vec> load(int64_t c) const {
-      return {Vec::loadu(alpha + c), Vec::loadu(beta + c), Vec::loadu(gamma + c), Vec::loadu(center + c),
+      return {Vec::loadu(dy_scale + c), Vec::loadu(x_scale + c), Vec::loadu(constant + c), Vec::loadu(center + c),
               Vec::loadu(shift + c)};
     }
   };
   Row row(int64_t first) const {
-    return {alpha.data() + first, beta.data() + first, gamma.data() + first, center.data() + first,
+    return {dy_scale.data() + first, x_scale.data() + first, constant.data() + first, center.data() + first,
             shift.data() + first};
   }
   // Whether some center of entries [first, last) (all by default) is not
@@ -698,9 +698,8 @@ struct ChannelCoefficients {
   // 7x7 eval ran 0.7x torch at AVX2 that way.)
   C10_ALWAYS_INLINE FormCoefficients<Vec> split(int64_t i, int64_t j, int64_t lanes) const {
     const Vec first = Vec::arange(Op(0), Op(1)) < Vec(static_cast<Op>(lanes));
-    return {Vec::blendv(Vec(alpha[j]), Vec(alpha[i]), first), Vec::blendv(Vec(beta[j]), Vec(beta[i]), first),
-            Vec::blendv(Vec(gamma[j]), Vec(gamma[i]), first), Vec::blendv(Vec(center[j]), Vec(center[i]), first),
-            Vec::blendv(Vec(shift[j]), Vec(shift[i]), first)};
+    auto pick = [&](const std::vector<Op>& values) { return Vec::blendv(Vec(values[j]), Vec(values[i]), first); };
+    return {pick(dy_scale), pick(x_scale), pick(constant), pick(center), pick(shift)};
   }
 };
 
@@ -905,7 +904,7 @@ struct GradientThroughResidual {
     }
   };
   At channel(int64_t c) const {
-    return {Vec(forward->beta[c]), Vec(forward->gamma[c]), Vec(forward->center[c]), residual, out};
+    return {Vec(forward->x_scale[c]), Vec(forward->constant[c]), Vec(forward->center[c]), residual, out};
   }
   Stored columns(int64_t) const { return {out}; }
   void prepare_rows(int64_t r0, int64_t r1, int64_t C) const {
@@ -914,15 +913,15 @@ struct GradientThroughResidual {
   }
 };
 
-// Forward coefficients of channel c: y = (x - center) * beta + gamma.
+// Forward coefficients of channel c: y = (x - center) * x_scale + constant.
 // A mean within kFoldedMeanDeviations standard deviations of zero is folded
-// into gamma (center 0): y = fma(x, beta, b - mean * beta), whose one
+// into constant (center 0): y = fma(x, x_scale, b - mean * x_scale), whose one
 // rounding of the folded term is at most 2^-21 of y's spread (torch folds
 // every mean so, however large). A pass whose centers are all zero skips
 // the center's load and subtraction: three coefficient arrays a row, where
 // torch's pass reads two, no longer fit L1 beside wide channels-last rows
 // (perf-notes: kFoldedMeanDeviations).
-// A mean further out is the center, rounded to op-math, with gamma folding
+// A mean further out is the center, rounded to op-math, with constant folding
 // the rounding remainder, so inputs with a large mean keep their precision.
 constexpr double kFoldedMeanDeviations = 8.0;
 
@@ -935,12 +934,12 @@ inline void set_forward_coefficients(ChannelCoefficients<T>& k, int64_t c, int64
   const Op center = std::abs(mean) * invstd <= kFoldedMeanDeviations ? Op(0) : static_cast<Op>(mean);
   const double folded = mean - static_cast<double>(center);
   // Pointers in locals: the stores may alias the vectors' fields.
-  Op *centers = k.center.data() + c, *beta = k.beta.data() + c, *gamma = k.gamma.data() + c;
+  Op *centers = k.center.data() + c, *x_scale = k.x_scale.data() + c, *constant = k.constant.data() + c;
   for (int64_t j = 0; j < count; ++j) {
     const double a = w[j] * invstd;
     centers[j] = center;
-    beta[j] = static_cast<Op>(a);
-    gamma[j] = static_cast<Op>(b[j] - folded * a);
+    x_scale[j] = static_cast<Op>(a);
+    constant[j] = static_cast<Op>(b[j] - folded * a);
   }
 }
 

@@ -403,14 +403,14 @@ void set_group_backward_coefficients(ChannelCoefficients<T>& k, int64_t at, cons
     B += w[c] * sums[n * g.C + c].dy_xc;
   }
   const double D = static_cast<double>(Cg * g.S);
-  const double beta = -rstd * rstd * rstd * B / D, shift = -rstd * A / D;
+  const double x_scale = -rstd * rstd * rstd * B / D, shift = -rstd * A / D;
   // Pointers in locals: the stores may alias the vectors' fields.
-  Op *alpha = k.alpha.data() + at, *betas = k.beta.data() + at, *gamma = k.gamma.data() + at;
+  Op *dy_scale = k.dy_scale.data() + at, *x_scales = k.x_scale.data() + at, *constant = k.constant.data() + at;
   const Op* center = k.center.data() + at;
   for (int64_t j = 0; j < Cg; ++j) {
-    alpha[j] = static_cast<Op>(rstd * w[c0 + j]);
-    betas[j] = static_cast<Op>(beta);
-    gamma[j] = static_cast<Op>(shift - beta * (mean - static_cast<double>(center[j])));
+    dy_scale[j] = static_cast<Op>(rstd * w[c0 + j]);
+    x_scales[j] = static_cast<Op>(x_scale);
+    constant[j] = static_cast<Op>(shift - x_scale * (mean - static_cast<double>(center[j])));
   }
 }
 
@@ -546,15 +546,18 @@ void layer_norm_channels_forward_kernel(const T* x, T* y, int64_t N, int64_t C, 
       mean_out[n * S + s0 + j] = static_cast<Op>(m.mean);
       rstd_out[n * S + s0 + j] = static_cast<Op>(rs);
     });
+    // Locals, not captures: the compiler keeps them in registers across the
+    // stores (a vector store may alias anything).
+    const Op *pc = center.data(), *pr = remainder.data(), *ps = rstd.data();
+    const int64_t stride = S;
     for (int64_t c = 0; c < C; ++c) {
       const Vec vw(w ? static_cast<Op>(w[c]) : Op(1)), vb(b ? static_cast<Op>(b[c]) : Op(0));
+      const T* xr = xt + c * stride;
+      T* yr = yt + c * stride;
       for (int64_t j = 0; j < width; j += W) {
         const int64_t count = std::min(W, width - j);
-        const Vec xhat =
-            ((load_op_n(xt + c * S + j, count) - Vec::loadu(center.data() + j)) - Vec::loadu(remainder.data() + j)) *
-            Vec::loadu(rstd.data() + j);
-        const Vec v = at::vec::fmadd(xhat, vw, vb);
-        store_op_n(yt + c * S + j, v, count);
+        const Vec xhat = ((load_op_n(xr + j, count) - Vec::loadu(pc + j)) - Vec::loadu(pr + j)) * Vec::loadu(ps + j);
+        store_op_n(yr + j, at::vec::fmadd(xhat, vw, vb), count);
       }
     }
   });
@@ -596,16 +599,21 @@ std::vector<double> layer_norm_channels_backward_kernel(const T* dy, const T* x,
         (Vec::loadu(mean_gx.data() + j) / Vec(static_cast<Op>(C))).store(mean_gx.data() + j);
       }
     }
+    // Locals, not captures, in the sweep (as the forward's).
+    const Op *pmu = mu.data(), *prs = rs.data(), *pmean_g = mean_g.data(), *pmean_gx = mean_gx.data();
+    const int64_t stride = S;
     for (int64_t c = 0; c < C; ++c) {
       Vec sum_dyx(0), sum_dy(0);
+      const Vec vw = weight(c);
+      const T *dyr = dy + offset + c * stride, *xr = x + offset + c * stride;
+      T* dxr = dx != nullptr ? dx + offset + c * stride : nullptr;
       for (int64_t j = 0; j < tw; j += W) {
         const int64_t count = std::min(W, tw - j);
-        const Vec dyv = load_op_n(dy + offset + c * S + j, count);
-        const Vec xhat = xhat_of(c, j, count);
-        if (dx != nullptr) {
-          const Vec v = (dyv * weight(c) - Vec::loadu(mean_g.data() + j) - xhat * Vec::loadu(mean_gx.data() + j)) *
-                        Vec::loadu(rs.data() + j);
-          store_op_n(dx + offset + c * S + j, v, count);
+        const Vec dyv = load_op_n(dyr + j, count);
+        const Vec xhat = (load_op_n(xr + j, count) - Vec::loadu(pmu + j)) * Vec::loadu(prs + j);
+        if (dxr != nullptr) {
+          const Vec v = (dyv * vw - Vec::loadu(pmean_g + j) - xhat * Vec::loadu(pmean_gx + j)) * Vec::loadu(prs + j);
+          store_op_n(dxr + j, v, count);
         }
         if (param_grads) {
           // Lanes past count hold dy = 0: they add nothing.

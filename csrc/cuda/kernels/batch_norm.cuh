@@ -4,7 +4,7 @@
 // channel merges its partials in index order. No floating-point atomics, so
 // the result depends on the shape and the device only, never on timing.
 // One elementwise kernel serves forward, eval and backward:
-//   out = dy * alpha + (x - center) * beta + gamma   (coefficients per channel)
+//   out = dy * dy_scale + (x - center) * x_scale + constant   (coefficients per channel)
 #pragma once
 
 #include "device_common.cuh"
@@ -18,7 +18,7 @@ constexpr int kChannelsLastRows = 8;
 
 // Per-channel coefficient arrays, each of C values, stored back to back.
 // kShift: the forward's bias, for a backward form that recomputes the forward value.
-enum Coefficient { kCenter = 0, kAlpha = 1, kBeta = 2, kGamma = 3, kShift = 4, kCoefficientCount = 5 };
+enum Coefficient { kCenter = 0, kDyScale = 1, kXScale = 2, kConstant = 3, kShift = 4, kCoefficientCount = 5 };
 
 // A value of each channel (its first element) that its statistics are taken
 // about: x - shift is exact for values near the mean, so a large mean
@@ -160,18 +160,18 @@ __global__ void channel_map(int64_t C, F f) {
   if (c < C) f(c);
 }
 
-// The forward coefficients of entry e: out = (x - center) * beta + (bias -
-// offset * beta), where offset = mean - center (zero when center is the mean).
+// The forward coefficients of entry e: out = (x - center) * x_scale + (bias -
+// offset * x_scale), where offset = mean - center (zero when center is the mean).
 template <typename A>
 __device__ __forceinline__ void store_forward_coefficients(A* coefficients, int64_t entries, int64_t e, A center,
-                                                           A offset, A beta, A bias) {
+                                                           A offset, A x_scale, A bias) {
   coefficients[kCenter * entries + e] = center;
-  coefficients[kBeta * entries + e] = beta;
-  coefficients[kGamma * entries + e] = bias - offset * beta;
+  coefficients[kXScale * entries + e] = x_scale;
+  coefficients[kConstant * entries + e] = bias - offset * x_scale;
 }
 
 // Training forward: batch statistics, saved, and the normalisation's
-// coefficients: out = (x - shift) * beta + (bias - (mean - shift) * beta).
+// coefficients: out = (x - shift) * x_scale + (bias - (mean - shift) * x_scale).
 template <typename T>
 struct TrainingForwardFinish {
   using A = acc_t<T>;
@@ -185,12 +185,12 @@ struct TrainingForwardFinish {
   int64_t C;
   __device__ __forceinline__ void operator()(int64_t c, const Moments<A>& m) const {
     const A invstd = inverse_sqrt(m.m2 / m.count + eps);
-    const A mean = shift(c) + m.mean, beta = weight ? weight[c] * invstd : invstd;
+    const A mean = shift(c) + m.mean, x_scale = weight ? weight[c] * invstd : invstd;
     save_mean[c] = mean;
     save_invstd[c] = invstd;
     // From the statistics as saved, so a backward that recomputes the
     // forward's value (BatchNorm + activation) finds it exactly.
-    store_forward_coefficients(coefficients, C, c, mean, A(0), beta, bias ? bias[c] : A(0));
+    store_forward_coefficients(coefficients, C, c, mean, A(0), x_scale, bias ? bias[c] : A(0));
   }
 };
 
@@ -266,12 +266,12 @@ struct BackwardFinish {
     if (grad_bias) grad_bias[c] = sum_dy;
     if (!coefficients) return;
     // Written as the forward's scale (weight * invstd) so the recomputed forward value is exact.
-    const A alpha = weight ? weight[c] * invstd[c] : invstd[c];
+    const A dy_scale = weight ? weight[c] * invstd[c] : invstd[c];
     if (stores_shift) coefficients[kShift * C + c] = bias ? bias[c] : A(0);
     coefficients[kCenter * C + c] = mean[c];
-    coefficients[kAlpha * C + c] = alpha;
-    coefficients[kBeta * C + c] = training ? -alpha * invstd[c] * invstd[c] * sum_dy_xmu / count : A(0);
-    coefficients[kGamma * C + c] = training ? -alpha * sum_dy / count : A(0);
+    coefficients[kDyScale * C + c] = dy_scale;
+    coefficients[kXScale * C + c] = training ? -dy_scale * invstd[c] * invstd[c] * sum_dy_xmu / count : A(0);
+    coefficients[kConstant * C + c] = training ? -dy_scale * sum_dy / count : A(0);
   }
 };
 
@@ -302,9 +302,9 @@ struct RunningStatsUpdate {
 };
 
 // Elementwise forms: what the pass computes from dy, x, aux (a third input:
-// BatchNorm's residual) and a channel's coefficients (center, alpha, beta,
-// gamma). A form reads only the operands it declares.
-//   Affine<kReadsDy, kReadsX>: [dy * alpha] + [(x - center) * beta] + gamma
+// BatchNorm's residual) and a channel's coefficients (center, dy_scale, x_scale,
+// constant). A form reads only the operands it declares.
+//   Affine<kReadsDy, kReadsX>: [dy * dy_scale] + [(x - center) * x_scale] + constant
 //   ActivatedAffine<T, Act, kResidual>: act(Affine<false, true> [+ aux])
 //   ActivationGradient<T, Act>: dy * act'(z) for that forward value z (no residual)
 //   AffineThroughActivation<T, Act, kResidual>: Affine<true, true> of that dy * act'(z)
@@ -314,10 +314,10 @@ template <bool kDy, bool kX>
 struct Affine {
   static constexpr bool kReadsDy = kDy, kReadsX = kX, kReadsAux = false, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma, A = A(0)) {
-    A o = gamma;
-    if constexpr (kDy) o += dy * alpha;
-    if constexpr (kX) o += (x - center) * beta;
+  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A dy_scale, A x_scale, A constant, A = A(0)) {
+    A o = constant;
+    if constexpr (kDy) o += dy * dy_scale;
+    if constexpr (kX) o += (x - center) * x_scale;
     return o;
   }
 };
@@ -369,8 +369,8 @@ __device__ __forceinline__ A round_to_type(A v) {
 
 // The pre-activation value z: the normalised x [+ aux], each sum rounded to T.
 template <typename T, bool kResidual, typename A>
-__device__ __forceinline__ A activation_input(A x, A aux, A center, A alpha, A beta, A gamma) {
-  const A y = round_to_type<T>(Affine<false, true>::apply(A(0), x, A(0), center, alpha, beta, gamma));
+__device__ __forceinline__ A activation_input(A x, A aux, A center, A dy_scale, A x_scale, A constant) {
+  const A y = round_to_type<T>(Affine<false, true>::apply(A(0), x, A(0), center, dy_scale, x_scale, constant));
   return kResidual ? round_to_type<T>(y + aux) : y;
 }
 
@@ -378,8 +378,8 @@ template <typename T, typename Act, bool kResidual = false>
 struct ActivatedAffine {
   static constexpr bool kReadsDy = false, kReadsX = true, kReadsAux = kResidual, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A, A x, A aux, A center, A alpha, A beta, A gamma, A = A(0)) {
-    return Act::value(activation_input<T, kResidual>(x, aux, center, alpha, beta, gamma));
+  __device__ __forceinline__ static A apply(A, A x, A aux, A center, A dy_scale, A x_scale, A constant, A = A(0)) {
+    return Act::value(activation_input<T, kResidual>(x, aux, center, dy_scale, x_scale, constant));
   }
 };
 
@@ -387,21 +387,21 @@ template <typename T, typename Act>
 struct ActivationGradient {
   static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = false, kReadsShift = false;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A alpha, A beta, A gamma, A = A(0)) {
-    return Act::grad(dy, activation_input<T, false>(x, A(0), center, alpha, beta, gamma));
+  __device__ __forceinline__ static A apply(A dy, A x, A, A center, A dy_scale, A x_scale, A constant, A = A(0)) {
+    return Act::grad(dy, activation_input<T, false>(x, A(0), center, dy_scale, x_scale, constant));
   }
 };
 
-// BatchNorm + activation's dx: the forward value is z = (x - center) * alpha
-// + shift [+ aux], as the forward computed it (center the mean, alpha =
+// BatchNorm + activation's dx: the forward value is z = (x - center) * dy_scale
+// + shift [+ aux], as the forward computed it (center the mean, dy_scale =
 // weight * invstd its scale, shift its bias), and dz rounds as it is stored.
 template <typename T, typename Act, bool kResidual>
 struct AffineThroughActivation {
   static constexpr bool kReadsDy = true, kReadsX = true, kReadsAux = kResidual, kReadsShift = true;
   template <typename A>
-  __device__ __forceinline__ static A apply(A dy, A x, A aux, A center, A alpha, A beta, A gamma, A shift) {
-    const A dz = round_to_type<T>(Act::grad(dy, activation_input<T, kResidual>(x, aux, center, A(0), alpha, shift)));
-    return Affine<true, true>::apply(dz, x, A(0), center, alpha, beta, gamma);
+  __device__ __forceinline__ static A apply(A dy, A x, A aux, A center, A dy_scale, A x_scale, A constant, A shift) {
+    const A dz = round_to_type<T>(Act::grad(dy, activation_input<T, kResidual>(x, aux, center, A(0), dy_scale, shift)));
+    return Affine<true, true>::apply(dz, x, A(0), center, dy_scale, x_scale, constant);
   }
 };
 
@@ -433,7 +433,7 @@ struct GradientThrough {
     for (int v = 0; v < V; ++v) {
       const int64_t e = entry + v * entry_step;
       const A z = activation_input<T, kResidual>(x[v], kResidual ? av[v] : A(0), forward[kCenter * entries + e], A(0),
-                                                 forward[kBeta * entries + e], forward[kGamma * entries + e]);
+                                                 forward[kXScale * entries + e], forward[kConstant * entries + e]);
       dy[v] = round_to_type<T>(Act::grad(dy[v], z));
     }
     if (dz) store_acc<V>(dz + offset, dy);
@@ -480,8 +480,8 @@ __global__ void channel_affine(const T* __restrict__ dy, const T* __restrict__ x
       const index_t cv = c + v * channel_step;
       o[v] = Form::apply(Form::kReadsDy ? gv[v] : A(0), Form::kReadsX ? xv[v] : A(0),
                          Form::kReadsAux ? av[v] : A(0), coefficients[kCenter * entries + cv],
-                         coefficients[kAlpha * entries + cv], coefficients[kBeta * entries + cv],
-                         coefficients[kGamma * entries + cv],
+                         coefficients[kDyScale * entries + cv], coefficients[kXScale * entries + cv],
+                         coefficients[kConstant * entries + cv],
                          Form::kReadsShift ? coefficients[kShift * entries + cv] : A(0));
     }
     store_acc<V>(out + i, o);

@@ -42,7 +42,7 @@ struct StoreState {
 };
 
 // Forward: group r's statistics, saved, and its channels' coefficients
-// out = (x - first) * beta + (bias - (mean - first) * beta), beta = w * rstd.
+// out = (x - first) * x_scale + (bias - (mean - first) * x_scale), x_scale = w * rstd.
 template <typename T>
 struct GroupForwardFinish {
   using A = acc_t<T>;
@@ -117,14 +117,14 @@ struct GroupBackwardFinish {
   int64_t G, channels, entries;
   __device__ __forceinline__ void operator()(int64_t r, const Sums<A>& s) const {
     const A rs = rstd[r];
-    const A beta = -rs * rs * rs * s.second / count, gamma = -rs * s.first / count;
+    const A x_scale = -rs * rs * rs * s.second / count, constant = -rs * s.first / count;
     const int64_t c0 = r % G * channels;
     for (int64_t j = 0; j < channels; ++j) {
       const int64_t e = r * channels + j;
       coefficients[kCenter * entries + e] = mean[r];
-      coefficients[kAlpha * entries + e] = (weight ? weight[c0 + j] : A(1)) * rs;
-      coefficients[kBeta * entries + e] = beta;
-      coefficients[kGamma * entries + e] = gamma;
+      coefficients[kDyScale * entries + e] = (weight ? weight[c0 + j] : A(1)) * rs;
+      coefficients[kXScale * entries + e] = x_scale;
+      coefficients[kConstant * entries + e] = constant;
     }
   }
 };
