@@ -1,11 +1,20 @@
 // Autograd for the forward operators, in C++ so that a training step pays no
-// Python autograd overhead (it dominated small inputs). The backward
-// operators are called through the dispatcher, so their own autograd formulas
+// Python autograd overhead (a Python autograd.Function around the same ops
+// cost about 20 us more a forward and backward; docs/perf-notes.md). One
+// generic node serves every operator: its description below names the
+// forward's C++ signature, the arguments the backward reads, how the
+// backward operator's arguments come from the forward's, and which
+// arguments its outputs are the gradients of. The backward operators are
+// called through the dispatcher, so their own autograd formulas
 // (bn_ext/functional.py) still serve double backward.
 #include "op_handle.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
 
 namespace bn_ext {
 namespace {
@@ -13,317 +22,217 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using Optional = const std::optional<Tensor>&;
 
-std::optional<Tensor> optional_of(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
-Tensor defined_or_empty(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-// A gradient the backward op returned, or none when it was not asked for.
-Tensor asked(bool needed, const Tensor& grad) { return needed ? grad : Tensor(); }
+// Entries of a description's backward argument list: a forward argument's
+// index, or one of these.
+constexpr int kGrad = -1;     // the output's gradient
+constexpr int kMean = -2;     // the forward's second output (mean, or rstd for RMSNorm)
+constexpr int kRstd = -3;     // its third output
+constexpr int kMask = -4;     // which gradients are asked for
 
-// Autograd numbers only the tensors actually passed (absent optionals take no
-// slot): the slot of the input is 0, of each present optional the next one.
-struct InputSlots {
-  int64_t next = 1;
-  int64_t of(const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? next++ : -1; }
+// The saved state of one call: the forward's non-tensor arguments as
+// IValues, where each tensor argument sits among the saved variables (-1:
+// not saved), its autograd input slot (-1: absent optional), and the dtype
+// of each argument a gradient is returned for.
+struct CallState {
+  std::vector<c10::IValue> values;
+  std::vector<int64_t> saved_at, slot_of, dtype_of;
 };
 
-bool needs_grad(AutogradContext* ctx, const char* slot_name) {
-  const int64_t slot = ctx->saved_data[slot_name].toInt();
-  return slot >= 0 && ctx->needs_input_grad(slot);
-}
-
-class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+template <typename Desc>
+class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
-                               const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
-                               const std::optional<Tensor>& running_var, bool training, double eps) {
-    static const auto forward_op =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, bool, double)>("bn_ext::batch_norm_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, invstd] = forward_op.call(input, weight, bias, running_mean, running_var, training, eps);
-    ctx->save_for_backward({input, defined_or_empty(weight), mean, invstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["bias_slot"] = slots.of(bias);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
-    ctx->mark_non_differentiable({mean, invstd});
-    return {out, mean, invstd};
+  template <typename... Args>
+  static variable_list forward(AutogradContext* ctx, const Args&... args) {
+    static const auto handle = op<typename Desc::Signature>(Desc::kForward);
+    variable_list outputs;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::apply([&](const auto&... out) { outputs = {out...}; }, handle.call(args...));
+    }
+    CallState state;
+    std::vector<Tensor> saved;
+    int64_t index = 0, slot = 0;
+    (record(state, saved, index++, slot, args), ...);
+    for (size_t k = 1; k < outputs.size(); ++k) saved.push_back(outputs[k]);
+    ctx->save_for_backward(saved);
+    c10::impl::GenericList values(c10::AnyType::get());
+    for (auto& v : state.values) values.push_back(std::move(v));
+    ctx->saved_data["values"] = values;
+    ctx->saved_data["saved_at"] = state.saved_at;
+    ctx->saved_data["slot_of"] = state.slot_of;
+    ctx->saved_data["dtype_of"] = state.dtype_of;
+    ctx->mark_non_differentiable(variable_list(outputs.begin() + 1, outputs.end()));
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double,
-        std::array<bool, 3>)>("bn_ext::batch_norm_backward");
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(Desc::kBackward, "");
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
-                                      needs_grad(ctx, "bias_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(7);
-    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], optional_of(saved[1]), saved[2], saved[3],
-                                         ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-                                         mask);
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    if (mask[2] && bias_dtype >= 0) gb = gb.to(static_cast<at::ScalarType>(bias_dtype));
-    return {asked(mask[0], gi), asked(mask[1], gw), asked(mask[2], gb), Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto values = ctx->saved_data["values"].toList();
+    const auto saved_at = ctx->saved_data["saved_at"].toIntVector();
+    const auto slot_of = ctx->saved_data["slot_of"].toIntVector();
+    const auto dtype_of = ctx->saved_data["dtype_of"].toIntVector();
+    const int64_t arity = static_cast<int64_t>(values.size()), first_output = saved.size() - Desc::kOutputs + 1;
+    variable_list result(arity);
+    c10::List<bool> mask;
+    bool any = false;
+    for (int arg : Desc::kGradArgs) {
+      mask.push_back(slot_of[arg] >= 0 && ctx->needs_input_grad(slot_of[arg]));
+      any = any || mask.get(mask.size() - 1);
+    }
+    if (!grads[0].defined() || !any) return result;
+    torch::jit::Stack stack;
+    for (int entry : Desc::kBackwardArgs) {
+      if (entry == kGrad) {
+        stack.emplace_back(grads[0]);
+      } else if (entry == kMean || entry == kRstd) {
+        stack.emplace_back(saved[first_output + (kMean - entry)]);
+      } else if (entry == kMask) {
+        stack.emplace_back(mask);
+      } else if (saved_at[entry] >= 0) {
+        const Tensor& t = saved[saved_at[entry]];
+        stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
+      } else {
+        stack.push_back(values.get(entry));
+      }
+    }
+    handle.callBoxed(&stack);
+    for (size_t k = 0; k < Desc::kGradArgs.size(); ++k) {
+      if (!mask.get(k)) continue;
+      const int arg = Desc::kGradArgs[k];
+      Tensor grad = stack[k].toTensor();
+      if (dtype_of[arg] >= 0 && grad.defined()) grad = grad.to(static_cast<at::ScalarType>(dtype_of[arg]));
+      result[arg] = grad;
+    }
+    return result;
+  }
+
+ private:
+  static bool is_saved(int64_t index) {
+    return std::find(Desc::kSaved.begin(), Desc::kSaved.end(), index) != Desc::kSaved.end();
+  }
+  static bool is_grad_target(int64_t index) {
+    return std::find(Desc::kGradArgs.begin(), Desc::kGradArgs.end(), index) != Desc::kGradArgs.end();
+  }
+  static void record_tensor(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot,
+                            const Tensor* t) {
+    const bool present = t != nullptr && t->defined();
+    s.values.emplace_back();
+    s.slot_of.push_back(present ? slot++ : -1);
+    s.dtype_of.push_back(present && is_grad_target(index) ? static_cast<int64_t>(t->scalar_type()) : -1);
+    s.saved_at.push_back(is_saved(index) ? static_cast<int64_t>(saved.size()) : -1);
+    if (is_saved(index)) saved.push_back(present ? *t : Tensor());
+  }
+  static void record(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot, const Tensor& t) {
+    record_tensor(s, saved, index, slot, &t);
+  }
+  static void record(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot, Optional t) {
+    record_tensor(s, saved, index, slot, t.has_value() ? &*t : nullptr);
+  }
+  template <typename T>
+  static void record(CallState& s, std::vector<Tensor>&, int64_t, int64_t&, const T& value) {
+    s.values.emplace_back(value);
+    s.slot_of.push_back(-1);
+    s.dtype_of.push_back(-1);
+    s.saved_at.push_back(-1);
   }
 };
 
-// BatchNorm + activation (+ residual): saves the input and the residual, from
-// which the backward recomputes the pre-activation value; never the output.
-class BatchNormActFunction : public torch::autograd::Function<BatchNormActFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
-                               const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
-                               const std::optional<Tensor>& running_var, bool training, double eps,
-                               std::optional<c10::string_view> activation, const std::optional<Tensor>& residual) {
-    static const auto forward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-        const std::optional<Tensor>&, bool, double, std::optional<c10::string_view>, const std::optional<Tensor>&)>(
-        "bn_ext::batch_norm_act_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, invstd] =
-        forward_op.call(input, weight, bias, running_mean, running_var, training, eps, activation, residual);
-    ctx->save_for_backward(
-        {input, defined_or_empty(residual), defined_or_empty(weight), defined_or_empty(bias), mean, invstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["bias_slot"] = slots.of(bias);
-    slots.of(running_mean);
-    slots.of(running_var);
-    ctx->saved_data["residual_slot"] = slots.of(residual);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(std::string(*activation)) : c10::IValue();
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
-    ctx->mark_non_differentiable({mean, invstd});
-    return {out, mean, invstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-        const std::optional<Tensor>&, const Tensor&, const Tensor&, bool, double, std::optional<c10::string_view>,
-        std::array<bool, 4>)>("bn_ext::batch_norm_act_backward");
-    const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
-                                      needs_grad(ctx, "bias_slot"), needs_grad(ctx, "residual_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return variable_list(9);
-    const auto& activation_value = ctx->saved_data["activation"];
-    const std::string activation = activation_value.isNone() ? std::string() : activation_value.toStringRef();
-    auto [gi, gw, gb, gr] = backward_op.call(
-        grads[0], saved[0], optional_of(saved[1]), optional_of(saved[2]), optional_of(saved[3]), saved[4], saved[5],
-        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-        activation_value.isNone() ? std::nullopt : std::optional<c10::string_view>(activation), mask);
-    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    if (mask[2] && bias_dtype >= 0) gb = gb.to(static_cast<at::ScalarType>(bias_dtype));
-    return {asked(mask[0], gi), asked(mask[1], gw), asked(mask[2], gb), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), asked(mask[3], gr)};
+// The Autograd kernel of Desc's forward operator.
+template <typename Desc, typename Signature = typename Desc::Signature>
+struct AutogradKernel;
+template <typename Desc, typename Result, typename... Args>
+struct AutogradKernel<Desc, Result(Args...)> {
+  static Result call(Args... args) {
+    const variable_list out = OpFunction<Desc>::apply(args...);
+    return [&]<size_t... I>(std::index_sequence<I...>) {
+      return Result{out[I]...};
+    }(std::make_index_sequence<std::tuple_size_v<Result>>());
   }
 };
 
-class LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::SymIntArrayRef normalized_shape,
-                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps) {
-    static const auto forward_op =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, double)>("bn_ext::layer_norm_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = forward_op.call(input, normalized_shape, weight, bias, eps);
-    ctx->save_for_backward({input, defined_or_empty(weight), defined_or_empty(bias), mean, rstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["bias_slot"] = slots.of(bias);
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({mean, rstd});
-    return {out, mean, rstd};
-  }
+// --- The descriptions ---------------------------------------------------------
+// kSaved: the tensor arguments the backward reads (never the running
+// statistics: they change in place after the forward). kBackwardArgs: the
+// backward operator's arguments in schema order. kGradArgs: the forward
+// argument each of the backward's outputs is the gradient of.
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-        const std::optional<Tensor>&, double, std::array<bool, 3>)>("bn_ext::layer_norm_backward");
-    const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
-                                      needs_grad(ctx, "bias_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(5);
-    const auto shape = ctx->saved_data["normalized_shape"].toSymIntVector();
-    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], shape, saved[3], saved[4], optional_of(saved[1]),
-                                         optional_of(saved[2]), ctx->saved_data["eps"].toDouble(), mask);
-    return {asked(mask[0], gi), Tensor(), asked(mask[1], gw), asked(mask[2], gb), Tensor()};
-  }
+using Three = std::tuple<Tensor, Tensor, Tensor>;
+
+struct BatchNorm {
+  using Signature = Three(const Tensor&, Optional, Optional, Optional, Optional, bool, double);
+  static constexpr const char* kForward = "bn_ext::batch_norm_forward";
+  static constexpr const char* kBackward = "bn_ext::batch_norm_backward";
+  static constexpr int kOutputs = 3;
+  static constexpr std::array kSaved = {0, 1};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 5, 6, kMask};
+  static constexpr std::array kGradArgs = {0, 1, 2};
 };
 
-class RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, c10::SymIntArrayRef normalized_shape,
-                               const std::optional<Tensor>& weight, std::optional<double> eps) {
-    static const auto forward_op =
-        op<std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, const std::optional<Tensor>&,
-                                      std::optional<double>)>("bn_ext::rms_norm_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, rstd] = forward_op.call(input, normalized_shape, weight, eps);
-    ctx->save_for_backward({input, defined_or_empty(weight), rstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["normalized_shape"] = normalized_shape.vec();
-    ctx->saved_data["eps"] = eps.has_value() ? c10::IValue(*eps) : c10::IValue();
-    ctx->mark_non_differentiable({rstd});
-    return {out, rstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op =
-        op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&,
-                                      const std::optional<Tensor>&, std::optional<double>, std::array<bool, 2>)>(
-            "bn_ext::rms_norm_backward");
-    const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 2> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1])) return variable_list(4);
-    const auto shape = ctx->saved_data["normalized_shape"].toSymIntVector();
-    const auto& eps_value = ctx->saved_data["eps"];
-    const std::optional<double> eps = eps_value.isNone() ? std::nullopt : std::optional(eps_value.toDouble());
-    auto [gi, gw] = backward_op.call(grads[0], saved[0], shape, saved[2], optional_of(saved[1]), eps, mask);
-    return {asked(mask[0], gi), Tensor(), asked(mask[1], gw), Tensor()};
-  }
+// Saves the input and the residual, from which the backward recomputes the
+// pre-activation value; never the output.
+struct BatchNormAct {
+  using Signature = Three(const Tensor&, Optional, Optional, Optional, Optional, bool, double,
+                          std::optional<c10::string_view>, Optional);
+  static constexpr const char* kForward = "bn_ext::batch_norm_act_forward";
+  static constexpr const char* kBackward = "bn_ext::batch_norm_act_backward";
+  static constexpr int kOutputs = 3;
+  static constexpr std::array kSaved = {0, 1, 2, 8};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, 8, 1, 2, kMean, kRstd, 5, 6, 7, kMask};
+  static constexpr std::array kGradArgs = {0, 1, 2, 8};
 };
 
-class GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, int64_t num_groups,
-                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
-                               std::optional<c10::string_view> activation) {
-    static const auto forward_op =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, double, std::optional<c10::string_view>)>(
-            "bn_ext::group_norm_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = forward_op.call(input, num_groups, weight, bias, eps, activation);
-    ctx->save_for_backward({input, defined_or_empty(weight), defined_or_empty(bias), mean, rstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["bias_slot"] = slots.of(bias);
-    ctx->saved_data["num_groups"] = num_groups;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["activation"] = activation.has_value() ? c10::IValue(std::string(*activation)) : c10::IValue();
-    ctx->mark_non_differentiable({mean, rstd});
-    return {out, mean, rstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-        const std::optional<Tensor>&, double, std::optional<c10::string_view>, std::array<bool, 3>)>(
-        "bn_ext::group_norm_backward");
-    const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
-                                      needs_grad(ctx, "bias_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(6);
-    const auto& activation_value = ctx->saved_data["activation"];
-    const std::string activation = activation_value.isNone() ? std::string() : activation_value.toStringRef();
-    auto [gi, gw, gb] = backward_op.call(
-        grads[0], saved[0], ctx->saved_data["num_groups"].toInt(), saved[3], saved[4], optional_of(saved[1]),
-        optional_of(saved[2]), ctx->saved_data["eps"].toDouble(),
-        activation_value.isNone() ? std::nullopt : std::optional<c10::string_view>(activation), mask);
-    return {asked(mask[0], gi), Tensor(), asked(mask[1], gw), asked(mask[2], gb), Tensor(), Tensor()};
-  }
+struct LayerNorm {
+  using Signature = Three(const Tensor&, c10::SymIntArrayRef, Optional, Optional, double);
+  static constexpr const char* kForward = "bn_ext::layer_norm_forward";
+  static constexpr const char* kBackward = "bn_ext::layer_norm_backward";
+  static constexpr int kOutputs = 3;
+  static constexpr std::array kSaved = {0, 2, 3};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 2, 3, 4, kMask};
+  static constexpr std::array kGradArgs = {0, 2, 3};
 };
 
-class LayerNormChannelsFunction : public torch::autograd::Function<LayerNormChannelsFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
-                               const std::optional<Tensor>& bias, double eps) {
-    static const auto forward_op =
-        op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, double)>(
-            "bn_ext::layer_norm_channels_forward");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, rstd] = forward_op.call(input, weight, bias, eps);
-    ctx->save_for_backward({input, defined_or_empty(weight), defined_or_empty(bias), mean, rstd});
-    InputSlots slots;
-    ctx->saved_data["weight_slot"] = slots.of(weight);
-    ctx->saved_data["bias_slot"] = slots.of(bias);
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({mean, rstd});
-    return {out, mean, rstd};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = op<std::tuple<Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-        const std::optional<Tensor>&, double, std::array<bool, 3>)>("bn_ext::layer_norm_channels_backward");
-    const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), needs_grad(ctx, "weight_slot"),
-                                      needs_grad(ctx, "bias_slot")};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(4);
-    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], saved[3], saved[4], optional_of(saved[1]),
-                                         optional_of(saved[2]), ctx->saved_data["eps"].toDouble(), mask);
-    return {asked(mask[0], gi), asked(mask[1], gw), asked(mask[2], gb), Tensor()};
-  }
+struct RMSNorm {
+  using Signature = std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, std::optional<double>);
+  static constexpr const char* kForward = "bn_ext::rms_norm_forward";
+  static constexpr const char* kBackward = "bn_ext::rms_norm_backward";
+  static constexpr int kOutputs = 2;
+  static constexpr std::array kSaved = {0, 2};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, 2, 3, kMask};  // kMean: its rstd
+  static constexpr std::array kGradArgs = {0, 2};
 };
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_forward_autograd(const Tensor& input,
-                                                               const std::optional<Tensor>& weight,
-                                                               const std::optional<Tensor>& bias,
-                                                               const std::optional<Tensor>& running_mean,
-                                                               const std::optional<Tensor>& running_var,
-                                                               bool training, double eps) {
-  auto out = BatchNormFunction::apply(input, weight, bias, running_mean, running_var, training, eps);
-  return {out[0], out[1], out[2]};
-}
+struct GroupNorm {
+  using Signature = Three(const Tensor&, int64_t, Optional, Optional, double, std::optional<c10::string_view>);
+  static constexpr const char* kForward = "bn_ext::group_norm_forward";
+  static constexpr const char* kBackward = "bn_ext::group_norm_backward";
+  static constexpr int kOutputs = 3;
+  static constexpr std::array kSaved = {0, 2, 3};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 2, 3, 4, 5, kMask};
+  static constexpr std::array kGradArgs = {0, 2, 3};
+};
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward_autograd(
-    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-    const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var, bool training, double eps,
-    std::optional<c10::string_view> activation, const std::optional<Tensor>& residual) {
-  auto out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var, training, eps, activation,
-                                         residual);
-  return {out[0], out[1], out[2]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_autograd(const Tensor& input,
-                                                               c10::SymIntArrayRef normalized_shape,
-                                                               const std::optional<Tensor>& weight,
-                                                               const std::optional<Tensor>& bias, double eps) {
-  auto out = LayerNormFunction::apply(input, normalized_shape, weight, bias, eps);
-  return {out[0], out[1], out[2]};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_forward_autograd(const Tensor& input, c10::SymIntArrayRef normalized_shape,
-                                                     const std::optional<Tensor>& weight,
-                                                     std::optional<double> eps) {
-  auto out = RMSNormFunction::apply(input, normalized_shape, weight, eps);
-  return {out[0], out[1]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> group_norm_forward_autograd(const Tensor& input, int64_t num_groups,
-                                                               const std::optional<Tensor>& weight,
-                                                               const std::optional<Tensor>& bias, double eps,
-                                                               std::optional<c10::string_view> activation) {
-  auto out = GroupNormFunction::apply(input, num_groups, weight, bias, eps, activation);
-  return {out[0], out[1], out[2]};
-}
-
-std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward_autograd(const Tensor& input,
-                                                                        const std::optional<Tensor>& weight,
-                                                                        const std::optional<Tensor>& bias,
-                                                                        double eps) {
-  auto out = LayerNormChannelsFunction::apply(input, weight, bias, eps);
-  return {out[0], out[1], out[2]};
-}
+struct LayerNormChannels {
+  using Signature = Three(const Tensor&, Optional, Optional, double);
+  static constexpr const char* kForward = "bn_ext::layer_norm_channels_forward";
+  static constexpr const char* kBackward = "bn_ext::layer_norm_channels_backward";
+  static constexpr int kOutputs = 3;
+  static constexpr std::array kSaved = {0, 1, 2};
+  static constexpr std::array kBackwardArgs = {kGrad, 0, kMean, kRstd, 1, 2, 3, kMask};
+  static constexpr std::array kGradArgs = {0, 1, 2};
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bn_ext, Autograd, m) {
-  m.impl("group_norm_forward", &group_norm_forward_autograd);
-  m.impl("layer_norm_channels_forward", &layer_norm_channels_forward_autograd);
-  m.impl("batch_norm_forward", &batch_norm_forward_autograd);
-  m.impl("batch_norm_act_forward", &batch_norm_act_forward_autograd);
-  m.impl("layer_norm_forward", &layer_norm_forward_autograd);
-  m.impl("rms_norm_forward", &rms_norm_forward_autograd);
+  m.impl("batch_norm_forward", &AutogradKernel<BatchNorm>::call);
+  m.impl("batch_norm_act_forward", &AutogradKernel<BatchNormAct>::call);
+  m.impl("layer_norm_forward", &AutogradKernel<LayerNorm>::call);
+  m.impl("rms_norm_forward", &AutogradKernel<RMSNorm>::call);
+  m.impl("group_norm_forward", &AutogradKernel<GroupNorm>::call);
+  m.impl("layer_norm_channels_forward", &AutogradKernel<LayerNormChannels>::call);
 }
 
 }  // namespace bn_ext
