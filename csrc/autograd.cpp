@@ -32,13 +32,11 @@ constexpr int kRstd = -3;     // its third output
 constexpr int kMask = -4;     // which gradients are asked for
 
 // The saved state of one call: the forward's non-tensor arguments as
-// IValues, where each tensor argument sits among the saved variables (-1:
-// not saved), its autograd input slot (-1: absent optional), and the dtype
-// of each argument a gradient is returned for.
-struct CallState {
-  std::vector<c10::IValue> values;
-  std::vector<int64_t> saved_at, slot_of, dtype_of;
-};
+// IValues (None for tensors), and per argument three integers (one IntList
+// for autograd's context): where it sits among the saved variables (-1: not
+// saved), its autograd input slot (-1: absent optional), and the dtype of a
+// tensor a gradient is returned for (-1: none).
+enum Field { kSavedAt = 0, kSlot = 1, kDtype = 2, kFields = 3 };
 
 template <typename Desc>
 class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
@@ -51,18 +49,17 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::apply([&](const auto&... out) { outputs = {out...}; }, handle.call(args...));
     }
-    CallState state;
+    c10::impl::GenericList values(c10::AnyType::get());
+    std::vector<int64_t> fields;
     std::vector<Tensor> saved;
+    values.reserve(sizeof...(Args));
+    fields.reserve(kFields * sizeof...(Args));
     int64_t index = 0, slot = 0;
-    (record(state, saved, index++, slot, args), ...);
+    (record(values, fields, saved, index++, slot, args), ...);
     for (size_t k = 1; k < outputs.size(); ++k) saved.push_back(outputs[k]);
     ctx->save_for_backward(saved);
-    c10::impl::GenericList values(c10::AnyType::get());
-    for (auto& v : state.values) values.push_back(std::move(v));
-    ctx->saved_data["values"] = values;
-    ctx->saved_data["saved_at"] = state.saved_at;
-    ctx->saved_data["slot_of"] = state.slot_of;
-    ctx->saved_data["dtype_of"] = state.dtype_of;
+    ctx->saved_data["values"] = std::move(values);
+    ctx->saved_data["fields"] = std::move(fields);
     ctx->mark_non_differentiable(variable_list(outputs.begin() + 1, outputs.end()));
     return outputs;
   }
@@ -71,15 +68,14 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
     static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(Desc::kBackward, "");
     const auto saved = ctx->get_saved_variables();
     const auto values = ctx->saved_data["values"].toList();
-    const auto saved_at = ctx->saved_data["saved_at"].toIntVector();
-    const auto slot_of = ctx->saved_data["slot_of"].toIntVector();
-    const auto dtype_of = ctx->saved_data["dtype_of"].toIntVector();
+    const auto fields = ctx->saved_data["fields"].toIntVector();
+    auto field = [&](int64_t arg, Field f) { return fields[kFields * arg + f]; };
     const int64_t arity = static_cast<int64_t>(values.size()), first_output = saved.size() - Desc::kOutputs + 1;
     variable_list result(arity);
     c10::List<bool> mask;
     bool any = false;
     for (int arg : Desc::kGradArgs) {
-      mask.push_back(slot_of[arg] >= 0 && ctx->needs_input_grad(slot_of[arg]));
+      mask.push_back(field(arg, kSlot) >= 0 && ctx->needs_input_grad(field(arg, kSlot)));
       any = any || mask.get(mask.size() - 1);
     }
     if (!grads[0].defined() || !any) return result;
@@ -91,8 +87,8 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
         stack.emplace_back(saved[first_output + (kMean - entry)]);
       } else if (entry == kMask) {
         stack.emplace_back(mask);
-      } else if (saved_at[entry] >= 0) {
-        const Tensor& t = saved[saved_at[entry]];
+      } else if (field(entry, kSavedAt) >= 0) {
+        const Tensor& t = saved[field(entry, kSavedAt)];
         stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
       } else {
         stack.push_back(values.get(entry));
@@ -103,7 +99,8 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
       if (!mask.get(k)) continue;
       const int arg = Desc::kGradArgs[k];
       Tensor grad = stack[k].toTensor();
-      if (dtype_of[arg] >= 0 && grad.defined()) grad = grad.to(static_cast<at::ScalarType>(dtype_of[arg]));
+      const int64_t dtype = field(arg, kDtype);
+      if (dtype >= 0 && grad.defined()) grad = grad.to(static_cast<at::ScalarType>(dtype));
       result[arg] = grad;
     }
     return result;
@@ -116,27 +113,28 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
   static bool is_grad_target(int64_t index) {
     return std::find(Desc::kGradArgs.begin(), Desc::kGradArgs.end(), index) != Desc::kGradArgs.end();
   }
-  static void record_tensor(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot,
-                            const Tensor* t) {
+  static void record_tensor(c10::impl::GenericList& values, std::vector<int64_t>& fields,
+                            std::vector<Tensor>& saved, int64_t index, int64_t& slot, const Tensor* t) {
     const bool present = t != nullptr && t->defined();
-    s.values.emplace_back();
-    s.slot_of.push_back(present ? slot++ : -1);
-    s.dtype_of.push_back(present && is_grad_target(index) ? static_cast<int64_t>(t->scalar_type()) : -1);
-    s.saved_at.push_back(is_saved(index) ? static_cast<int64_t>(saved.size()) : -1);
+    values.push_back(c10::IValue());
+    fields.push_back(is_saved(index) ? static_cast<int64_t>(saved.size()) : -1);
+    fields.push_back(present ? slot++ : -1);
+    fields.push_back(present && is_grad_target(index) ? static_cast<int64_t>(t->scalar_type()) : -1);
     if (is_saved(index)) saved.push_back(present ? *t : Tensor());
   }
-  static void record(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot, const Tensor& t) {
-    record_tensor(s, saved, index, slot, &t);
+  static void record(c10::impl::GenericList& values, std::vector<int64_t>& fields, std::vector<Tensor>& saved,
+                     int64_t index, int64_t& slot, const Tensor& t) {
+    record_tensor(values, fields, saved, index, slot, &t);
   }
-  static void record(CallState& s, std::vector<Tensor>& saved, int64_t index, int64_t& slot, Optional t) {
-    record_tensor(s, saved, index, slot, t.has_value() ? &*t : nullptr);
+  static void record(c10::impl::GenericList& values, std::vector<int64_t>& fields, std::vector<Tensor>& saved,
+                     int64_t index, int64_t& slot, Optional t) {
+    record_tensor(values, fields, saved, index, slot, t.has_value() ? &*t : nullptr);
   }
   template <typename T>
-  static void record(CallState& s, std::vector<Tensor>&, int64_t, int64_t&, const T& value) {
-    s.values.emplace_back(value);
-    s.slot_of.push_back(-1);
-    s.dtype_of.push_back(-1);
-    s.saved_at.push_back(-1);
+  static void record(c10::impl::GenericList& values, std::vector<int64_t>& fields, std::vector<Tensor>&, int64_t,
+                     int64_t&, const T& value) {
+    values.push_back(c10::IValue(value));
+    fields.insert(fields.end(), {-1, -1, -1});
   }
 };
 
