@@ -34,37 +34,26 @@ std::string cpu_capability() { return cpu::cpu_kernels().level; }
 
 std::vector<std::string> cpu_capabilities() { return cpu::available_cpu_capabilities(); }
 
-std::vector<const char*> operator_names() {
-  return {"bn_ext::batch_norm_forward", "bn_ext::batch_norm_update_stats", "bn_ext::batch_norm_backward",
-          "bn_ext::batch_norm_stats", "bn_ext::batch_norm_act_forward", "bn_ext::batch_norm_act_backward",
-          "bn_ext::layer_norm_forward", "bn_ext::layer_norm_backward",     "bn_ext::rms_norm_forward",
-          "bn_ext::rms_norm_backward",  "bn_ext::group_norm_forward",      "bn_ext::group_norm_backward",
-          "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
-          "bn_ext::fuse_conv_bn_weights", "bn_ext::fuse_bn_conv_weights"};
-}
+std::vector<const char*> operator_names() { return {std::begin(kOperatorNames), std::end(kOperatorNames)}; }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_forward(const Tensor& input, Optional weight, Optional bias,
                                                       Optional running_mean, Optional running_var, bool training,
                                                       double eps) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, Optional, Optional, Optional, Optional, bool, double)>(
-          "bn_ext::batch_norm_forward");
-  return handle.call(input, weight, bias, running_mean, running_var, training, eps);
+  return ops::handle<ops::batch_norm_forward>().call(input, weight, bias, running_mean, running_var, training, eps);
 }
 
 void batch_norm_update_stats(Optional running_mean, Optional running_var, const Tensor& save_mean,
                              const Tensor& save_invstd, std::optional<double> momentum, Optional num_batches_tracked,
                              double eps, int64_t count) {
-  static const auto handle =
-      op<void(Optional, Optional, const Tensor&, const Tensor&, std::optional<double>, Optional, double, int64_t)>(
-          "bn_ext::batch_norm_update_stats");
-  handle.call(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps, count);
+  ops::handle<ops::batch_norm_update_stats>().call(running_mean, running_var, save_mean, save_invstd, momentum,
+                                                   num_batches_tracked, eps, count);
 }
 
 Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
                   bool training, std::optional<double> momentum, double eps, Optional num_batches_tracked) {
   if (input.dim() == 1 && input.numel() == 0) return empty_one_dim_batch_norm(input, weight, bias);
-  auto [out, save_mean, save_invstd] = batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
+  auto [out, save_mean, save_invstd] =
+      batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
   if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
     const c10::AutoGradMode no_grad(false);  // running statistics are buffers
     batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
@@ -82,20 +71,16 @@ Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_v
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward(const Tensor& grad_out, const Tensor& input, Optional weight,
                                                        const Tensor& save_mean, const Tensor& save_invstd,
                                                        bool training, double eps, std::array<bool, 3> output_mask) {
-  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, Optional, const Tensor&, const Tensor&, bool, double, std::array<bool, 3>)>(
-      "bn_ext::batch_norm_backward");
-  return handle.call(grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask);
+  return ops::handle<ops::batch_norm_backward>().call(grad_out, input, weight, save_mean, save_invstd, training, eps,
+                                                      output_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_act_forward(const Tensor& input, Optional weight, Optional bias,
                                                           Optional running_mean, Optional running_var, bool training,
                                                           double eps, const std::optional<std::string>& activation,
                                                           Optional residual) {
-  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(
-      const Tensor&, Optional, Optional, Optional, Optional, bool, double, std::optional<c10::string_view>,
-      Optional)>("bn_ext::batch_norm_act_forward");
-  return handle.call(input, weight, bias, running_mean, running_var, training, eps, view_of(activation), residual);
+  return ops::handle<ops::batch_norm_act_forward>().call(input, weight, bias, running_mean, running_var, training, eps,
+                                                         view_of(activation), residual);
 }
 
 Tensor batch_norm_act(const Tensor& input, Optional running_mean, Optional running_var, Optional weight,
@@ -117,11 +102,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor&
                                                                    bool training, double eps,
                                                                    const std::optional<std::string>& activation,
                                                                    std::array<bool, 4> output_mask) {
-  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-      const Tensor&, const Tensor&, Optional, Optional, Optional, const Tensor&, const Tensor&, bool, double,
-      std::optional<c10::string_view>, std::array<bool, 4>)>("bn_ext::batch_norm_act_backward");
-  return handle.call(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
-                     view_of(activation), output_mask);
+  return ops::handle<ops::batch_norm_act_backward>().call(grad_out, input, residual, weight, bias, save_mean,
+                                                          save_invstd, training, eps, view_of(activation), output_mask);
 }
 
 Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
@@ -133,11 +115,10 @@ Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running
   if (!defined(running_mean) || !defined(running_var)) {
     return batch_norm(input, std::nullopt, std::nullopt, weight, bias, true, 0.0, eps);
   }
-  static const auto stats = op<std::tuple<Tensor, Tensor>(const Tensor&)>("bn_ext::batch_norm_stats");
   Tensor r, d, mean_b, sigma_b, sigma, old_mean;
   {
     const c10::AutoGradMode no_grad(false);  // r and d are constants of the backward
-    std::tie(mean_b, sigma_b) = stats.call(input.detach());
+    std::tie(mean_b, sigma_b) = ops::handle<ops::batch_norm_stats>().call(input.detach());
     const double count = static_cast<double>(input.numel() / std::max<int64_t>(input.size(1), 1));
     sigma_b = (sigma_b / count + eps).sqrt();
     old_mean = running_mean->detach().to(at::kDouble);
@@ -159,19 +140,14 @@ Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
                                                       Optional weight, Optional bias, double eps) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, Optional, double)>(
-          "bn_ext::layer_norm_forward");
-  return handle.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps);
+  return ops::handle<ops::layer_norm_forward>().call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, bias,
+                                                     eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& input, int64_t num_groups, Optional weight,
                                                       Optional bias, double eps,
                                                       const std::optional<std::string>& activation) {
-  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, Optional, Optional, double,
-                                                                   std::optional<c10::string_view>)>(
-      "bn_ext::group_norm_forward");
-  return handle.call(input, num_groups, weight, bias, eps,
+  return ops::handle<ops::group_norm_forward>().call(input, num_groups, weight, bias, eps,
                      view_of(activation));
 }
 
@@ -192,11 +168,8 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out, c
                                                        Optional bias, double eps,
                                                        const std::optional<std::string>& activation,
                                                        std::array<bool, 3> output_mask) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&,
-                                            Optional, Optional, double, std::optional<c10::string_view>,
-                                            std::array<bool, 3>)>("bn_ext::group_norm_backward");
-  return handle.call(grad_out, input, num_groups, mean, rstd, weight, bias, eps, view_of(activation), output_mask);
+  return ops::handle<ops::group_norm_backward>().call(grad_out, input, num_groups, mean, rstd, weight, bias, eps,
+                                                      view_of(activation), output_mask);
 }
 
 Tensor instance_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
@@ -212,7 +185,8 @@ Tensor instance_norm(const Tensor& input, Optional running_mean, Optional runnin
     // running statistics by momentum; the copies are averaged over the batch.
     const c10::NoGradGuard no_grad;
     if (running_mean.has_value() && running_mean->defined()) {
-      running_mean->copy_(running_mean->to(at::kDouble).mul(1 - momentum).add(mean.to(at::kDouble).mean(0).mul(momentum)));
+      running_mean->copy_(
+          running_mean->to(at::kDouble).mul(1 - momentum).add(mean.to(at::kDouble).mean(0).mul(momentum)));
     }
     if (running_var.has_value() && running_var->defined()) {
       const double unbias = spatial > 1 ? static_cast<double>(spatial) / static_cast<double>(spatial - 1) : 1.0;
@@ -225,9 +199,7 @@ Tensor instance_norm(const Tensor& input, Optional running_mean, Optional runnin
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward(const Tensor& input, Optional weight, Optional bias,
                                                                double eps) {
-  static const auto handle = op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, Optional, Optional, double)>(
-      "bn_ext::layer_norm_channels_forward");
-  return handle.call(input, weight, bias, eps);
+  return ops::handle<ops::layer_norm_channels_forward>().call(input, weight, bias, eps);
 }
 
 Tensor layer_norm_channels(const Tensor& input, Optional weight, Optional bias, double eps) {
@@ -238,11 +210,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_backward(const Tensor& gr
                                                                 const Tensor& mean, const Tensor& rstd,
                                                                 Optional weight, Optional bias, double eps,
                                                                 std::array<bool, 3> output_mask) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Optional,
-                                            Optional, double, std::array<bool, 3>)>(
-          "bn_ext::layer_norm_channels_backward");
-  return handle.call(grad_out, input, mean, rstd, weight, bias, eps, output_mask);
+  return ops::handle<ops::layer_norm_channels_backward>().call(grad_out, input, mean, rstd, weight, bias, eps,
+                                                               output_mask);
 }
 
 Tensor layer_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight, Optional bias,
@@ -254,20 +223,13 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& grad_out, c
                                                        at::IntArrayRef normalized_shape, const Tensor& mean,
                                                        const Tensor& rstd, Optional weight, Optional bias, double eps,
                                                        std::array<bool, 3> output_mask) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&,
-                                            const Tensor&, Optional, Optional, double, std::array<bool, 3>)>(
-          "bn_ext::layer_norm_backward");
-  return handle.call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), mean, rstd, weight, bias, eps,
-                     output_mask);
+  return ops::handle<ops::layer_norm_backward>().call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), mean,
+                                                      rstd, weight, bias, eps, output_mask);
 }
 
 std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight,
                                             std::optional<double> eps) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, std::optional<double>)>(
-          "bn_ext::rms_norm_forward");
-  return handle.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, eps);
+  return ops::handle<ops::rms_norm_forward>().call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, eps);
 }
 
 Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional weight, std::optional<double> eps) {
@@ -277,20 +239,16 @@ Tensor rms_norm(const Tensor& input, at::IntArrayRef normalized_shape, Optional 
 std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& grad_out, const Tensor& input,
                                              at::IntArrayRef normalized_shape, const Tensor& rstd, Optional weight,
                                              std::optional<double> eps, std::array<bool, 2> output_mask) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::SymIntArrayRef, const Tensor&, Optional,
-                                    std::optional<double>, std::array<bool, 2>)>("bn_ext::rms_norm_backward");
-  return handle.call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), rstd, weight, eps, output_mask);
+  return ops::handle<ops::rms_norm_backward>().call(grad_out, input, c10::fromIntArrayRefSlow(normalized_shape), rstd,
+                                                    weight, eps, output_mask);
 }
 
 std::tuple<Tensor, Tensor> fuse_conv_bn_weights(const Tensor& conv_weight, Optional conv_bias,
                                                 const Tensor& running_mean, const Tensor& running_var, double eps,
                                                 Optional bn_weight, Optional bn_bias, bool transposed,
                                                 int64_t groups) {
-  static const auto handle = op<std::tuple<Tensor, Tensor>(const Tensor&, Optional, const Tensor&, const Tensor&,
-                                                           double, Optional, Optional, bool, int64_t)>(
-      "bn_ext::fuse_conv_bn_weights");
-  return handle.call(conv_weight, conv_bias, running_mean, running_var, eps, bn_weight, bn_bias, transposed, groups);
+  return ops::handle<ops::fuse_conv_bn_weights>().call(conv_weight, conv_bias, running_mean, running_var, eps,
+                                                       bn_weight, bn_bias, transposed, groups);
 }
 
 std::tuple<Tensor, Tensor> fuse_linear_bn_weights(const Tensor& linear_weight, Optional linear_bias,

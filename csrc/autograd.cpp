@@ -2,7 +2,8 @@
 // Python autograd overhead (a Python autograd.Function around the same ops
 // cost about 20 us more a forward and backward; docs/perf-notes.md). One
 // generic node serves every operator: its description below names the
-// forward's C++ signature, the arguments the backward reads, how the
+// forward and backward operators (their signatures in op_handle.h), the
+// arguments the backward reads, how the
 // backward operator's arguments come from the forward's, and which
 // arguments its outputs are the gradients of. The backward operators are
 // called through the dispatcher, so their own autograd formulas
@@ -38,16 +39,24 @@ constexpr int kMask = -4;     // which gradients are asked for
 // tensor a gradient is returned for (-1: none).
 enum Field { kSavedAt = 0, kSlot = 1, kDtype = 2, kFields = 3 };
 
+// The number of results of an operator signature.
+template <typename Signature>
+struct ResultCount;
+template <typename Result, typename... Args>
+struct ResultCount<Result(Args...)> : std::tuple_size<Result> {};
+
 template <typename Desc>
 class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
+  static constexpr int64_t kOutputs = ResultCount<typename Desc::Forward::Signature>::value;
+
  public:
   template <typename... Args>
   static variable_list forward(AutogradContext* ctx, const Args&... args) {
-    static const auto handle = op<typename Desc::Signature>(Desc::kForward);
     variable_list outputs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::apply([&](const auto&... out) { outputs = {out...}; }, handle.call(args...));
+      const auto results = ops::handle<typename Desc::Forward>().call(args...);
+      std::apply([&](const auto&... out) { outputs = {out...}; }, results);
     }
     c10::impl::GenericList values(c10::AnyType::get());
     std::vector<int64_t> fields;
@@ -65,12 +74,12 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(Desc::kBackward, "");
+    static const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(Desc::Backward::kName, "");
     const auto saved = ctx->get_saved_variables();
     const auto values = ctx->saved_data["values"].toList();
     const auto fields = ctx->saved_data["fields"].toIntVector();
     auto field = [&](int64_t arg, Field f) { return fields[kFields * arg + f]; };
-    const int64_t arity = static_cast<int64_t>(values.size()), first_output = saved.size() - Desc::kOutputs + 1;
+    const int64_t arity = static_cast<int64_t>(values.size()), first_output = saved.size() - kOutputs + 1;
     variable_list result(arity);
     c10::List<bool> mask;
     bool any = false;
@@ -139,7 +148,7 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
 };
 
 // The Autograd kernel of Desc's forward operator.
-template <typename Desc, typename Signature = typename Desc::Signature>
+template <typename Desc, typename Signature = typename Desc::Forward::Signature>
 struct AutogradKernel;
 template <typename Desc, typename Result, typename... Args>
 struct AutogradKernel<Desc, Result(Args...)> {
@@ -157,13 +166,9 @@ struct AutogradKernel<Desc, Result(Args...)> {
 // backward operator's arguments in schema order. kGradArgs: the forward
 // argument each of the backward's outputs is the gradient of.
 
-using Three = std::tuple<Tensor, Tensor, Tensor>;
-
 struct BatchNorm {
-  using Signature = Three(const Tensor&, Optional, Optional, Optional, Optional, bool, double);
-  static constexpr const char* kForward = "bn_ext::batch_norm_forward";
-  static constexpr const char* kBackward = "bn_ext::batch_norm_backward";
-  static constexpr int kOutputs = 3;
+  using Forward = ops::batch_norm_forward;
+  using Backward = ops::batch_norm_backward;
   static constexpr std::array kSaved = {0, 1};
   static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 5, 6, kMask};
   static constexpr std::array kGradArgs = {0, 1, 2};
@@ -172,51 +177,40 @@ struct BatchNorm {
 // Saves the input and the residual, from which the backward recomputes the
 // pre-activation value; never the output.
 struct BatchNormAct {
-  using Signature = Three(const Tensor&, Optional, Optional, Optional, Optional, bool, double,
-                          std::optional<c10::string_view>, Optional);
-  static constexpr const char* kForward = "bn_ext::batch_norm_act_forward";
-  static constexpr const char* kBackward = "bn_ext::batch_norm_act_backward";
-  static constexpr int kOutputs = 3;
+  using Forward = ops::batch_norm_act_forward;
+  using Backward = ops::batch_norm_act_backward;
   static constexpr std::array kSaved = {0, 1, 2, 8};
   static constexpr std::array kBackwardArgs = {kGrad, 0, 8, 1, 2, kMean, kRstd, 5, 6, 7, kMask};
   static constexpr std::array kGradArgs = {0, 1, 2, 8};
 };
 
 struct LayerNorm {
-  using Signature = Three(const Tensor&, c10::SymIntArrayRef, Optional, Optional, double);
-  static constexpr const char* kForward = "bn_ext::layer_norm_forward";
-  static constexpr const char* kBackward = "bn_ext::layer_norm_backward";
-  static constexpr int kOutputs = 3;
+  using Forward = ops::layer_norm_forward;
+  using Backward = ops::layer_norm_backward;
   static constexpr std::array kSaved = {0, 2, 3};
   static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 2, 3, 4, kMask};
   static constexpr std::array kGradArgs = {0, 2, 3};
 };
 
 struct RMSNorm {
-  using Signature = std::tuple<Tensor, Tensor>(const Tensor&, c10::SymIntArrayRef, Optional, std::optional<double>);
-  static constexpr const char* kForward = "bn_ext::rms_norm_forward";
-  static constexpr const char* kBackward = "bn_ext::rms_norm_backward";
-  static constexpr int kOutputs = 2;
+  using Forward = ops::rms_norm_forward;
+  using Backward = ops::rms_norm_backward;
   static constexpr std::array kSaved = {0, 2};
   static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, 2, 3, kMask};  // kMean: its rstd
   static constexpr std::array kGradArgs = {0, 2};
 };
 
 struct GroupNorm {
-  using Signature = Three(const Tensor&, int64_t, Optional, Optional, double, std::optional<c10::string_view>);
-  static constexpr const char* kForward = "bn_ext::group_norm_forward";
-  static constexpr const char* kBackward = "bn_ext::group_norm_backward";
-  static constexpr int kOutputs = 3;
+  using Forward = ops::group_norm_forward;
+  using Backward = ops::group_norm_backward;
   static constexpr std::array kSaved = {0, 2, 3};
   static constexpr std::array kBackwardArgs = {kGrad, 0, 1, kMean, kRstd, 2, 3, 4, 5, kMask};
   static constexpr std::array kGradArgs = {0, 2, 3};
 };
 
 struct LayerNormChannels {
-  using Signature = Three(const Tensor&, Optional, Optional, double);
-  static constexpr const char* kForward = "bn_ext::layer_norm_channels_forward";
-  static constexpr const char* kBackward = "bn_ext::layer_norm_channels_backward";
-  static constexpr int kOutputs = 3;
+  using Forward = ops::layer_norm_channels_forward;
+  using Backward = ops::layer_norm_channels_backward;
   static constexpr std::array kSaved = {0, 1, 2};
   static constexpr std::array kBackwardArgs = {kGrad, 0, kMean, kRstd, 1, 2, 3, kMask};
   static constexpr std::array kGradArgs = {0, 1, 2};

@@ -207,7 +207,17 @@ std::string cpu_capability();
 // The levels this build holds and this CPU runs, lowest first.
 std::vector<std::string> cpu_capabilities();
 
-// Names of every bn_ext operator ("bn_ext::batch_norm_forward", ...).
+// Names of every bn_ext operator, as registered: the one list that the C++
+// tests and operator_names() read.
+inline constexpr const char* kOperatorNames[] = {
+    "bn_ext::batch_norm_forward",          "bn_ext::batch_norm_update_stats",
+    "bn_ext::batch_norm_backward",         "bn_ext::batch_norm_stats",
+    "bn_ext::batch_norm_act_forward",      "bn_ext::batch_norm_act_backward",
+    "bn_ext::layer_norm_forward",          "bn_ext::layer_norm_backward",
+    "bn_ext::rms_norm_forward",            "bn_ext::rms_norm_backward",
+    "bn_ext::group_norm_forward",          "bn_ext::group_norm_backward",
+    "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
+    "bn_ext::fuse_conv_bn_weights",        "bn_ext::fuse_bn_conv_weights"};
 std::vector<const char*> operator_names();
 
 }  // namespace bn_ext
