@@ -226,23 +226,58 @@ inline void store_op(T* p, const OpVec<T>& v, bool stream = false) {
 
 // The first `count` (< OpVec<T>::size()) elements at p as op-math, the other
 // lanes zero, for the tail of a run: one masked vector instead of a scalar
-// loop (on AVX-512 nothing past p + count is touched; AVX2 copies through a buffer).
+// loop; nothing past p + count is touched (a half type at AVX2 is built in
+// registers, below).
 #if defined(CPU_CAPABILITY_AVX2)
-// Copies `count` (< 8) 16-bit values between p and a vector's low lanes in
-// pieces of fixed size, which compile to plain moves: ATen's partial load and
-// store of a half-type vector at this level call memcpy through a buffer,
-// which cost more than the rest of a short run (a 7x7 plane's tail).
-inline void copy_16bit_pieces(char* dst, const char* src, int64_t count) {
-  int64_t i = 0;
-  if (count & 4) {
-    std::memcpy(dst, src, 8);
-    i = 8;
+// The first `count` (< 8) 16-bit values at p in a vector's low lanes (the
+// rest zero), and their store back, built in registers: ATen's partial load
+// and store of a half-type vector at this level call memcpy through a
+// buffer, and even pieces through a stack buffer stall the vector load that
+// reads them back (a store-forwarding miss), which cost more than the rest of
+// a short run (a 7x7 plane's tail, a 49-wide LayerNorm2d row's).
+inline __m128i load_16bit_lanes(const void* p, int64_t count) {
+  const char* s = static_cast<const char*>(p);
+  auto half = [s](int k) {
+    uint16_t v;
+    std::memcpy(&v, s + 2 * k, 2);
+    return static_cast<int>(v);
+  };
+  auto pair = [s](int k) {
+    int32_t v;
+    std::memcpy(&v, s + 2 * k, 4);
+    return v;
+  };
+  auto quad = [s] { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)); };
+  switch (count) {
+    case 1: return _mm_cvtsi32_si128(half(0));
+    case 2: return _mm_cvtsi32_si128(pair(0));
+    case 3: return _mm_insert_epi16(_mm_cvtsi32_si128(pair(0)), half(2), 2);
+    case 4: return quad();
+    case 5: return _mm_insert_epi16(quad(), half(4), 4);
+    case 6: return _mm_insert_epi32(quad(), pair(4), 2);
+    case 7: return _mm_insert_epi16(_mm_insert_epi32(quad(), pair(4), 2), half(6), 6);
+    default: return _mm_setzero_si128();
   }
-  if (count & 2) {
-    std::memcpy(dst + i, src + i, 4);
-    i += 4;
+}
+
+inline void store_16bit_lanes(void* p, __m128i v, int64_t count) {
+  char* d = static_cast<char*>(p);
+  auto half = [d](int k, int value) {
+    const auto h = static_cast<uint16_t>(value);
+    std::memcpy(d + 2 * k, &h, 2);
+  };
+  auto pair = [d](int k, int32_t value) { std::memcpy(d + 2 * k, &value, 4); };
+  auto quad = [d](__m128i x) { _mm_storel_epi64(reinterpret_cast<__m128i*>(d), x); };
+  switch (count) {
+    case 1: half(0, _mm_extract_epi16(v, 0)); break;
+    case 2: pair(0, _mm_cvtsi128_si32(v)); break;
+    case 3: pair(0, _mm_cvtsi128_si32(v)), half(2, _mm_extract_epi16(v, 2)); break;
+    case 4: quad(v); break;
+    case 5: quad(v), half(4, _mm_extract_epi16(v, 4)); break;
+    case 6: quad(v), pair(4, _mm_extract_epi32(v, 2)); break;
+    case 7: quad(v), pair(4, _mm_extract_epi32(v, 2)), half(6, _mm_extract_epi16(v, 6)); break;
+    default: break;
   }
-  if (count & 1) std::memcpy(dst + i, src + i, 2);
 }
 #endif
 
@@ -250,8 +285,7 @@ template <typename T>
 inline OpVec<T> load_op_partial(const T* p, int64_t count) {
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
 #if defined(CPU_CAPABILITY_AVX2)
-    __m128i packed = _mm_setzero_si128();
-    copy_16bit_pieces(reinterpret_cast<char*>(&packed), reinterpret_cast<const char*>(p), count);
+    const __m128i packed = load_16bit_lanes(p, count);
     __m256 v;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       at::vec::cvtbf16_fp32(packed, v);
@@ -274,7 +308,7 @@ inline void store_op_partial(T* p, const OpVec<T>& v, int64_t count) {
 #if defined(CPU_CAPABILITY_AVX2)
     const __m128i packed = std::is_same_v<T, at::BFloat16> ? at::vec::cvtfp32_bf16(__m256(v))
                                                             : at::vec::cvtfp32_fp16(__m256(v));
-    copy_16bit_pieces(reinterpret_cast<char*>(p), reinterpret_cast<const char*>(&packed), count);
+    store_16bit_lanes(p, packed, count);
 #else
     round_to_half_type<T>(v, v).store(p, count);
 #endif
