@@ -21,6 +21,7 @@ biases are large).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -755,10 +756,10 @@ def equalize(model: nn.Module, example_inputs: Tensor | Sequence[Any], *, inplac
     """
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     target = model if inplace else copy.deepcopy(model)
-    try:
+    # A torch.export program's module refuses eval() (NotImplementedError):
+    # its mode was fixed at export, and it is equalized as it is.
+    with contextlib.suppress(NotImplementedError):
         target.eval()
-    except NotImplementedError:  # a torch.export program's module: its mode was fixed at export
-        pass
     report = EqualizationReport()
     if relu6_to_relu:
         before_relu = _Network(target, _trace(target)).outputs(inputs)

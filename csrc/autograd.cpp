@@ -33,21 +33,15 @@ constexpr int kRstd = -3;     // its third output
 constexpr int kMask = -4;     // which gradients are asked for
 
 // The saved state of one call: the forward's non-tensor arguments as
-// IValues (None for tensors), and per argument three integers (one IntList
-// for autograd's context): where it sits among the saved variables (-1: not
-// saved), its autograd input slot (-1: absent optional), and the dtype of a
-// tensor a gradient is returned for (-1: none).
-enum Field { kSavedAt = 0, kSlot = 1, kDtype = 2, kFields = 3 };
-
-// The number of results of an operator signature.
-template <typename Signature>
-struct ResultCount;
-template <typename Result, typename... Args>
-struct ResultCount<Result(Args...)> : std::tuple_size<Result> {};
+// IValues (None for tensors), and per argument two integers (one IntList for
+// autograd's context): its autograd input slot (-1: absent optional) and the
+// dtype of a tensor a gradient is returned for (-1: none). The saved
+// variables are Desc::kSaved's arguments in order, then the statistics.
+enum Field { kSlot = 0, kDtype = 1, kFields = 2 };
 
 template <typename Desc>
 class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
-  static constexpr int64_t kOutputs = ResultCount<typename Desc::Forward::Signature>::value;
+  static_assert(std::is_sorted(Desc::kSaved.begin(), Desc::kSaved.end()), "kSaved in argument order");
 
  public:
   template <typename... Args>
@@ -79,8 +73,7 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
     const auto values = ctx->saved_data["values"].toList();
     const auto fields = ctx->saved_data["fields"].toIntVector();
     auto field = [&](int64_t arg, Field f) { return fields[kFields * arg + f]; };
-    const int64_t arity = static_cast<int64_t>(values.size()), first_output = saved.size() - kOutputs + 1;
-    variable_list result(arity);
+    variable_list result(values.size());
     c10::List<bool> mask;
     bool any = false;
     for (int arg : Desc::kGradArgs) {
@@ -93,11 +86,11 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
       if (entry == kGrad) {
         stack.emplace_back(grads[0]);
       } else if (entry == kMean || entry == kRstd) {
-        stack.emplace_back(saved[first_output + (kMean - entry)]);
+        stack.emplace_back(saved[Desc::kSaved.size() + (kMean - entry)]);
       } else if (entry == kMask) {
         stack.emplace_back(mask);
-      } else if (field(entry, kSavedAt) >= 0) {
-        const Tensor& t = saved[field(entry, kSavedAt)];
+      } else if (const int64_t at = saved_position(entry); at >= 0) {
+        const Tensor& t = saved[at];
         stack.emplace_back(t.defined() ? c10::IValue(t) : c10::IValue());
       } else {
         stack.push_back(values.get(entry));
@@ -116,8 +109,10 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
   }
 
  private:
-  static bool is_saved(int64_t index) {
-    return std::find(Desc::kSaved.begin(), Desc::kSaved.end(), index) != Desc::kSaved.end();
+  // Where argument `index` sits among the saved variables; -1: not saved.
+  static int64_t saved_position(int64_t index) {
+    const auto it = std::find(Desc::kSaved.begin(), Desc::kSaved.end(), index);
+    return it == Desc::kSaved.end() ? -1 : it - Desc::kSaved.begin();
   }
   static bool is_grad_target(int64_t index) {
     return std::find(Desc::kGradArgs.begin(), Desc::kGradArgs.end(), index) != Desc::kGradArgs.end();
@@ -126,10 +121,9 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
                             std::vector<Tensor>& saved, int64_t index, int64_t& slot, const Tensor* t) {
     const bool present = t != nullptr && t->defined();
     values.push_back(c10::IValue());
-    fields.push_back(is_saved(index) ? static_cast<int64_t>(saved.size()) : -1);
     fields.push_back(present ? slot++ : -1);
     fields.push_back(present && is_grad_target(index) ? static_cast<int64_t>(t->scalar_type()) : -1);
-    if (is_saved(index)) saved.push_back(present ? *t : Tensor());
+    if (saved_position(index) >= 0) saved.push_back(present ? *t : Tensor());
   }
   static void record(c10::impl::GenericList& values, std::vector<int64_t>& fields, std::vector<Tensor>& saved,
                      int64_t index, int64_t& slot, const Tensor& t) {
@@ -143,7 +137,7 @@ class OpFunction : public torch::autograd::Function<OpFunction<Desc>> {
   static void record(c10::impl::GenericList& values, std::vector<int64_t>& fields, std::vector<Tensor>&, int64_t,
                      int64_t&, const T& value) {
     values.push_back(c10::IValue(value));
-    fields.insert(fields.end(), {-1, -1, -1});
+    fields.insert(fields.end(), {-1, -1});
   }
 };
 

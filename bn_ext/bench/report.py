@@ -57,13 +57,17 @@ class Result:
         """A fused case's time over plain bn_ext BatchNorm's."""
         return None if self.plain_ms is None else self.bn_ext_ms / self.plain_ms
 
+    def _over_ours(self, ms: float | None) -> float | None:
+        """A time over bn_ext's kernel time; None where it was not measured."""
+        return None if ms is None else ms / self.bn_ext_ms
+
     @property
     def ratio(self) -> float:
         return self.torch_ms / self.bn_ext_ms
 
     @property
     def compiled_ratio(self) -> float | None:
-        return None if self.compiled_ms is None else self.compiled_ms / self.bn_ext_ms
+        return self._over_ours(self.compiled_ms)
 
     @property
     def shipped_ratio(self) -> float | None:
@@ -73,12 +77,11 @@ class Result:
 
     @property
     def limit_share(self) -> float | None:
-        return None if self.limit_ms is None else self.limit_ms / self.bn_ext_ms
+        return self._over_ours(self.limit_ms)
 
     @property
     def algorithm_share(self) -> float | None:
-        return None if self.algorithm_limit_ms is None else self.algorithm_limit_ms / self.bn_ext_ms
-
+        return self._over_ours(self.algorithm_limit_ms)
 
 def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -179,7 +179,9 @@ void channels_last_group_moments(const T* x, const GroupNormGeometry& g, int64_t
   const int64_t stripes = stripe_count(sample_rows(g)), samples = n1 - n0;
   const int64_t stride = static_cast<int64_t>(column_array<Op>(g.C).size());
   auto sample = [&](int64_t n) {
-    return [x, &g, n](int64_t row, int64_t j, int64_t count) { return load_op_n(x + (n * g.S + row) * g.C + j, count); };
+    return [x, &g, n](int64_t row, int64_t j, int64_t count) {
+      return load_op_n(x + (n * g.S + row) * g.C + j, count);
+    };
   };
   std::vector<Op> shift(samples * stride, Op(0));
   at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) {
@@ -577,21 +579,25 @@ std::vector<double> layer_norm_channels_backward_kernel(const T* dy, const T* x,
   const int64_t width = tile_width<T>(C, S), tiles = (S + width - 1) / width;
   std::vector<double> partial(param_grads ? N * tiles * 2 * C : 0, 0.0);
   for_each_tile(N, C, S, width, [&](int64_t n, int64_t task, int64_t s0, int64_t s1) {
-    const int64_t offset = n * C * S + s0, tw = s1 - s0;
+    const int64_t offset = n * C * S + s0, tw = s1 - s0, stride = S;
     auto mu = column_array<Op>(tw), rs = column_array<Op>(tw);
     for (int64_t j = 0; j < tw; ++j) mu[j] = mean[n * S + s0 + j], rs[j] = rstd[n * S + s0 + j];
-    auto xhat_of = [&](int64_t c, int64_t j, int64_t count) {
-      return (load_op_n(x + offset + c * S + j, count) - Vec::loadu(mu.data() + j)) * Vec::loadu(rs.data() + j);
-    };
-    auto weight = [&](int64_t c) { return Vec(w ? static_cast<Op>(w[c]) : Op(1)); };
     auto mean_g = column_array<Op>(tw), mean_gx = column_array<Op>(tw);
+    // Pointers and stride as locals, captured by value: a vector store may
+    // alias a captured reference, which the loops would then reload.
+    const T *xt = x + offset, *dyt = dy + offset;
+    const Op *pmu = mu.data(), *prs = rs.data(), *pmean_g = mean_g.data(), *pmean_gx = mean_gx.data();
+    auto xhat_of = [=](const T* row, int64_t j, int64_t count) {
+      return (load_op_n(row + j, count) - Vec::loadu(pmu + j)) * Vec::loadu(prs + j);
+    };
+    auto weight = [w](int64_t c) { return Vec(w ? static_cast<Op>(w[c]) : Op(1)); };
     if (dx != nullptr) {
       // Lanes past a tile's end load dy = 0, so g = 0 there.
       column_cascade_sums<true, Vec>(
           C, tw,
-          [&](int64_t c, int64_t j, int64_t count, Vec& a, Vec& b) {
-            a = load_op_n(dy + offset + c * S + j, count) * weight(c);
-            b = xhat_of(c, j, count);
+          [=](int64_t c, int64_t j, int64_t count, Vec& a, Vec& b) {
+            a = load_op_n(dyt + c * stride + j, count) * weight(c);
+            b = xhat_of(xt + c * stride, j, count);
           },
           mean_g.data(), mean_gx.data());
       for (int64_t j = 0; j < tw; j += W) {
@@ -599,18 +605,15 @@ std::vector<double> layer_norm_channels_backward_kernel(const T* dy, const T* x,
         (Vec::loadu(mean_gx.data() + j) / Vec(static_cast<Op>(C))).store(mean_gx.data() + j);
       }
     }
-    // Locals, not captures, in the sweep (as the forward's).
-    const Op *pmu = mu.data(), *prs = rs.data(), *pmean_g = mean_g.data(), *pmean_gx = mean_gx.data();
-    const int64_t stride = S;
     for (int64_t c = 0; c < C; ++c) {
       Vec sum_dyx(0), sum_dy(0);
       const Vec vw = weight(c);
-      const T *dyr = dy + offset + c * stride, *xr = x + offset + c * stride;
+      const T *dyr = dyt + c * stride, *xr = xt + c * stride;
       T* dxr = dx != nullptr ? dx + offset + c * stride : nullptr;
       for (int64_t j = 0; j < tw; j += W) {
         const int64_t count = std::min(W, tw - j);
         const Vec dyv = load_op_n(dyr + j, count);
-        const Vec xhat = (load_op_n(xr + j, count) - Vec::loadu(pmu + j)) * Vec::loadu(prs + j);
+        const Vec xhat = xhat_of(xr, j, count);
         if (dxr != nullptr) {
           const Vec v = (dyv * vw - Vec::loadu(pmean_g + j) - xhat * Vec::loadu(pmean_gx + j)) * Vec::loadu(prs + j);
           store_op_n(dxr + j, v, count);
