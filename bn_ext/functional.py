@@ -753,14 +753,6 @@ def group_norm(
     the same pass: exactly act(group_norm(...)), with its backward.
     """
     _check_activation("group_norm", activation)
-    if input.dim() >= 2 and num_groups > 0:
-        # torch.nn.functional.group_norm's own check, with its words.
-        size = [input.shape[0] * input.shape[1] // num_groups, num_groups, *input.shape[2:]]
-        values = size[0]
-        for s in size[2:]:
-            values *= s
-        if values == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     return _group_norm_forward(input, num_groups, weight, bias, eps, activation)[0]
 
 
@@ -783,44 +775,7 @@ def instance_norm(
     statistics normalise it (BatchNorm in eval mode). Channels-last inputs
     give channels-last outputs.
     """
-    if not use_input_stats:
-        if running_mean is None or running_var is None:
-            raise RuntimeError("instance_norm: running_mean and running_var must be defined when use_input_stats "
-                               "is False")
-        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    spatial = 1
-    for size in input.shape[2:]:
-        spatial *= size
-    if spatial == 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("instance_norm: running_mean and running_var must either both be None or neither be None")
-    if running_var is not None and not 0.0 <= eps < float("inf"):
-        # running_var is moved by 1 / rstd^2 - eps: NaN for these.
-        raise ValueError(f"instance_norm eps must be non-negative and finite with running statistics, got {eps}")
-    for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-        if stat is not None and stat.numel() != input.shape[1]:
-            raise RuntimeError(f"instance_norm: {name} should have the input's channel count, input.size(1) = "
-                               f"{input.shape[1]} elements, got {stat.numel()}")
-    if input.numel() == 0:
-        # As torch's (BatchNorm of the empty input): an empty copy, running statistics unchanged.
-        return input.clone()
-    out, mean, rstd = _group_norm_forward(input, input.shape[1], weight, bias, eps, None)
-    if running_mean is not None:
-        _instance_norm_update_stats(running_mean, running_var, mean, rstd, momentum, eps, input.numel() // mean.numel())
-    return out
-
-
-def _instance_norm_update_stats(running_mean, running_var, mean, rstd, momentum, eps, count):
-    """torch's update: each sample's statistics move its own copy of the running
-    statistics by `momentum`, and the copies are averaged over the batch."""
-    with torch.no_grad():
-        if running_mean is not None:
-            batch_mean = mean.to(torch.float64).mean(0)
-            running_mean.copy_(running_mean.to(torch.float64) * (1 - momentum) + batch_mean * momentum)
-        if running_var is not None:
-            var = (rstd.to(torch.float64).pow(-2) - eps) * (count / (count - 1) if count > 1 else 1.0)
-            running_var.copy_(running_var.to(torch.float64) * (1 - momentum) + var.mean(0) * momentum)
+    return _ops.instance_norm.default(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
 
 def layer_norm_channels(

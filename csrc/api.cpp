@@ -8,6 +8,10 @@
 #include <ATen/ops/mean.h>
 #include <ATen/ops/pow.h>
 #include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <utility>
 
 namespace bn_ext {
 namespace {
@@ -153,13 +157,6 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward(const Tensor& input, int64
 
 Tensor group_norm(const Tensor& input, int64_t num_groups, Optional weight, Optional bias, double eps,
                   const std::optional<std::string>& activation) {
-  if (input.dim() >= 2 && num_groups > 0) {
-    // torch.nn.functional.group_norm's own check.
-    int64_t values = input.size(0) * input.size(1) / num_groups;
-    for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
-    TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
-                      input.sizes());
-  }
   return std::get<0>(group_norm_forward(input, num_groups, weight, bias, eps, activation));
 }
 
@@ -174,28 +171,48 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_backward(const Tensor& grad_out, c
 
 Tensor instance_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
                      bool use_input_stats, double momentum, double eps) {
-  if (!use_input_stats) return batch_norm(input, running_mean, running_var, weight, bias, false, momentum, eps);
-  TORCH_CHECK(input.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ", input.dim());
-  const int64_t spatial = input.size(1) > 0 && input.size(0) > 0 ? input.numel() / (input.size(0) * input.size(1)) : 0;
+  auto defined = [](Optional t) { return t.has_value() && t->defined(); };
+  if (!use_input_stats) {
+    TORCH_CHECK(defined(running_mean) && defined(running_var),
+                "instance_norm: running_mean and running_var must be defined when use_input_stats is False");
+    return batch_norm(input, running_mean, running_var, weight, bias, false, momentum, eps);
+  }
+  // torch.nn.functional.instance_norm's checks, in its order and words.
+  // Sizes as SymInts: under torch.compile they may be symbolic.
+  c10::SymInt spatial = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) spatial *= input.sym_size(d);
   TORCH_CHECK_VALUE(spatial != 1, "Expected more than 1 spatial element when training, got input size ",
-                    input.sizes());
-  auto [out, mean, rstd] = group_norm_forward(input, input.size(1), weight, bias, eps, std::nullopt);
-  if (input.numel() > 0) {
+                    input.sym_sizes());
+  TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var),
+                    "instance_norm: running_mean and running_var must either both be None or neither be None");
+  // running_var is moved by 1 / rstd^2 - eps: NaN for these.
+  TORCH_CHECK_VALUE(!defined(running_var) || (eps >= 0.0 && eps < std::numeric_limits<double>::infinity()),
+                    "instance_norm eps must be non-negative and finite with running statistics, got ", eps);
+  for (const auto& [stat, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+    TORCH_CHECK(!defined(*stat) || (*stat)->sym_numel() == input.sym_size(1), "instance_norm: ", name,
+                " should have the input's channel count, input.size(1) = ", input.sym_size(1), " elements, got ",
+                (*stat)->sym_numel());
+  }
+  // As torch's (BatchNorm of the empty input): an empty copy, running statistics unchanged.
+  if (input.sym_numel() == 0) return input.clone();
+  const int64_t channels = input.sym_size(1).guard_int(__FILE__, __LINE__);  // the parameters' size
+  auto [out, mean, rstd] = group_norm_forward(input, channels, weight, bias, eps, std::nullopt);
+  if (defined(running_mean)) {
     // torch's update: each sample's statistics move its own copy of the
     // running statistics by momentum; the copies are averaged over the batch.
     const c10::NoGradGuard no_grad;
-    if (running_mean.has_value() && running_mean->defined()) {
-      running_mean->copy_(
-          running_mean->to(at::kDouble).mul(1 - momentum).add(mean.to(at::kDouble).mean(0).mul(momentum)));
-    }
-    if (running_var.has_value() && running_var->defined()) {
-      const double unbias = spatial > 1 ? static_cast<double>(spatial) / static_cast<double>(spatial - 1) : 1.0;
-      const Tensor var = rstd.to(at::kDouble).pow(-2).sub(eps).mul(unbias);
-      running_var->copy_(running_var->to(at::kDouble).mul(1 - momentum).add(var.mean(0).mul(momentum)));
-    }
+    running_mean->copy_(
+        running_mean->to(at::kDouble).mul(1 - momentum).add(mean.to(at::kDouble).mean(0).mul(momentum)));
+    const c10::SymFloat unbias = c10::SymFloat(spatial) / c10::SymFloat(spatial - 1);  // spatial > 1 here
+    const Tensor var = rstd.to(at::kDouble).pow(-2).sub(eps).mul(at::Scalar(unbias));
+    running_var->copy_(running_var->to(at::kDouble).mul(1 - momentum).add(var.mean(0).mul(momentum)));
   }
   return out;
 }
+
+// The operators composed of others (ops.cpp): autograd, torch.compile and
+// torch.export see the operators they call.
+TORCH_LIBRARY_IMPL(bn_ext, CompositeImplicitAutograd, m) { m.impl("instance_norm", &instance_norm); }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward(const Tensor& input, Optional weight, Optional bias,
                                                                double eps) {

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace bn_ext {
 
@@ -58,6 +59,22 @@ inline void check_group_norm_args(const at::Tensor& input, int64_t groups, const
                 (*param)->sizes(), " and input of shape ", input.sizes());
     check_param_device_dtype(**param, name, input);
   }
+}
+
+// The forward's: torch.nn.functional.group_norm refuses groups of one value
+// before its other checks (ValueError, its words).
+inline void check_group_norm_forward_args(const at::Tensor& input, int64_t groups,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias) {
+  if (input.dim() >= 2 && groups > 0) {
+    std::vector<int64_t> size{input.size(0) * input.size(1) / groups, groups};  // the size torch's message names
+    for (int64_t d = 2; d < input.dim(); ++d) size.push_back(input.size(d));
+    int64_t values = size[0];
+    for (size_t d = 2; d < size.size(); ++d) values *= size[d];
+    TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
+                      at::IntArrayRef(size));
+  }
+  check_group_norm_args(input, groups, weight, bias);
 }
 
 // grad_out like the input; `stats` statistics saved by the forward.

@@ -62,6 +62,12 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "group_norm_backward(Tensor grad_out, Tensor input, int num_groups, Tensor mean, Tensor rstd, Tensor? weight, "
       "Tensor? bias, float eps, str? activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // torch.nn.functional.instance_norm, composed of the operators above
+  // (CompositeImplicitAutograd, api.cpp): it moves the running statistics,
+  // when given, towards their batch averages.
+  m.def(
+      "instance_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+      "Tensor? bias, bool use_input_stats, float momentum, float eps) -> Tensor");
   // LayerNorm over the channels (dim 1) of an (N, C, *) input, as ConvNeXt's
   // LayerNorm2d, in either memory format; statistics (N, 1, *).
   m.def(

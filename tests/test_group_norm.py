@@ -480,6 +480,9 @@ def test_operators_pass_opcheck_and_compile():
                           (dy, x.detach(), 3, mean, rstd, w.detach(), b.detach(), 1e-5, "silu", [True, True, True]))
     torch.library.opcheck(torch.ops.bn_ext.layer_norm_channels_backward.default,
                           (dy, x.detach(), lmean, lrstd, w.detach(), b.detach(), 1e-6, [True, True, True]))
+    # instance_norm, composed of the others, moves the running statistics in place.
+    for stats in ((None, None), (torch.randn(6), torch.rand(6) + 0.5)):
+        torch.library.opcheck(torch.ops.bn_ext.instance_norm.default, (x, *stats, w, b, True, 0.1, 1e-5))
 
     def step(x, w, b):
         y = bn_ext.group_norm(x, 3, w, b, activation="relu") + bn_ext.layer_norm_channels(x, w, b)
@@ -492,6 +495,27 @@ def test_operators_pass_opcheck_and_compile():
     g1 = torch.autograd.grad(expected.sum(), (x, w, b))
     g2 = torch.autograd.grad(got.sum(), (x, w, b))
     for a, e in zip(g2, g1):
+        assert_close(a, e, torch.float32, atol_scale=10)
+
+
+@pytest.mark.level_independent
+def test_compiled_instance_norm_moves_running_statistics_as_eager():
+    x = make_input((2, 6, 4, 5), torch.float32).requires_grad_()
+    w, b = (p.requires_grad_() for p in make_params(6, torch.float32))
+    stats = [(torch.randn(6), torch.rand(6) + 0.5) for _ in range(2)]
+    stats[1] = tuple(s.clone() for s in stats[0])
+    start = tuple(s.clone() for s in stats[0])
+
+    def step(x, w, b, running_mean, running_var):
+        return bn_ext.instance_norm(x, running_mean, running_var, w, b, momentum=0.3) * 2
+
+    expected = step(x, w, b, *stats[0])
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, b, *stats[1])
+    assert_close(got, expected, torch.float32)
+    for eager, compiled, before in zip(stats[0], stats[1], start):
+        assert not torch.equal(eager, before)
+        assert_close(compiled, eager, torch.float32)
+    for a, e in zip(torch.autograd.grad(got.sum(), (x, w, b)), torch.autograd.grad(expected.sum(), (x, w, b))):
         assert_close(a, e, torch.float32, atol_scale=10)
 
 

@@ -27,7 +27,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_forward_cpu(const Tensor& input, i
                                                           const std::optional<Tensor>& weight,
                                                           const std::optional<Tensor>& bias, double eps,
                                                           std::optional<std::string_view> activation) {
-  check_group_norm_args(input, num_groups, weight, bias);
+  check_group_norm_forward_args(input, num_groups, weight, bias);
   const Activation act = parse_activation(activation, "group_norm");
   const Tensor x = input.contiguous(group_norm_memory_format(input));
   const GroupNormGeometry g = group_norm_geometry(x, num_groups);

@@ -217,7 +217,8 @@ inline constexpr const char* kOperatorNames[] = {
     "bn_ext::rms_norm_forward",            "bn_ext::rms_norm_backward",
     "bn_ext::group_norm_forward",          "bn_ext::group_norm_backward",
     "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
-    "bn_ext::fuse_conv_bn_weights",        "bn_ext::fuse_bn_conv_weights"};
+    "bn_ext::instance_norm",               "bn_ext::fuse_conv_bn_weights",
+    "bn_ext::fuse_bn_conv_weights"};
 std::vector<const char*> operator_names();
 
 }  // namespace bn_ext
