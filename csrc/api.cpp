@@ -119,6 +119,8 @@ Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running
   if (!defined(running_mean) || !defined(running_var)) {
     return batch_norm(input, std::nullopt, std::nullopt, weight, bias, true, 0.0, eps);
   }
+  // No batch statistics: BatchNorm's empty output, the running statistics left as they are.
+  if (input.numel() == 0) return batch_norm(input, running_mean, running_var, weight, bias, true, momentum, eps);
   Tensor r, d, mean_b, sigma_b, sigma, old_mean;
   {
     const c10::AutoGradMode no_grad(false);  // r and d are constants of the backward
@@ -127,7 +129,7 @@ Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running
     sigma_b = (sigma_b / count + eps).sqrt();
     old_mean = running_mean->detach().to(at::kDouble);
     sigma = (running_var->detach().to(at::kDouble) + eps).sqrt();
-    const auto param_dtype = defined(weight) ? weight->scalar_type() : running_mean->scalar_type();
+    const auto param_dtype = (defined(weight) ? *weight : defined(bias) ? *bias : *running_mean).scalar_type();
     r = (sigma_b / sigma).clamp(1.0 / rmax, rmax).to(param_dtype);
     d = ((mean_b - old_mean) / sigma).clamp(-dmax, dmax).to(param_dtype);
   }

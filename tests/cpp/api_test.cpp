@@ -238,6 +238,26 @@ void batch_renorm() {
   expect_close(rv, new_var, 1e-12, "batch_renorm running_var (sigma^2 - eps)");
   expect_close(bn_ext::batch_renorm(x, rm, rv, w, b, false), at::batch_norm(x, w, b, rm, rv, false, 0.0, eps, false),
                1e-10, "batch_renorm eval is batch_norm");
+  // An empty batch: BatchNorm's empty output, the running statistics unchanged
+  // (as bn_ext.batch_renorm in Python).
+  auto kept_mean = rm.clone(), kept_var = rv.clone();
+  auto empty = bn_ext::batch_renorm(x.narrow(0, 0, 0), rm, rv, w, b, true);
+  expect(empty.sizes() == x.narrow(0, 0, 0).sizes(), "batch_renorm of an empty batch keeps its shape");
+  expect_close(rm, kept_mean, 0.0, "batch_renorm of an empty batch leaves running_mean");
+  expect_close(rv, kept_var, 0.0, "batch_renorm of an empty batch leaves running_var");
+  // r and d in the parameters' dtype: the bias's without a weight.
+  auto x32 = x.to(torch::kFloat);
+  auto b32 = b.to(torch::kFloat);
+  auto expected32 = (x32 - x32.mean({0, 2, 3}, true)) / (x32.var({0, 2, 3}, false, true) + eps).sqrt() * view(r) +
+                    view(d) + view(b32);
+  try {
+    auto out32 = bn_ext::batch_renorm(x32, torch::full({3}, 4.0, torch::kDouble), torch::full({3}, 0.01, torch::kDouble),
+                                      std::nullopt, b32, true);
+    expect(out32.scalar_type() == torch::kFloat, "batch_renorm with a float bias: a float output");
+    expect_close(out32, expected32, 1e-4, "batch_renorm with a float bias and float64 running statistics");
+  } catch (const c10::Error& e) {
+    expect(false, "batch_renorm with a float bias and float64 running statistics raised");
+  }
 }
 
 void group_norm_family() {
