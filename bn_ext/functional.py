@@ -367,35 +367,12 @@ def batch_renorm(
     Eval: BatchNorm with the running statistics, so it folds like BatchNorm.
     rmax and dmax may be 0-dim tensors (a schedule computed in a compiled graph).
     """
-    if not training:
-        return batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if not isinstance(rmax, Tensor) and not isinstance(dmax, Tensor) and (rmax < 1.0 or dmax < 0.0):
-        raise ValueError(f"batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax={rmax} and dmax={dmax}")
-    if running_mean is None or running_var is None:
-        return batch_norm(input, None, None, weight, bias, True, 0.0, eps)
-    if input.numel() == 0:
-        # No batch statistics: BatchNorm's empty output, the running statistics left as they are.
-        return batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    # r and d from the batch statistics: no gradient flows through them.
-    mean_b, m2 = torch.ops.bn_ext.batch_norm_stats(input.detach())
-    count = input.numel() // input.shape[1]
-    sigma_b = (m2 / count + eps).sqrt()
-    sigma = (running_var.detach().double() + eps).sqrt()
-    r = (sigma_b / sigma).clamp(1.0 / rmax, rmax)
-    d = ((mean_b - running_mean.detach().double()) / sigma).clamp(-dmax, dmax)
-    param_dtype = (weight if weight is not None else bias if bias is not None else running_mean).dtype
-    r, d = r.to(param_dtype), d.to(param_dtype)
-    scaled_weight = r if weight is None else weight * r
-    shifted_bias = d if weight is None else weight * d
-    if bias is not None:
-        shifted_bias = shifted_bias + bias
-    out = batch_norm(input, None, None, scaled_weight, shifted_bias, True, 0.0, eps)
-    with torch.no_grad():
-        new_mean = running_mean.double() + momentum * (mean_b - running_mean.double())
-        new_sigma = sigma + momentum * (sigma_b - sigma)
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_sigma.square() - eps)
-    return out
+    if isinstance(rmax, Tensor) or isinstance(dmax, Tensor):
+        rmax, dmax = (torch.as_tensor(v, dtype=torch.float64) for v in (rmax, dmax))
+        return _ops.batch_renorm.bounds_tensors(input, running_mean, running_var, weight, bias, training, momentum,
+                                                eps, rmax, dmax)
+    return _ops.batch_renorm.default(input, running_mean, running_var, weight, bias, training, momentum, eps, rmax,
+                                     dmax)
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/mean.h>
 #include <ATen/ops/pow.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
@@ -25,6 +26,24 @@ Tensor empty_one_dim_batch_norm(const Tensor& input, Optional weight, Optional b
   if (weight.has_value() && weight->defined()) out = out.mul((*weight)[0]);
   if (bias.has_value() && bias->defined()) out = out.add((*bias)[0]);
   return out;
+}
+
+// The values a channel of an (N, C, *) input holds (N * prod(*)), the
+// count the running variance's unbiasing takes; under torch.compile sizes may
+// be symbolic, and the count is a constant of the compiled graph.
+int64_t values_per_channel(const Tensor& input) {
+  return (input.sym_numel() / input.sym_size(1)).guard_int(__FILE__, __LINE__);
+}
+
+// After a BatchNorm forward in training: the running statistics, when
+// given, moved in place (batch_norm_update_stats).
+void update_running_stats(const Tensor& input, Optional running_mean, Optional running_var, const Tensor& save_mean,
+                          const Tensor& save_invstd, bool training, std::optional<double> momentum,
+                          Optional num_batches_tracked, double eps) {
+  if (!training || !running_mean.has_value() || !running_mean->defined() || input.sym_numel() == 0) return;
+  const c10::AutoGradMode no_grad(false);  // running statistics are buffers
+  batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
+                          values_per_channel(input));
 }
 
 // An activation name as the operators take it.
@@ -55,14 +74,11 @@ void batch_norm_update_stats(Optional running_mean, Optional running_var, const 
 
 Tensor batch_norm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
                   bool training, std::optional<double> momentum, double eps, Optional num_batches_tracked) {
-  if (input.dim() == 1 && input.numel() == 0) return empty_one_dim_batch_norm(input, weight, bias);
+  if (input.dim() == 1 && input.sym_numel() == 0) return empty_one_dim_batch_norm(input, weight, bias);
   auto [out, save_mean, save_invstd] =
       batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps);
-  if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
-    const c10::AutoGradMode no_grad(false);  // running statistics are buffers
-    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
-                            input.numel() / input.size(1));
-  }
+  update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum,
+                       num_batches_tracked, eps);
   return out;
 }
 
@@ -92,11 +108,8 @@ Tensor batch_norm_act(const Tensor& input, Optional running_mean, Optional runni
                       const std::optional<std::string>& activation, Optional residual, Optional num_batches_tracked) {
   auto [out, save_mean, save_invstd] =
       batch_norm_act_forward(input, weight, bias, running_mean, running_var, training, eps, activation, residual);
-  if (training && running_mean.has_value() && running_mean->defined() && input.numel() > 0) {
-    const c10::AutoGradMode no_grad(false);  // running statistics are buffers
-    batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum, num_batches_tracked, eps,
-                            input.numel() / input.size(1));
-  }
+  update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum,
+                       num_batches_tracked, eps);
   return out;
 }
 
@@ -110,27 +123,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(const Tensor&
                                                           save_invstd, training, eps, view_of(activation), output_mask);
 }
 
-Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
-                    bool training, double momentum, double eps, double rmax, double dmax) {
+namespace {
+
+// Batch Renormalization with its clipping bounds as 0-dim tensors (a
+// schedule computed in a compiled graph); the float overload checks them.
+Tensor batch_renorm_bounded(const Tensor& input, Optional running_mean, Optional running_var, Optional weight,
+                            Optional bias, bool training, double momentum, double eps, const Tensor& rmax,
+                            const Tensor& dmax) {
   if (!training) return batch_norm(input, running_mean, running_var, weight, bias, false, 0.0, eps);
-  TORCH_CHECK_VALUE(rmax >= 1.0 && dmax >= 0.0, "batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax=", rmax,
-                    " and dmax=", dmax);
   auto defined = [](Optional t) { return t.has_value() && t->defined(); };
   if (!defined(running_mean) || !defined(running_var)) {
     return batch_norm(input, std::nullopt, std::nullopt, weight, bias, true, 0.0, eps);
   }
   // No batch statistics: BatchNorm's empty output, the running statistics left as they are.
-  if (input.numel() == 0) return batch_norm(input, running_mean, running_var, weight, bias, true, momentum, eps);
+  if (input.sym_numel() == 0) return batch_norm(input, running_mean, running_var, weight, bias, true, momentum, eps);
   Tensor r, d, mean_b, sigma_b, sigma, old_mean;
   {
     const c10::AutoGradMode no_grad(false);  // r and d are constants of the backward
     std::tie(mean_b, sigma_b) = ops::handle<ops::batch_norm_stats>().call(input.detach());
-    const double count = static_cast<double>(input.numel() / std::max<int64_t>(input.size(1), 1));
-    sigma_b = (sigma_b / count + eps).sqrt();
+    const c10::SymFloat count(input.sym_numel() / input.sym_size(1));
+    sigma_b = (sigma_b.div(at::Scalar(count)) + eps).sqrt();
     old_mean = running_mean->detach().to(at::kDouble);
     sigma = (running_var->detach().to(at::kDouble) + eps).sqrt();
     const auto param_dtype = (defined(weight) ? *weight : defined(bias) ? *bias : *running_mean).scalar_type();
-    r = (sigma_b / sigma).clamp(1.0 / rmax, rmax).to(param_dtype);
+    r = (sigma_b / sigma).clamp(rmax.reciprocal(), rmax).to(param_dtype);
     d = ((mean_b - old_mean) / sigma).clamp(-dmax, dmax).to(param_dtype);
   }
   const Tensor scaled_weight = defined(weight) ? *weight * r : r;
@@ -142,6 +158,17 @@ Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running
   const Tensor new_sigma = sigma + momentum * (sigma_b - sigma);
   running_var->copy_(new_sigma * new_sigma - eps);
   return out;
+}
+
+}  // namespace
+
+Tensor batch_renorm(const Tensor& input, Optional running_mean, Optional running_var, Optional weight, Optional bias,
+                    bool training, double momentum, double eps, double rmax, double dmax) {
+  TORCH_CHECK_VALUE(!training || (rmax >= 1.0 && dmax >= 0.0),
+                    "batch_renorm: rmax must be >= 1 and dmax >= 0, got rmax=", rmax, " and dmax=", dmax);
+  const auto bound = [&](double value) { return at::scalar_tensor(value, input.options().dtype(at::kDouble)); };
+  return batch_renorm_bounded(input, running_mean, running_var, weight, bias, training, momentum, eps, bound(rmax),
+                              bound(dmax));
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& input, at::IntArrayRef normalized_shape,
@@ -214,7 +241,11 @@ Tensor instance_norm(const Tensor& input, Optional running_mean, Optional runnin
 
 // The operators composed of others (ops.cpp): autograd, torch.compile and
 // torch.export see the operators they call.
-TORCH_LIBRARY_IMPL(bn_ext, CompositeImplicitAutograd, m) { m.impl("instance_norm", &instance_norm); }
+TORCH_LIBRARY_IMPL(bn_ext, CompositeImplicitAutograd, m) {
+  m.impl("instance_norm", &instance_norm);
+  m.impl("batch_renorm", &batch_renorm);
+  m.impl("batch_renorm.bounds_tensors", &batch_renorm_bounded);
+}
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_channels_forward(const Tensor& input, Optional weight, Optional bias,
                                                                double eps) {

@@ -68,6 +68,15 @@ TORCH_LIBRARY(bn_ext, m) {
   m.def(
       "instance_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
       "Tensor? bias, bool use_input_stats, float momentum, float eps) -> Tensor");
+  // Batch Renormalization (Ioffe, 2017), composed of the BatchNorm operators
+  // (CompositeImplicitAutograd, api.cpp); the clipping bounds as numbers, or
+  // as 0-dim tensors (a schedule computed in a compiled graph).
+  m.def(
+      "batch_renorm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+      "Tensor? bias, bool training, float momentum, float eps, float rmax, float dmax) -> Tensor");
+  m.def(
+      "batch_renorm.bounds_tensors(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, Tensor rmax, Tensor dmax) -> Tensor");
   // LayerNorm over the channels (dim 1) of an (N, C, *) input, as ConvNeXt's
   // LayerNorm2d, in either memory format; statistics (N, 1, *).
   m.def(
