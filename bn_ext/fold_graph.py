@@ -45,6 +45,7 @@ _INSTANCE_NORM_FUNCTION_ARGS = {
     F.instance_norm: _BN_FUNCTION_ARGS[F.batch_norm],
     torch.instance_norm: _BN_FUNCTION_ARGS[torch.batch_norm],
     _aten.instance_norm.default: _BN_FUNCTION_ARGS[_aten.batch_norm.default],
+    _ops.instance_norm.default: _BN_FUNCTION_ARGS[F.batch_norm],
 }
 
 
