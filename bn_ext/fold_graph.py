@@ -36,6 +36,10 @@ _BN_FUNCTION_ARGS = {
     torch.batch_norm: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
     _aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
                                "eps"),
+    _ops.batch_norm.default: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps",
+                              "num_batches_tracked"),
+    _ops.batch_norm_act.default: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum",
+                                  "eps", "activation", "residual", "num_batches_tracked"),
 }
 
 

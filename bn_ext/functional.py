@@ -18,9 +18,6 @@ __all__ = ["batch_norm", "batch_norm_act", "batch_renorm", "group_norm", "instan
 
 _ops = torch.ops.bn_ext
 # Overloads resolved once: the per-call lookup is measurable on small inputs.
-_batch_norm_forward = _ops.batch_norm_forward.default
-_batch_norm_update_stats = _ops.batch_norm_update_stats.default
-_batch_norm_act_forward = _ops.batch_norm_act_forward.default
 _layer_norm_forward = _ops.layer_norm_forward.default
 _rms_norm_forward = _ops.rms_norm_forward.default
 
@@ -194,31 +191,12 @@ def _batch_norm(
     num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative average over num_batches_tracked."""
-    if input.dim() == 1 and input.numel() == 0:
-        # torch accepts an empty 1-D input (it has no channel dimension to
-        # check) and returns an empty copy, scaled and shifted by the first
-        # parameters; so does bn_ext::batch_norm in C++.
-        out = input.clone()
-        if weight is not None:
-            out = out * weight[0]
-        return out + bias[0] if bias is not None else out
     if _direct_call(input, running_mean, running_var, weight, bias, num_batches_tracked):
         return _C.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
-    out, save_mean, save_invstd = _batch_norm_forward(input, weight, bias, running_mean, running_var, training, eps)
-    _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
-                          num_batches_tracked)
-    return out
-
-
-def _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
-                          num_batches_tracked) -> None:
-    """After a BatchNorm forward: the running statistics moved in place (training only)."""
-    if training and running_mean is not None and input.numel() > 0:
-        with torch.no_grad():
-            _batch_norm_update_stats(running_mean, running_var, save_mean, save_invstd, momentum,
-                                     num_batches_tracked, eps, input.numel() // input.shape[1])
+    return _ops.batch_norm.default(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                   num_batches_tracked)
 
 
 
@@ -328,14 +306,8 @@ def batch_norm_act(
     gradient too; momentum None is the cumulative average over num_batches_tracked.
     """
     _check_activation("batch_norm_act", activation)
-    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
-        raise TypeError("batch_norm_act: momentum=None (the cumulative average) needs num_batches_tracked")
-    out, save_mean, save_invstd = _batch_norm_act_forward(
-        input, weight, bias, running_mean, running_var, training, eps, activation, residual
-    )
-    _update_running_stats(input, running_mean, running_var, save_mean, save_invstd, training, momentum, eps,
-                          num_batches_tracked)
-    return out
+    return _ops.batch_norm_act.default(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                       activation, residual, num_batches_tracked)
 
 
 # ---------------------------------------------------------------------------

@@ -242,6 +242,16 @@ Tensor instance_norm(const Tensor& input, Optional running_mean, Optional runnin
 // The operators composed of others (ops.cpp): autograd, torch.compile and
 // torch.export see the operators they call.
 TORCH_LIBRARY_IMPL(bn_ext, CompositeImplicitAutograd, m) {
+  m.impl("batch_norm", static_cast<Tensor (*)(const Tensor&, Optional, Optional, Optional, Optional, bool,
+                                               std::optional<double>, double, Optional)>(&batch_norm));
+  m.impl("batch_norm_act", [](const Tensor& input, Optional running_mean, Optional running_var, Optional weight,
+                              Optional bias, bool training, std::optional<double> momentum, double eps,
+                              std::optional<c10::string_view> activation, Optional residual,
+                              Optional num_batches_tracked) {
+    return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          activation.has_value() ? std::optional<std::string>(*activation) : std::nullopt, residual,
+                          num_batches_tracked);
+  });
   m.impl("instance_norm", &instance_norm);
   m.impl("batch_renorm", &batch_renorm);
   m.impl("batch_renorm.bounds_tensors", &batch_renorm_bounded);

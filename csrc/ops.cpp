@@ -36,6 +36,18 @@ TORCH_LIBRARY(bn_ext, m) {
       "Tensor save_mean, Tensor save_invstd, bool training, float eps, str? activation, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // torch.nn.functional.batch_norm (momentum None: the cumulative average
+  // over num_batches_tracked) and its fused form, composed of the operators
+  // above (CompositeImplicitAutograd, api.cpp): the forward, then the
+  // running statistics moved in place.
+  m.def(
+      "batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, Tensor? bias, "
+      "bool training, float? momentum, float eps, Tensor? num_batches_tracked) -> Tensor");
+  m.def(
+      "batch_norm_act(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+      "Tensor? bias, bool training, float? momentum, float eps, str? activation, Tensor? residual, "
+      "Tensor? num_batches_tracked) -> Tensor");
+
   // LayerNorm and RMSNorm over the trailing normalized_shape dims. Statistics
   // have the input's leading dims and a 1 per normalized dim. eps in the
   // backward ops serves their own autograd formula (double backward).

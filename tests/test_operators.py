@@ -50,6 +50,25 @@ def test_opcheck_batch_norm_update_stats():
             (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4) + 1, None, torch.tensor(3), 1e-5, 3))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_batch_norm_composites(training, momentum):
+    """batch_norm and batch_norm_act, composed of the forward and update
+    operators, with the running statistics they move in place."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, requires_grad=True)
+    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
+
+    def stats():
+        return torch.randn(4), torch.rand(4) + 0.5, torch.tensor(3)
+
+    opcheck(ops.batch_norm.default, (x, *stats()[:2], w, b, training, momentum, 1e-5, stats()[2]))
+    if training:  # eval needs the running statistics
+        opcheck(ops.batch_norm.default, (x, None, None, w, b, training, momentum, 1e-5, None))
+    r = torch.randn(3, 4, 5, 6, requires_grad=True)
+    opcheck(ops.batch_norm_act.default, (x, *stats()[:2], w, b, training, momentum, 1e-5, "silu", r, stats()[2]))
+
+
 def conv_bn_net():
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -87,9 +106,13 @@ def test_export_runs_and_matches(training):
     x = torch.randn(4, 3, 8, 8)
     program = torch.export.export(model, (x,))
     names = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert "bn_ext.batch_norm_forward.default" in names
-    reference = conv_bn_net().train(training)
-    torch.testing.assert_close(program.module()(x), reference(x))
+    assert "bn_ext.batch_norm.default" in names  # the composite operator, kept whole
+    decomposed = program.run_decompositions()
+    names = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
+    assert "bn_ext.batch_norm_forward.default" in names and "bn_ext.batch_norm.default" not in names
+    for exported in (program, decomposed):
+        reference = conv_bn_net().train(training)
+        torch.testing.assert_close(exported.module()(x), reference(x))
 
 
 def row_norm_samples():
@@ -210,7 +233,7 @@ def test_direct_batch_norm_module_matches_the_operator_path(momentum):
         y_direct = direct(x)
         with _through_torch_ops() as mode:
             y_ops = via_ops(x)
-        assert torch.ops.bn_ext.batch_norm_forward.default in mode.calls
+        assert torch.ops.bn_ext.batch_norm.default in mode.calls
         assert torch.equal(y_direct, y_ops)
     (g_direct,) = torch.autograd.grad(y_direct.sum(), x)
     (g_ops,) = torch.autograd.grad(y_ops.sum(), x)
