@@ -6,6 +6,7 @@ The signatures and semantics are those of torch.nn.functional.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -44,23 +45,6 @@ def _reduction_dims(x: Tensor) -> list[int]:
 
 def _channel_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
-
-
-def _double_backward(reference, grad_out, input, weight, other_args, grads_of_grads, output_mask):
-    """Gradients of a backward op's outputs through its composite reference."""
-    has_weight = weight is not None
-    w = weight if has_weight else torch.ones(1, dtype=input.dtype, device=input.device)
-
-    def first_derivatives(dy, x, w_):
-        return reference(dy, x, *other_args(w_ if has_weight else None))
-
-    outputs, vjp = torch.func.vjp(first_derivatives, grad_out, input, w)
-    cotangents = tuple(
-        g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
-        for g, o, asked in zip(grads_of_grads, outputs, output_mask)
-    )
-    d_grad_out, d_input, d_weight = vjp(cotangents)
-    return d_grad_out, d_input, (d_weight.to(weight.dtype) if has_weight else None)
 
 
 # ---------------------------------------------------------------------------
@@ -133,27 +117,6 @@ def _batch_norm_grads_reference(grad_out, input, weight, save_mean, save_invstd,
     else:
         grad_input = g * invstd
     return grad_input.to(input.dtype), grad_weight, grad_bias
-
-
-def _batch_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, weight, save_mean, save_invstd, training, eps, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
-    ctx.training, ctx.eps, ctx.output_mask = training, eps, list(output_mask)
-
-
-def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
-    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
-    d_grad_out, d_input, d_weight = _double_backward(
-        _batch_norm_grads_reference, grad_out, input, weight,
-        lambda w: (w, save_mean, save_invstd, ctx.training, ctx.eps), (gg_input, gg_weight, gg_bias),
-        ctx.output_mask,
-    )
-    return d_grad_out, d_input, d_weight, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "bn_ext::batch_norm_backward", _batch_norm_backward_backward, setup_context=_batch_norm_backward_setup
-)
 
 
 def batch_norm(
@@ -255,30 +218,6 @@ def _batch_norm_act_grads_reference(grad_out, input, residual, weight, bias, sav
     else:
         grad_input = g * invstd
     return grad_input.to(input.dtype), (dz * x_hat).sum(dims), dz.sum(dims), dz.to(input.dtype)
-
-
-def _batch_norm_act_backward_setup(ctx, inputs, output):
-    grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps, activation, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, residual, weight, bias, save_mean, save_invstd)
-    ctx.training, ctx.eps, ctx.activation, ctx.output_mask = training, eps, activation, list(output_mask)
-
-
-def _batch_norm_act_backward_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
-    grad_out, input, residual, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-    mask = list(ctx.output_mask)
-    mask[3] = mask[3] and residual is not None
-    d_grad_out, d_input, d_residual, d_weight, d_bias = _params_double_backward(
-        lambda dy, x, r, w, b: _batch_norm_act_grads_reference(
-            dy, x, r, w, b, save_mean, save_invstd, ctx.training, ctx.eps, ctx.activation
-        ),
-        (grad_out, input, residual, weight, bias), (gg_input, gg_weight, gg_bias, gg_residual), mask,
-    )
-    return d_grad_out, d_input, d_residual, d_weight, d_bias, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "bn_ext::batch_norm_act_backward", _batch_norm_act_backward_backward, setup_context=_batch_norm_act_backward_setup
-)
 
 
 def batch_norm_act(
@@ -453,45 +392,6 @@ def _rms_norm_eps(eps: float | None, dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
-def _layer_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, normalized_shape, mean, rstd, weight, bias, eps, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight)
-    ctx.normalized_shape, ctx.eps, ctx.output_mask = normalized_shape, eps, list(output_mask)
-
-
-def _layer_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
-    grad_out, input, weight = ctx.saved_tensors
-    d_grad_out, d_input, d_weight = _double_backward(
-        _layer_norm_grads_reference, grad_out, input, weight,
-        lambda w: (ctx.normalized_shape, w, ctx.eps), (gg_input, gg_weight, gg_bias), ctx.output_mask,
-    )
-    return d_grad_out, d_input, None, None, None, d_weight, None, None, None
-
-
-def _rms_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, normalized_shape, rstd, weight, eps, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight)
-    ctx.normalized_shape, ctx.eps, ctx.output_mask = normalized_shape, eps, list(output_mask)
-
-
-def _rms_norm_backward_backward(ctx, gg_input, gg_weight):
-    grad_out, input, weight = ctx.saved_tensors
-    d_grad_out, d_input, d_weight = _double_backward(
-        _rms_norm_grads_reference, grad_out, input, weight,
-        lambda w: (ctx.normalized_shape, w, ctx.eps), (gg_input, gg_weight), ctx.output_mask,
-    )
-    return d_grad_out, d_input, None, None, d_weight, None, None
-
-
-# The forward operators' autograd is in C++ (csrc/autograd.cpp); these are
-# the backward operators' own formulas, for double backward.
-for _name, _backward, _setup in [
-    ("layer_norm_backward", _layer_norm_backward_backward, _layer_norm_backward_setup),
-    ("rms_norm_backward", _rms_norm_backward_backward, _rms_norm_backward_setup),
-]:
-    torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
-
-
 def _as_shape(normalized_shape: int | Sequence[int]) -> Sequence[int]:
     return (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
 
@@ -628,63 +528,56 @@ def _layer_norm_channels_grads_reference(grad_out, input, weight, bias, eps):
     return grad_input.movedim(-1, 1), grad_weight, grad_bias
 
 
-def _params_double_backward(reference, primals, grads_of_grads, output_mask):
-    """Gradients of a backward op's outputs (dx, dweight, dbias, ...) with
-    respect to its tensor inputs `primals` (None where absent), through its
-    composite reference(*primals)."""
-    present = [p is not None for p in primals]
-    like = primals[1]
-    args = [p if p is not None else torch.zeros((), dtype=like.dtype, device=like.device) for p in primals]
-
-    def call(*xs):
-        return reference(*[x if keep else None for x, keep in zip(xs, present)])
-
-    outputs, vjp = torch.func.vjp(call, *args)
-    cotangents = tuple(
-        g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
-        for g, o, asked in zip(grads_of_grads, outputs, output_mask)
-    )
-    grads = vjp(cotangents)
-    return tuple(g.to(p.dtype) if p is not None else None for g, p in zip(grads, primals))
+# ---------------------------------------------------------------------------
+# Double backward. The forward operators' autograd is in C++
+# (csrc/autograd.cpp); a backward operator's own derivatives are those of its
+# composite reference (statistics recomputed from the input, so exact).
 
 
-def _group_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, num_groups, mean, rstd, weight, bias, eps, activation, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight, bias)
-    ctx.num_groups, ctx.eps, ctx.activation, ctx.output_mask = num_groups, eps, activation, list(output_mask)
+def _register_double_backward(op: str, reference, differentiable: tuple[str, ...]) -> None:
+    """Autograd for backward operator `op`: the gradients of its outputs with
+    respect to its tensor arguments named in `differentiable`, through
+    reference(...), called with the operator's arguments of its parameters'
+    names and returning the operator's outputs in order."""
+    schema = getattr(_ops, op).default._schema
+    names = [a.name for a in schema.arguments]
+    tensor_or_none = torch._C.OptionalType(torch._C.TensorType.get())
+    tensors = [i for i, a in enumerate(schema.arguments) if a.type.isSubtypeOf(tensor_or_none)]
+    wanted = list(inspect.signature(reference).parameters)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in tensors))
+        ctx.others = {n: v for i, (n, v) in enumerate(zip(names, inputs)) if i not in tensors}
+
+    def backward(ctx, *grads_of_grads):
+        args = {**ctx.others, **{names[i]: t for i, t in zip(tensors, ctx.saved_tensors)}}
+        primals = [n for n in differentiable if args[n] is not None]
+
+        def first_derivatives(*values):
+            given = {**args, **dict(zip(primals, values))}
+            return reference(**{n: given[n] for n in wanted})
+
+        outputs, vjp = torch.func.vjp(first_derivatives, *(args[n] for n in primals))
+        # A gradient not asked for is an empty output: no cotangent flows from it.
+        cotangents = tuple(
+            g.to(o.dtype) if (asked and g is not None and g.numel() == o.numel()) else torch.zeros_like(o)
+            for g, o, asked in zip(grads_of_grads, outputs, args["output_mask"])
+        )
+        grads = {n: g.to(args[n].dtype) for n, g in zip(primals, vjp(cotangents))}
+        return tuple(grads.get(n) for n in names)
+
+    torch.library.register_autograd(f"bn_ext::{op}", backward, setup_context=setup_context)
 
 
-def _group_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
-    grad_out, input, weight, bias = ctx.saved_tensors
-    d_grad_out, d_input, d_weight, d_bias = _params_double_backward(
-        lambda dy, x, w, b: _group_norm_grads_reference(dy, x, ctx.num_groups, w, b, ctx.eps, ctx.activation),
-        (grad_out, input, weight, bias), (gg_input, gg_weight, gg_bias), ctx.output_mask,
-    )
-    return d_grad_out, d_input, None, None, None, d_weight, d_bias, None, None, None
-
-
-def _layer_norm_channels_backward_setup(ctx, inputs, output):
-    grad_out, input, mean, rstd, weight, bias, eps, output_mask = inputs
-    ctx.save_for_backward(grad_out, input, weight, bias)
-    ctx.eps, ctx.output_mask = eps, list(output_mask)
-
-
-def _layer_norm_channels_backward_backward(ctx, gg_input, gg_weight, gg_bias):
-    grad_out, input, weight, bias = ctx.saved_tensors
-    d_grad_out, d_input, d_weight, _ = _params_double_backward(
-        lambda dy, x, w, b: _layer_norm_channels_grads_reference(dy, x, w, b, ctx.eps),
-        (grad_out, input, weight, bias), (gg_input, gg_weight, gg_bias), ctx.output_mask,
-    )
-    return d_grad_out, d_input, None, None, d_weight, None, None, None
-
-
-# As for the other families, the forward operators' autograd is in C++
-# (csrc/autograd.cpp); these are the backward operators' own formulas.
-for _name, _backward, _setup in [
-    ("group_norm_backward", _group_norm_backward_backward, _group_norm_backward_setup),
-    ("layer_norm_channels_backward", _layer_norm_channels_backward_backward, _layer_norm_channels_backward_setup),
+for _op, _reference, _differentiable in [
+    ("batch_norm_backward", _batch_norm_grads_reference, ("grad_out", "input", "weight")),
+    ("batch_norm_act_backward", _batch_norm_act_grads_reference, ("grad_out", "input", "residual", "weight", "bias")),
+    ("layer_norm_backward", _layer_norm_grads_reference, ("grad_out", "input", "weight")),
+    ("rms_norm_backward", _rms_norm_grads_reference, ("grad_out", "input", "weight")),
+    ("group_norm_backward", _group_norm_grads_reference, ("grad_out", "input", "weight", "bias")),
+    ("layer_norm_channels_backward", _layer_norm_channels_grads_reference, ("grad_out", "input", "weight", "bias")),
 ]:
-    torch.library.register_autograd(f"bn_ext::{_name}", _backward, setup_context=_setup)
+    _register_double_backward(_op, _reference, _differentiable)
 
 
 def group_norm(
