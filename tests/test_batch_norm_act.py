@@ -388,38 +388,6 @@ def test_convert_timm_batch_norm_act_runs_fused_and_reverts():
 # --- The operator contract ----------------------------------------------------
 
 
-def _act_samples():
-    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
-    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
-    r = torch.randn_like(x)
-    return [
-        (x, w, b, None, None, True, 1e-5, "relu", r),
-        (x, w, b, rm, rv, False, 1e-5, "silu", None),
-        (x.to(memory_format=torch.channels_last), None, b, None, None, True, 1e-5, "silu", r),
-        (x.float().to(torch.bfloat16), w.float(), b.float(), None, None, True, 1e-5, "relu", r.to(torch.bfloat16)),
-        (x, w, b, None, None, True, 1e-5, None, r),
-    ]
-
-
-@pytest.mark.level_independent
-@pytest.mark.parametrize("sample", range(5))
-def test_opcheck(sample):
-    from torch.library import opcheck
-
-    args = _act_samples()[sample]
-    ops = torch.ops.bn_ext
-    opcheck(ops.batch_norm_act_forward.default, args)
-    x, w, b, rm, rv, training, eps, activation, r = args
-    grad = [t.requires_grad_() if t is not None and t.dtype == torch.float64 else t for t in (x, w, b, r)]
-    opcheck(ops.batch_norm_act_forward.default, (grad[0], grad[1], grad[2], rm, rv, training, eps, activation, grad[3]))
-    _, mean, invstd = ops.batch_norm_act_forward(*args)
-    dy = torch.randn_like(x)
-    for mask in ([True] * 4, [False, True, False, True]):
-        opcheck(ops.batch_norm_act_backward.default,
-                (dy, x.detach(), r if r is None else r.detach(), w, b, mean, invstd, training, eps, activation, mask))
-
-
 class _Block(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -173,22 +173,6 @@ def test_export_matches_eager(training):
     torch.testing.assert_close(exported.state_dict()["1.running_var"], reference[1].running_var)
 
 
-@pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
-def test_operators_pass_opcheck(running):
-    torch.manual_seed(0)
-    x = torch.randn(4, 3, 5, requires_grad=True)
-    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
-    stats = (torch.randn(3), torch.rand(3) + 0.5) if running else (None, None)
-    for training in (True, False):
-        if not training and not running:
-            continue  # eval needs the running statistics
-        torch.library.opcheck(torch.ops.bn_ext.batch_renorm.default,
-                              (x, *(s if s is None else s.clone() for s in stats), w, b, training, 0.1, EPS, 1.5, 0.5))
-        torch.library.opcheck(torch.ops.bn_ext.batch_renorm.bounds_tensors,
-                              (x, *(s if s is None else s.clone() for s in stats), w, b, training, 0.1, EPS,
-                               torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)))
-
-
 def test_bounds_checked_by_the_operator():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="rmax must be >= 1 and dmax >= 0"):

@@ -1,72 +1,10 @@
-"""The operator contract: opcheck on every operator, torch.compile(fullgraph)
-with no graph break, and torch.export."""
+"""The operator contract beyond opcheck (test_op_samples.py): torch.compile
+(fullgraph) with no graph break, torch.export, and the direct bindings."""
 
 import pytest
 import torch
-from torch.library import opcheck
 
 import bn_ext
-
-ops = torch.ops.bn_ext
-
-
-def bn_forward_samples():
-    x = torch.randn(3, 4, 5, 6)
-    w, b = torch.rand(4) + 0.5, torch.randn(4)
-    rm, rv = torch.randn(4), torch.rand(4) + 0.5
-    xh = x.to(torch.bfloat16)
-    return [
-        (x, w, b, None, None, True, 1e-5),
-        (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, False, 1e-5),
-        (x.detach().to(memory_format=torch.channels_last), w.detach(), None, rm, rv, True, 1e-3),
-        (torch.randn(8, 3, 10)[:, :, ::2], None, None, None, None, True, 1e-5),
-        (xh, w.detach(), b.detach(), rm, rv, True, 1e-5),
-        (torch.randn(6, 4, dtype=torch.float64), None, None, None, None, True, 1e-5),
-    ]
-
-
-@pytest.mark.parametrize("args", bn_forward_samples(), ids=range(6))
-def test_opcheck_batch_norm_forward(args):
-    opcheck(ops.batch_norm_forward.default, args)
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
-def test_opcheck_batch_norm_backward(training, mask):
-    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
-    w = torch.rand(4, dtype=torch.float64)
-    _, mean, invstd = ops.batch_norm_forward(x, w, None, torch.zeros(4, dtype=torch.float64),
-                                             torch.ones(4, dtype=torch.float64), training, 1e-5)
-    dy = torch.randn_like(x)
-    opcheck(ops.batch_norm_backward.default, (dy, x, w, mean, invstd, training, 1e-5, mask))
-    opcheck(ops.batch_norm_backward.default,
-            (dy.requires_grad_(), x.requires_grad_(), w.requires_grad_(), mean, invstd, training, 1e-5, mask))
-
-
-def test_opcheck_batch_norm_update_stats():
-    opcheck(ops.batch_norm_update_stats.default,
-            (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4) + 1, 0.1, None, 1e-5, 10))
-    opcheck(ops.batch_norm_update_stats.default,
-            (torch.randn(4), torch.rand(4), torch.randn(4), torch.rand(4) + 1, None, torch.tensor(3), 1e-5, 3))
-
-
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-@pytest.mark.parametrize("training", [True, False])
-def test_opcheck_batch_norm_composites(training, momentum):
-    """batch_norm and batch_norm_act, composed of the forward and update
-    operators, with the running statistics they move in place."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 4, 5, 6, requires_grad=True)
-    w, b = torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)
-
-    def stats():
-        return torch.randn(4), torch.rand(4) + 0.5, torch.tensor(3)
-
-    opcheck(ops.batch_norm.default, (x, *stats()[:2], w, b, training, momentum, 1e-5, stats()[2]))
-    if training:  # eval needs the running statistics
-        opcheck(ops.batch_norm.default, (x, None, None, w, b, training, momentum, 1e-5, None))
-    r = torch.randn(3, 4, 5, 6, requires_grad=True)
-    opcheck(ops.batch_norm_act.default, (x, *stats()[:2], w, b, training, momentum, 1e-5, "silu", r, stats()[2]))
 
 
 def conv_bn_net():
@@ -115,46 +53,6 @@ def test_export_runs_and_matches(training):
         torch.testing.assert_close(exported.module()(x), reference(x))
 
 
-def row_norm_samples():
-    x = torch.randn(4, 3, 8)
-    w, b = torch.rand(3, 8) + 0.5, torch.randn(3, 8)
-    return [
-        (x, [8], w[0], b[0]),
-        (x.requires_grad_(), [3, 8], w.requires_grad_(), b.requires_grad_()),
-        (torch.randn(5, 12)[:, ::2], [6], None, None),
-        (torch.randn(2, 5, 16, dtype=torch.bfloat16), [16], torch.rand(16), None),
-        (torch.randn(3, 7, dtype=torch.float64), [7], torch.rand(7, dtype=torch.float64), None),
-    ]
-
-
-@pytest.mark.parametrize("sample", row_norm_samples(), ids=range(5))
-def test_opcheck_layer_norm(sample):
-    x, shape, w, b = sample
-    opcheck(ops.layer_norm_forward.default, (x, shape, w, b, 1e-5))
-    _, mean, rstd = ops.layer_norm_forward(x, shape, w, b, 1e-5)
-    dy = torch.randn_like(x, memory_format=torch.contiguous_format)
-    for mask in ([True, True, True], [False, w is not None, b is not None]):
-        opcheck(ops.layer_norm_backward.default, (dy, x.detach(), shape, mean.detach(), rstd.detach(),
-                                                  None if w is None else w.detach(),
-                                                  None if b is None else b.detach(), 1e-5, mask))
-
-
-@pytest.mark.parametrize("sample", row_norm_samples(), ids=range(5))
-@pytest.mark.parametrize("eps", [None, 1e-6])
-def test_opcheck_rms_norm(sample, eps):
-    x, shape, w, _ = sample
-    opcheck(ops.rms_norm_forward.default, (x, shape, w, eps))
-    _, rstd = ops.rms_norm_forward(x, shape, w, eps)
-    dy = torch.randn_like(x, memory_format=torch.contiguous_format)
-    opcheck(ops.rms_norm_backward.default,
-            (dy, x.detach(), shape, rstd.detach(), None if w is None else w.detach(), eps, [True, w is not None]))
-
-
-def test_opcheck_channels_last_rms_norm():
-    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
-    opcheck(ops.rms_norm_forward.default, (x, [5], None, None))
-
-
 class TinyTransformerBlock(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -191,21 +89,6 @@ def test_export_row_norms():
 
 @pytest.mark.parametrize("x", [torch.randn(6, 3, 4, 5), torch.randn(6, 3, 4, 5).to(memory_format=torch.channels_last),
                                torch.randn(5, 4, dtype=torch.bfloat16)], ids=["nchw", "channels_last", "bf16-2d"])
-def test_opcheck_batch_norm_stats(x):
-    opcheck(ops.batch_norm_stats.default, (x,))
-
-
-@pytest.mark.parametrize("transposed", [False, True])
-def test_opcheck_folding_ops(transposed):
-    weight = torch.randn(4, 3, 3, 3) if not transposed else torch.randn(4, 3, 3, 3)
-    channels = 3 * 2 if transposed else 4
-    groups = 2 if transposed else 1
-    stats = (torch.randn(channels), torch.rand(channels) + 0.5, 1e-5, torch.randn(channels), torch.randn(channels))
-    opcheck(ops.fuse_conv_bn_weights.default, (weight, None, *stats, transposed, groups))
-    bn_in = (torch.randn(3), torch.rand(3) + 0.5, 1e-5, None, torch.randn(3))
-    opcheck(ops.fuse_bn_conv_weights.default, (torch.randn(4, 3, 3, 3), torch.randn(4), *bn_in, 1))
-
-
 # --- the direct bindings (bn_ext._C) that eager calls use instead of torch.ops ---
 
 

@@ -209,6 +209,8 @@ std::vector<std::string> cpu_capabilities();
 
 // Names of every bn_ext operator, as registered: the one list that the C++
 // tests and operator_names() read.
+// Composed of others (CompositeImplicitAutograd): batch_norm, batch_norm_act,
+// batch_renorm (and its bounds_tensors overload), instance_norm.
 inline constexpr const char* kOperatorNames[] = {
     "bn_ext::batch_norm_forward",          "bn_ext::batch_norm_update_stats",
     "bn_ext::batch_norm_backward",         "bn_ext::batch_norm_stats",
@@ -217,8 +219,9 @@ inline constexpr const char* kOperatorNames[] = {
     "bn_ext::rms_norm_forward",            "bn_ext::rms_norm_backward",
     "bn_ext::group_norm_forward",          "bn_ext::group_norm_backward",
     "bn_ext::layer_norm_channels_forward", "bn_ext::layer_norm_channels_backward",
-    "bn_ext::instance_norm",               "bn_ext::fuse_conv_bn_weights",
-    "bn_ext::fuse_bn_conv_weights"};
+    "bn_ext::batch_norm",                  "bn_ext::batch_norm_act",
+    "bn_ext::batch_renorm",                "bn_ext::instance_norm",
+    "bn_ext::fuse_conv_bn_weights",        "bn_ext::fuse_bn_conv_weights"};
 std::vector<const char*> operator_names();
 
 }  // namespace bn_ext
