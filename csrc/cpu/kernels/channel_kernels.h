@@ -254,34 +254,50 @@ void add_rows_moments(const T* x, int64_t width, int64_t stride, int64_t r0, int
   }
 }
 
-// Per-channel moments of x (count, mean, M2).
-template <typename T>
-std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
+// A per-channel reduction over the walk that suits g: short planes (tasks of
+// planes across channels), channels-first stripes, or channels-last chunks of
+// rows. Each task adds its values into its stripe's partials through
+// add_block(c0, c1, lo, hi, partials from channel c0) for runs [lo, hi) of
+// channels [c0, c1), or add_rows(r0, r1, partials from channel 0) for rows
+// [r0, r1); merge(total, partial) then takes a channel's stripes in order.
+template <typename T, typename Partial, typename AddBlock, typename AddRows, typename Merge>
+std::vector<Partial> reduce_channels(const BatchNormGeometry& g, const AddBlock& add_block, const AddRows& add_rows,
+                                     const Merge& merge) {
   const int64_t stripes = short_planes<T>(g) ? plane_split<T>(g).stripes : stripe_count(g);
-  // Per stripe and channel, merged in stripe order below.
-  std::vector<Moments> partial(g.C * stripes);
+  std::vector<Partial> partial(g.C * stripes);
   if (short_planes<T>(g)) {
     for_each_plane_task(g, plane_split<T>(g), [&](int64_t stripe, int64_t c0, int64_t c1, int64_t n0, int64_t n1) {
-      add_block_moments(x, g, c0, c1, n0 * g.S, n1 * g.S, &partial[stripe * g.C + c0]);
+      add_block(c0, c1, n0 * g.S, n1 * g.S, &partial[stripe * g.C + c0]);
     });
   } else if (!g.channels_last) {
     for_each_channels_first_stripe(g, stripes, [&](int64_t c, int64_t stripe, int64_t lo, int64_t hi) {
-      add_block_moments(x, g, c, c + 1, lo, hi, &partial[stripe * g.C + c]);
+      add_block(c, c + 1, lo, hi, &partial[stripe * g.C + c]);
     });
   } else {
-    for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t r0, int64_t r1) {
-      add_rows_moments(x, g.C, g.C, r0, r1, [&](int64_t c, const Moments& m) { chan_merge(partial[stripe * g.C + c], m); });
-    });
+    for_each_channels_last_chunk(
+        g, stripes, [&](int64_t stripe, int64_t r0, int64_t r1) { add_rows(r0, r1, &partial[stripe * g.C]); });
   }
-  std::vector<Moments> total(g.C);
+  std::vector<Partial> total(g.C);
   at::parallel_for(0, g.C, grain_for(8 * stripes), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t s = 0; s < stripes; ++s) {
-        chan_merge(total[c], partial[s * g.C + c]);
-      }
+      for (int64_t s = 0; s < stripes; ++s) merge(total[c], partial[s * g.C + c]);
     }
   });
   return total;
+}
+
+// Per-channel moments of x (count, mean, M2).
+template <typename T>
+std::vector<Moments> channel_moments(const T* x, const BatchNormGeometry& g) {
+  return reduce_channels<T, Moments>(
+      g,
+      [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi, Moments* out) {
+        add_block_moments(x, g, c0, c1, lo, hi, out);
+      },
+      [&](int64_t r0, int64_t r1, Moments* out) {
+        add_rows_moments(x, g.C, g.C, r0, r1, [&](int64_t c, const Moments& m) { chan_merge(out[c], m); });
+      },
+      [](Moments& total, const Moments& m) { chan_merge(total, m); });
 }
 
 // Per-channel sum(dy) and sum(dy * (x - center)).
@@ -437,30 +453,17 @@ void add_rows_grad_sums(const T* dy, const T* x, const opmath_t<T>* center, cons
 template <typename T, typename Gradient = PlainGradient<T>>
 std::vector<GradSums> channel_grad_sums(const T* dy, const T* x, const opmath_t<T>* center,
                                         const BatchNormGeometry& g, const Gradient& gradient = {}) {
-  const int64_t stripes = short_planes<T>(g) ? plane_split<T>(g).stripes : stripe_count(g);
-  // Per stripe and channel, added in stripe order below.
-  std::vector<GradSums> partial(g.C * stripes);
-  if (short_planes<T>(g)) {
-    for_each_plane_task(g, plane_split<T>(g), [&](int64_t stripe, int64_t c0, int64_t c1, int64_t n0, int64_t n1) {
-      add_block_grad_sums(dy, x, center, g, c0, c1, n0 * g.S, n1 * g.S, &partial[stripe * g.C + c0], gradient);
-    });
-  } else if (!g.channels_last) {
-    for_each_channels_first_stripe(g, stripes, [&](int64_t c, int64_t stripe, int64_t lo, int64_t hi) {
-      add_block_grad_sums(dy, x, center, g, c, c + 1, lo, hi, &partial[stripe * g.C + c], gradient);
-    });
-  } else {
-    for_each_channels_last_chunk(g, stripes, [&](int64_t stripe, int64_t r0, int64_t r1) {
-      auto add = [&](int64_t c, double sum_dy, double sum_dyx) {
-        add_grad_sums(partial[stripe * g.C + c], sum_dy, sum_dyx);
-      };
-      add_rows_grad_sums(dy, x, center, g, r0, r1, add, gradient);
-    });
-  }
-  std::vector<GradSums> total(g.C);
-  for (int64_t s = 0; s < stripes; ++s) {
-    for (int64_t c = 0; c < g.C; ++c) add_grad_sums(total[c], partial[s * g.C + c].dy, partial[s * g.C + c].dy_xc);
-  }
-  return total;
+  return reduce_channels<T, GradSums>(
+      g,
+      [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi, GradSums* out) {
+        add_block_grad_sums(dy, x, center, g, c0, c1, lo, hi, out, gradient);
+      },
+      [&](int64_t r0, int64_t r1, GradSums* out) {
+        add_rows_grad_sums(
+            dy, x, center, g, r0, r1,
+            [&](int64_t c, double sum_dy, double sum_dyx) { add_grad_sums(out[c], sum_dy, sum_dyx); }, gradient);
+      },
+      [](GradSums& total, const GradSums& s) { add_grad_sums(total, s.dy, s.dy_xc); });
 }
 
 // ---------------------------------------------------------------------------
