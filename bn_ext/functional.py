@@ -21,6 +21,9 @@ _ops = torch.ops.bn_ext
 # Overloads resolved once: the per-call lookup is measurable on small inputs.
 _layer_norm_forward = _ops.layer_norm_forward.default
 _rms_norm_forward = _ops.rms_norm_forward.default
+_batch_norm_op = _ops.batch_norm.default
+_batch_norm_act_op = _ops.batch_norm_act.default
+_instance_norm_op = _ops.instance_norm.default
 
 
 def _direct_call(*tensors: Tensor | None) -> bool:
@@ -158,8 +161,7 @@ def _batch_norm(
         return _C.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
         )
-    return _ops.batch_norm.default(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                   num_batches_tracked)
+    return _batch_norm_op(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
 
 
 
@@ -245,8 +247,8 @@ def batch_norm_act(
     gradient too; momentum None is the cumulative average over num_batches_tracked.
     """
     _check_activation("batch_norm_act", activation)
-    return _ops.batch_norm_act.default(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                       activation, residual, num_batches_tracked)
+    return _batch_norm_act_op(input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+                              residual, num_batches_tracked)
 
 
 # ---------------------------------------------------------------------------
@@ -617,7 +619,7 @@ def instance_norm(
     statistics normalise it (BatchNorm in eval mode). Channels-last inputs
     give channels-last outputs.
     """
-    return _ops.instance_norm.default(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    return _instance_norm_op(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
 
 def layer_norm_channels(

@@ -67,12 +67,16 @@ inline void check_group_norm_forward_args(const at::Tensor& input, int64_t group
                                           const std::optional<at::Tensor>& weight,
                                           const std::optional<at::Tensor>& bias) {
   if (input.dim() >= 2 && groups > 0) {
-    std::vector<int64_t> size{input.size(0) * input.size(1) / groups, groups};  // the size torch's message names
-    for (int64_t d = 2; d < input.dim(); ++d) size.push_back(input.size(d));
-    int64_t values = size[0];
-    for (size_t d = 2; d < size.size(); ++d) values *= size[d];
+    int64_t values = input.size(0) * input.size(1) / groups;
+    for (int64_t d = 2; d < input.dim(); ++d) values *= input.size(d);
+    // The size torch's message names, built only for the message.
+    auto torch_size = [&] {
+      std::vector<int64_t> size{input.size(0) * input.size(1) / groups, groups};
+      for (int64_t d = 2; d < input.dim(); ++d) size.push_back(input.size(d));
+      return size;
+    };
     TORCH_CHECK_VALUE(values != 1, "Expected more than 1 value per channel when training, got input size ",
-                      at::IntArrayRef(size));
+                      at::IntArrayRef(torch_size()));
   }
   check_group_norm_args(input, groups, weight, bias);
 }
