@@ -1,12 +1,14 @@
-// LayerNorm and RMSNorm operators on the CPU: argument checks, allocation and
-// the parameter-gradient tensors; the kernels are in kernels/row_norm_kernel.cpp.
+// LayerNorm's and RMSNorm's CPU part (row_norm_ops.h holds the operators):
+// the kernels of kernels/row_norm_kernel.cpp, and the parameters' gradients
+// from their float64 column totals.
 #include "cpu/dispatch.h"
 #include "cpu/output_memory.h"
-#include "row_norm_common.h"
+#include "row_norm_ops.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <vector>
 
 namespace bn_ext::cpu {
 namespace {
@@ -17,98 +19,52 @@ std::optional<Tensor> contiguous_or_none(const std::optional<Tensor>& t) {
   return has(t) ? std::optional(t->contiguous()) : std::nullopt;
 }
 
-// A tensor of `shape` and `dtype` holding values[offset, offset + numel).
-Tensor tensor_from(const std::vector<double>& values, int64_t offset, at::IntArrayRef shape, at::ScalarType dtype) {
+// The gradient of a parameter shaped `shape` from values[offset, offset +
+// numel), or an empty tensor when it was not asked for.
+Tensor param_grad(bool asked, const std::vector<double>& values, int64_t offset, at::IntArrayRef shape,
+                  at::ScalarType dtype) {
+  if (!asked) return at::empty({0}, at::TensorOptions().dtype(dtype));
   Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tensor_from", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "param_grad", [&] {
     scalar_t* p = t.data_ptr<scalar_t>();
     for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(values[offset + i]);
   });
   return t;
 }
 
-// The gradient of a parameter shaped `shape` from values[offset, ...), or an
-// empty tensor when it was not asked for.
-Tensor param_grad(bool asked, const std::vector<double>& values, int64_t offset, at::IntArrayRef shape,
-                  const std::optional<Tensor>& param, const Tensor& input) {
-  const auto dtype = has(param) ? param->scalar_type() : input.scalar_type();
-  return asked ? tensor_from(values, offset, shape, dtype) : at::empty({0}, input.options().dtype(dtype));
-}
+struct RowNormDevice {
+  static Tensor empty_like(const Tensor& x) { return empty_output_like(x, at::MemoryFormat::Contiguous); }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_cpu(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                          const std::optional<Tensor>& weight,
-                                                          const std::optional<Tensor>& bias, double eps) {
-  const RowGeometry g = check_row_norm_args("layer_norm", input, normalized_shape, weight, bias);
-  const Tensor x = input.contiguous();
-  Tensor out = empty_output_like(x, at::MemoryFormat::Contiguous);
-  const auto stats_options = x.options().dtype(stat_dtype(x.scalar_type()));
-  Tensor mean = at::empty(row_stat_shape(x, normalized_shape), stats_options);
-  Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), stats_options);
-  cpu_kernels().row_norm->layer_norm_forward(x, contiguous_or_none(weight), contiguous_or_none(bias), out, mean, rstd,
-                                             g, eps);
-  return {out, mean, rstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
-                                                           at::IntArrayRef normalized_shape, const Tensor& mean,
-                                                           const Tensor& rstd, const std::optional<Tensor>& weight,
-                                                           const std::optional<Tensor>& bias, double eps,
-                                                           std::array<bool, 3> output_mask) {
-  (void)eps;  // used by the autograd formula of this op, not by the kernel
-  const RowGeometry g = check_row_norm_args("layer_norm_backward", input, normalized_shape, weight, bias);
-  check_row_norm_backward_args("layer_norm_backward", grad_out, input, &mean, rstd, g.rows);
-  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const auto sdtype = stat_dtype(x.scalar_type());
-  Tensor dx = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  std::vector<double> sums;
-  if (g.rows * g.cols > 0) {
-    sums = cpu_kernels().row_norm->layer_norm_backward(dy, x, contiguous_or_none(weight), mean.to(sdtype).contiguous(),
-                                                       rstd.to(sdtype).contiguous(), output_mask[0] ? dx : Tensor(),
-                                                       g, output_mask[1] || output_mask[2]);
+  static void forward(const RowNormForwardCall& a) {
+    const auto& kernels = *cpu_kernels().row_norm;
+    if (a.mean.defined()) {
+      kernels.layer_norm_forward(a.x, contiguous_or_none(a.weight), contiguous_or_none(a.bias), a.out, a.mean, a.rstd,
+                                 a.g, a.eps);
+    } else {
+      kernels.rms_norm_forward(a.x, contiguous_or_none(a.weight), a.out, a.rstd, a.g, a.eps);
+    }
   }
-  if (sums.empty()) sums.assign(2 * g.cols, 0.0);
-  zero_single_value_rows(dx, g.cols);
-  return {dx, param_grad(output_mask[1], sums, 0, normalized_shape, weight, x),
-          param_grad(output_mask[2], sums, g.cols, normalized_shape, bias, x)};
-}
 
-std::tuple<Tensor, Tensor> rms_norm_forward_cpu(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                const std::optional<Tensor>& weight, std::optional<double> eps) {
-  const RowGeometry g = check_row_norm_args("rms_norm", input, normalized_shape, weight, std::nullopt);
-  const Tensor x = input.contiguous();
-  Tensor out = empty_output_like(x, at::MemoryFormat::Contiguous);
-  Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), x.options().dtype(stat_dtype(x.scalar_type())));
-  cpu_kernels().row_norm->rms_norm_forward(x, contiguous_or_none(weight), out, rstd, g,
-                                           rms_norm_eps(eps, x.scalar_type()));
-  return {rms_norm_output_format(out, input), rstd};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_backward_cpu(const Tensor& grad_out, const Tensor& input,
-                                                 at::IntArrayRef normalized_shape, const Tensor& rstd,
-                                                 const std::optional<Tensor>& weight, std::optional<double> eps,
-                                                 std::array<bool, 2> output_mask) {
-  (void)eps;  // used by the autograd formula of this op, not by the kernel
-  const RowGeometry g = check_row_norm_args("rms_norm_backward", input, normalized_shape, weight, std::nullopt);
-  check_row_norm_backward_args("rms_norm_backward", grad_out, input, nullptr, rstd, g.rows);
-  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  Tensor dx = output_mask[0] ? empty_output_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  std::vector<double> sums;
-  if (g.rows * g.cols > 0) {
-    sums = cpu_kernels().row_norm->rms_norm_backward(dy, x, contiguous_or_none(weight),
-                                                     rstd.to(stat_dtype(x.scalar_type())).contiguous(),
-                                                     output_mask[0] ? dx : Tensor(), g, output_mask[1]);
+  static std::tuple<Tensor, Tensor> backward(const RowNormBackwardCall& a) {
+    const auto& kernels = *cpu_kernels().row_norm;
+    const auto& mask = a.output_mask;
+    const auto sdtype = stat_dtype(a.x.scalar_type());
+    const Tensor rstd = a.rstd.to(sdtype).contiguous();
+    // Column totals: dweight's, then LayerNorm's dbias.
+    const std::vector<double> sums =
+        a.mean.defined()
+            ? kernels.layer_norm_backward(a.dy, a.x, contiguous_or_none(a.weight), a.mean.to(sdtype).contiguous(), rstd,
+                                          a.dx, a.g, mask[1] || mask[2])
+            : kernels.rms_norm_backward(a.dy, a.x, contiguous_or_none(a.weight), rstd, a.dx, a.g, mask[1]);
+    return {param_grad(mask[1], sums, 0, a.normalized_shape, a.weight_dtype),
+            param_grad(mask[2], sums, a.g.cols, a.normalized_shape, a.bias_dtype)};
   }
-  if (sums.empty()) sums.assign(g.cols, 0.0);
-  return {dx, param_grad(output_mask[1], sums, 0, normalized_shape, weight, x)};
-}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bn_ext, CPU, m) {
-  m.impl("layer_norm_forward", &layer_norm_forward_cpu);
-  m.impl("layer_norm_backward", &layer_norm_backward_cpu);
-  m.impl("rms_norm_forward", &rms_norm_forward_cpu);
-  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  RowNormOps<RowNormDevice>::bind([&](const char* name, auto function) { m.impl(name, function); });
 }
 
 }  // namespace bn_ext::cpu

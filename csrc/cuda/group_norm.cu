@@ -157,7 +157,8 @@ struct GroupNormDevice {
                                                                         const std::optional<Tensor>& weight,
                                                                         const std::optional<Tensor>& bias, double eps) {
     const DeviceGuard guard(input);
-    auto [out, mean, rstd] = layer_norm_forward_cuda(channels_last_rows(input), {input.size(1)}, weight, bias, eps);
+    auto [out, mean, rstd] =
+        RowNormCudaOps::layer_norm_forward(channels_last_rows(input), {input.size(1)}, weight, bias, eps);
     return {channels_first(out, input), mean.view(channels_stat_shape(input)), rstd.view(channels_stat_shape(input))};
   }
 
@@ -169,9 +170,9 @@ struct GroupNormDevice {
     const DeviceGuard guard(input);
     const auto shape = channels_stat_shape(input);
     auto [dx, dweight, dbias] =
-        layer_norm_backward_cuda(channels_last_rows(grad_out), channels_last_rows(input), {input.size(1)},
-                                 channels_last_rows(mean.reshape(shape)), channels_last_rows(rstd.reshape(shape)),
-                                 weight, bias, 0.0, output_mask);
+        RowNormCudaOps::layer_norm_backward(channels_last_rows(grad_out), channels_last_rows(input), {input.size(1)},
+                                            channels_last_rows(mean.reshape(shape)),
+                                            channels_last_rows(rstd.reshape(shape)), weight, bias, 0.0, output_mask);
     return {output_mask[0] ? channels_first(dx, input) : dx, dweight, dbias};
   }
 };

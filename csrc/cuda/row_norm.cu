@@ -1,10 +1,9 @@
-// LayerNorm and RMSNorm on CUDA: launchers only; device code in
-// kernels/row_norm.cuh, shared by the two ops through its kRms switch. The
-// same checks and output conventions as the CPU ops (row_norm_common.h).
+// LayerNorm's and RMSNorm's CUDA part (row_norm_ops.h holds the operators):
+// launchers only; device code in kernels/row_norm.cuh, shared by the two
+// through its kRms switch.
 #include "cuda/kernels/row_norm.cuh"
 #include "cuda/launch_utils.h"
 #include "cuda/row_norm.h"
-#include "row_norm_common.h"
 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -39,136 +38,90 @@ void with_row_launch_shape(const RowGeometry& g, const F& f) {
 }
 
 template <bool kRms>
-std::tuple<Tensor, Tensor, Tensor> row_norm_forward_cuda(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                         const std::optional<Tensor>& weight,
-                                                         const std::optional<Tensor>& bias, double eps) {
-  const RowGeometry g =
-      check_row_norm_args(kRms ? "rms_norm" : "layer_norm", input, normalized_shape, weight, bias);
-  const DeviceGuard guard(input);
-  const Tensor x = input.contiguous();
-  const auto acc = stat_dtype(x.scalar_type());
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  Tensor mean = at::empty(kRms ? std::vector<int64_t>{0} : row_stat_shape(x, normalized_shape), x.options().dtype(acc));
-  Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), x.options().dtype(acc));
-  if (g.rows == 0) return {out, mean, rstd};
-  const auto w = as_acc(weight, acc), b = as_acc(bias, acc);
-  dispatch_device_type(x.scalar_type(), [&](auto tag) {
+void launch_forward(const RowNormForwardCall& a) {
+  const DeviceGuard guard(a.x);
+  const RowGeometry& g = a.g;
+  const auto acc = stat_dtype(a.x.scalar_type());
+  const auto w = as_acc(a.weight, acc), b = as_acc(a.bias, acc);
+  dispatch_device_type(a.x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const bool vectorized = rows_vectorizable({x.const_data_ptr(), out.const_data_ptr()});
+    const bool vectorized = rows_vectorizable({a.x.const_data_ptr(), a.out.const_data_ptr()});
     with_row_launch_shape(g, [&](auto warp_per_row, dim3 grid, dim3 block) {
       const auto kernel = row_norm_forward<T, kRms, decltype(warp_per_row)::value>;
-      BN_EXT_LAUNCH(kernel, grid, block, 0, current_stream(), device_data<T>(x), device_data_or_null<A>(w),
-                    device_data_or_null<A>(b), device_data_mut<T>(out), kRms ? nullptr : device_data_mut<A>(mean),
-                    device_data_mut<A>(rstd), g.rows, g.cols, A(eps), vectorized);
+      BN_EXT_LAUNCH(kernel, grid, block, 0, current_stream(), device_data<T>(a.x), device_data_or_null<A>(w),
+                    device_data_or_null<A>(b), device_data_mut<T>(a.out), kRms ? nullptr : device_data_mut<A>(a.mean),
+                    device_data_mut<A>(a.rstd), g.rows, g.cols, A(a.eps), vectorized);
       BN_EXT_LAUNCH_CHECK();
     });
   });
-  return {out, mean, rstd};
 }
 
-// dx (output_mask[0]), dweight (mask[1]) and dbias (mask[2]); mean is unused by RMSNorm.
 template <bool kRms>
-std::tuple<Tensor, Tensor, Tensor> row_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
-                                                          at::IntArrayRef normalized_shape, const Tensor& mean,
-                                                          const Tensor& rstd, const std::optional<Tensor>& weight,
-                                                          const std::optional<Tensor>& bias,
-                                                          std::array<bool, 3> output_mask) {
-  const char* op = kRms ? "rms_norm_backward" : "layer_norm_backward";
-  const RowGeometry g = check_row_norm_args(op, input, normalized_shape, weight, bias);
-  check_row_norm_backward_args(op, grad_out, input, kRms ? nullptr : &mean, rstd, g.rows);
-  const DeviceGuard guard(input);
-  const Tensor x = input.contiguous(), dy = grad_out.contiguous();
+std::tuple<Tensor, Tensor> launch_backward(const RowNormBackwardCall& a) {
+  const DeviceGuard guard(a.x);
+  const RowGeometry& g = a.g;
+  const auto& mask = a.output_mask;
+  const Tensor &x = a.x, &dy = a.dy;
   const auto acc = stat_dtype(x.scalar_type());
   const auto acc_options = x.options().dtype(acc);
-  const Tensor mean_c = kRms ? mean : mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
-  const auto w = as_acc(weight, acc);
-  Tensor dx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  Tensor dweight = at::zeros({output_mask[1] ? g.cols : 0}, acc_options);
-  Tensor dbias = at::zeros({output_mask[2] ? g.cols : 0}, acc_options);
-  if (g.rows > 0 && g.cols > 0) {
-    dispatch_device_type(x.scalar_type(), [&](auto tag) {
-      using T = typename decltype(tag)::type;
-      using A = acc_t<T>;
-      const A* mean_p = kRms ? nullptr : device_data<A>(mean_c);
-      if (output_mask[0]) {
-        const bool vectorized = rows_vectorizable({x.const_data_ptr(), dy.const_data_ptr(), dx.const_data_ptr()});
-        with_row_launch_shape(g, [&](auto warp_per_row, dim3 grid, dim3 block) {
-          const auto kernel = row_norm_backward_input<T, kRms, decltype(warp_per_row)::value>;
-          BN_EXT_LAUNCH(kernel, grid, block, 0, current_stream(), device_data<T>(dy), device_data<T>(x),
-                        device_data_or_null<A>(w), mean_p, device_data<A>(rstd_c), device_data_mut<T>(dx), g.rows,
-                        g.cols, vectorized);
-          BN_EXT_LAUNCH_CHECK();
-        });
-      }
-      if (output_mask[1] || output_mask[2]) {
-        const int64_t column_blocks = ceil_div(g.cols, kWarp);
-        const int64_t max_count = std::min<int64_t>(1024, ceil_div(g.rows, 4 * kParamRows));
-        const int count = static_cast<int>(
-            std::clamp<int64_t>(ceil_div(int64_t(kBlocksPerSm) * sm_count(), column_blocks), 1, max_count));
-        Tensor partials = at::empty({int64_t(count) * 2 * g.cols}, acc_options);
-        const auto partial_kernel = row_norm_param_partials<T, kRms>;
-        BN_EXT_LAUNCH(partial_kernel, dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(count)),
-                      dim3(kWarp, kParamRows), 0, current_stream(), device_data<T>(dy), device_data<T>(x), mean_p,
-                      device_data<A>(rstd_c), g.rows, g.cols, device_data_mut<A>(partials));
+  const Tensor mean = kRms ? Tensor() : a.mean.to(acc).contiguous(), rstd = a.rstd.to(acc).contiguous();
+  const auto w = as_acc(a.weight, acc);
+  Tensor dweight = at::zeros({mask[1] ? g.cols : 0}, acc_options);
+  Tensor dbias = at::zeros({mask[2] ? g.cols : 0}, acc_options);
+  dispatch_device_type(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const A* mean_p = kRms ? nullptr : device_data<A>(mean);
+    if (mask[0]) {
+      const bool vectorized = rows_vectorizable({x.const_data_ptr(), dy.const_data_ptr(), a.dx.const_data_ptr()});
+      with_row_launch_shape(g, [&](auto warp_per_row, dim3 grid, dim3 block) {
+        const auto kernel = row_norm_backward_input<T, kRms, decltype(warp_per_row)::value>;
+        BN_EXT_LAUNCH(kernel, grid, block, 0, current_stream(), device_data<T>(dy), device_data<T>(x),
+                      device_data_or_null<A>(w), mean_p, device_data<A>(rstd), device_data_mut<T>(a.dx), g.rows, g.cols,
+                      vectorized);
         BN_EXT_LAUNCH_CHECK();
-        const auto sum_kernel = column_sums<A>;
-        BN_EXT_LAUNCH(sum_kernel, dim3(static_cast<unsigned>(ceil_div(g.cols, kRowBlockThreads))),
-                      dim3(kRowBlockThreads), 0, current_stream(), device_data<A>(partials), count, g.cols,
-                      output_mask[1] ? device_data_mut<A>(dweight) : nullptr,
-                      output_mask[2] ? device_data_mut<A>(dbias) : nullptr);
-        BN_EXT_LAUNCH_CHECK();
-      }
-    });
-  }
-  if constexpr (!kRms) zero_single_value_rows(dx, g.cols);
-  auto param_grad = [&](bool asked, const Tensor& grad, const std::optional<Tensor>& param) {
-    const auto dtype = has(param) ? param->scalar_type() : x.scalar_type();
-    return asked ? grad.to(dtype).view(normalized_shape) : at::empty({0}, x.options().dtype(dtype));
+      });
+    }
+    if (mask[1] || mask[2]) {
+      const int64_t column_blocks = ceil_div(g.cols, kWarp);
+      const int64_t max_count = std::min<int64_t>(1024, ceil_div(g.rows, 4 * kParamRows));
+      const int count = static_cast<int>(
+          std::clamp<int64_t>(ceil_div(int64_t(kBlocksPerSm) * sm_count(), column_blocks), 1, max_count));
+      Tensor partials = at::empty({int64_t(count) * 2 * g.cols}, acc_options);
+      const auto partial_kernel = row_norm_param_partials<T, kRms>;
+      BN_EXT_LAUNCH(partial_kernel, dim3(static_cast<unsigned>(column_blocks), static_cast<unsigned>(count)),
+                    dim3(kWarp, kParamRows), 0, current_stream(), device_data<T>(dy), device_data<T>(x), mean_p,
+                    device_data<A>(rstd), g.rows, g.cols, device_data_mut<A>(partials));
+      BN_EXT_LAUNCH_CHECK();
+      const auto sum_kernel = column_sums<A>;
+      BN_EXT_LAUNCH(sum_kernel, dim3(static_cast<unsigned>(ceil_div(g.cols, kRowBlockThreads))), dim3(kRowBlockThreads),
+                    0, current_stream(), device_data<A>(partials), count, g.cols,
+                    mask[1] ? device_data_mut<A>(dweight) : nullptr, mask[2] ? device_data_mut<A>(dbias) : nullptr);
+      BN_EXT_LAUNCH_CHECK();
+    }
+  });
+  auto param_grad = [&](bool asked, const Tensor& grad, at::ScalarType dtype) {
+    return asked ? grad.to(dtype).view(a.normalized_shape) : at::empty({0}, x.options().dtype(dtype));
   };
-  return {dx, param_grad(output_mask[1], dweight, weight), param_grad(output_mask[2], dbias, bias)};
+  return {param_grad(mask[1], dweight, a.weight_dtype), param_grad(mask[2], dbias, a.bias_dtype)};
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_forward_cuda(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                           const std::optional<Tensor>& weight,
-                                                           const std::optional<Tensor>& bias, double eps) {
-  return row_norm_forward_cuda<false>(input, normalized_shape, weight, bias, eps);
+Tensor RowNormDevice::empty_like(const Tensor& x) { return at::empty_like(x, at::MemoryFormat::Contiguous); }
+
+void RowNormDevice::forward(const RowNormForwardCall& call) {
+  call.mean.defined() ? launch_forward<false>(call) : launch_forward<true>(call);
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
-                                                            at::IntArrayRef normalized_shape, const Tensor& mean,
-                                                            const Tensor& rstd, const std::optional<Tensor>& weight,
-                                                            const std::optional<Tensor>& bias, double eps,
-                                                            std::array<bool, 3> output_mask) {
-  (void)eps;  // used by the autograd formula of this op, not by the kernels
-  return row_norm_backward_cuda<false>(grad_out, input, normalized_shape, mean, rstd, weight, bias, output_mask);
-}
-
-std::tuple<Tensor, Tensor> rms_norm_forward_cuda(const Tensor& input, at::IntArrayRef normalized_shape,
-                                                 const std::optional<Tensor>& weight, std::optional<double> eps) {
-  auto [out, mean, rstd] = row_norm_forward_cuda<true>(input, normalized_shape, weight, std::nullopt,
-                                                       rms_norm_eps(eps, input.scalar_type()));
-  return {rms_norm_output_format(out, input), rstd};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_backward_cuda(const Tensor& grad_out, const Tensor& input,
-                                                  at::IntArrayRef normalized_shape, const Tensor& rstd,
-                                                  const std::optional<Tensor>& weight, std::optional<double> eps,
-                                                  std::array<bool, 2> output_mask) {
-  (void)eps;  // used by the autograd formula of this op, not by the kernels
-  auto [dx, dweight, unused] = row_norm_backward_cuda<true>(grad_out, input, normalized_shape, rstd, rstd, weight,
-                                                            std::nullopt, {output_mask[0], output_mask[1], false});
-  return {dx, dweight};
+std::tuple<Tensor, Tensor> RowNormDevice::backward(const RowNormBackwardCall& call) {
+  return call.mean.defined() ? launch_backward<false>(call) : launch_backward<true>(call);
 }
 
 #ifndef BN_EXT_CUDA_EMULATOR
 TORCH_LIBRARY_IMPL(bn_ext, CUDA, m) {
-  m.impl("layer_norm_forward", &layer_norm_forward_cuda);
-  m.impl("layer_norm_backward", &layer_norm_backward_cuda);
-  m.impl("rms_norm_forward", &rms_norm_forward_cuda);
-  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  RowNormCudaOps::bind([&](const char* name, auto function) { m.impl(name, function); });
 }
 #endif
 
