@@ -98,28 +98,10 @@ def _batch_norm_backward_fake(grad_out, input, weight, save_mean, save_invstd, t
 
 
 def _batch_norm_grads_reference(grad_out, input, weight, save_mean, save_invstd, training, eps):
-    """BatchNorm's first derivatives as a composite of torch ops.
-
-    In training the statistics are recomputed from `input`, so differentiating
-    this gives the exact second derivatives (double backward).
-    """
-    compute = torch.promote_types(input.dtype, torch.float32)
-    x, dy = input.to(compute), grad_out.to(compute)
-    dims, shape = _reduction_dims(x), _channel_shape(x)
-    if training:
-        mean = x.mean(dims, keepdim=True)
-        invstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
-    else:
-        mean, invstd = save_mean.to(compute).view(shape), save_invstd.to(compute).view(shape)
-    x_hat = (x - mean) * invstd
-    grad_weight = (dy * x_hat).sum(dims)
-    grad_bias = dy.sum(dims)
-    g = dy if weight is None else dy * weight.to(compute).view(shape)
-    if training:
-        grad_input = invstd * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
-    else:
-        grad_input = g * invstd
-    return grad_input.to(input.dtype), grad_weight, grad_bias
+    """BatchNorm's first derivatives as a composite of torch ops: those of
+    BatchNorm + activation without activation, residual and bias."""
+    return _batch_norm_act_grads_reference(grad_out, input, None, weight, None, save_mean, save_invstd, training,
+                                           eps, None)[:3]
 
 
 def batch_norm(
@@ -197,8 +179,9 @@ def _batch_norm_act_backward_fake(grad_out, input, residual, weight, bias, save_
 def _batch_norm_act_grads_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training, eps,
                                     activation):
     """BatchNorm + activation's first derivatives (dx, dweight, dbias,
-    dresidual) as a composite of torch ops; in training the statistics are
-    recomputed from `input` (double backward)."""
+    dresidual) as a composite of torch ops. In training the statistics are
+    recomputed from `input`, so differentiating this gives the exact second
+    derivatives (double backward)."""
     compute = torch.promote_types(input.dtype, torch.float32)
     x, dy = input.to(compute), grad_out.to(compute)
     dims, shape = _reduction_dims(x), _channel_shape(x)
