@@ -39,7 +39,7 @@ build: $(STAMP)
 # The CPU kernel tests, repeated at every lower SIMD level this CPU runs (the
 # whole suite runs at the best one). Tests marked level_independent (argument
 # checks, module state, conversion) run once.
-CPU_KERNEL_TESTS := tests/test_batch_norm.py tests/test_batch_norm_act.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_edge_cases.py
+CPU_KERNEL_TESTS := tests/test_op_samples.py tests/test_batch_norm.py tests/test_batch_norm_act.py tests/test_group_norm.py tests/test_layer_norm.py tests/test_rms_norm.py tests/test_edge_cases.py
 
 # The Python suite, the CPU kernel tests at the lower levels, then the C++
 # package and its consumer tests (ctest).

@@ -3,9 +3,13 @@ and extension-cpp's sample_inputs). test_op_samples.py runs
 torch.library.opcheck (schema, fake kernel, autograd registration, AOT
 dispatch with static and dynamic shapes) over each operator's samples, and
 fails for a registered operator that has none. A backward operator's samples
-take the statistics its forward saved."""
+take the statistics its forward saved. check_samples runs a device
+operator's samples against the float64 reference: on the CPU at each level
+(test_op_samples.py), through the CUDA emulator and on a GPU (test_cuda*.py)."""
 
 import torch
+
+from conftest import assert_close, assert_error_within, in_float64, op_math
 
 ops = torch.ops.bn_ext
 
@@ -246,10 +250,58 @@ def fuse_bn_conv_weights():
             (torch.randn(4, 2, 3, 3), None, *_fold_norm_args(4), 2)]
 
 
+# The operators with a part per device (csrc/*_ops.h over cpu/*.cpp and
+# cuda/*.cu); the composites and the weight folding are the same C++ on every device.
+DEVICE_OPERATORS = [
+    "batch_norm_forward", "batch_norm_backward", "batch_norm_act_forward", "batch_norm_act_backward",
+    "batch_norm_update_stats", "batch_norm_stats", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
+    "rms_norm_backward", "group_norm_forward", "group_norm_backward", "layer_norm_channels_forward",
+    "layer_norm_channels_backward",
+]
+
+
+def operator_runner(library):
+    """run(op, args) for check_samples: operator `op` of `library`
+    (torch.ops.bn_ext, or the emulator's) on copies of the arguments."""
+
+    def run(op, args):
+        given = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+        result = getattr(library, op)(*given)
+        outputs = result if isinstance(result, tuple) else () if result is None else (result,)
+        return [*outputs, *(a for a in given if isinstance(a, torch.Tensor) and a.is_floating_point())]
+
+    return run
+
+
+def check_samples(op, run, peer=None):
+    """Every sample of device operator `op` through run(op, args) (its
+    results: the outputs, then the floating arguments it updates in place,
+    on the CPU) against the CPU operator on float64 copies. With a peer
+    implementation, within conftest's error ratio of the peer's error; else
+    within the dtype's table tolerance. Each result is a sum of terms no
+    larger than the product of the two largest arguments' values."""
+    reference = operator_runner(torch.ops.bn_ext)
+    for k, args in enumerate(samples(op)):
+        floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()]
+        largest = sorted(a.detach().double().abs().max().item() for a in floating)[-2:]
+        magnitude = largest[0] * largest[-1] if len(largest) == 2 else largest[0]
+        got, exact = run(op, args), reference(op, in_float64(args))
+        peers = peer(op, args) if peer else got
+        for i, (a, p, e) in enumerate(zip(got, peers, exact, strict=True)):
+            what = f"{op} sample {k} [{i}]"
+            assert a.shape == p.shape and a.dtype == p.dtype, f"{what}: {a.shape} {a.dtype} vs {p.shape} {p.dtype}"
+            # Float64 results of a lower-precision input hold op-math sums.
+            computed_in = op_math(floating[0].dtype) if a.dtype == torch.float64 else a.dtype
+            if peer:
+                assert_error_within(a, e, p, msg=what, dtype=computed_in, magnitude=magnitude)
+            else:
+                assert_close(a, e, computed_in, atol_scale=max(1.0, magnitude), msg=what)
+
+
 def samples(op: str) -> list[tuple]:
     """The sample arguments of operator `op` ('name' or 'name.overload')."""
     make = globals().get(op.replace(".", "_"))
-    if make is None or op.startswith("_") or op in ("registered_operators", "samples"):
+    if make is None or op.startswith("_") or op in ("registered_operators", "samples", "operator_runner", "check_samples"):
         raise LookupError(f"bn_ext::{op} has no samples in tests/op_samples.py")
     torch.manual_seed(0)
     return make()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import bn_ext
 from bn_ext.bench import has_cuda_kernels
 from conftest import DTYPES, assert_error_within, in_float64, op_math, param_dtype
+from op_samples import DEVICE_OPERATORS, check_samples, operator_runner
 
 pytestmark = [
     pytest.mark.cuda,
@@ -258,3 +259,17 @@ def test_torch_compile_on_the_gpu():
     w, b = torch.rand(8, device="cuda"), torch.randn(8, device="cuda")
     compiled = torch.compile(lambda t: bn_ext.batch_norm(t, None, None, w, b, True), fullgraph=True)
     torch.testing.assert_close(compiled(x), F.batch_norm(x, None, None, w, b, True), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("op", DEVICE_OPERATORS)
+def test_samples_against_the_cpu_operator(op):
+    """Every sample of tests/op_samples.py on the GPU, within the error ratio
+    of the CPU operator's (tests/test_cuda_emulated.py runs the same through
+    the emulator)."""
+    on_device = operator_runner(torch.ops.bn_ext)
+
+    def run(op, args):
+        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        return [r.cpu() for r in on_device(op, moved)]
+
+    check_samples(op, run, peer=operator_runner(torch.ops.bn_ext))

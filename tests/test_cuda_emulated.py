@@ -16,6 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 from conftest import DTYPES, HALF_DTYPES, assert_close, assert_error_within, in_float64, op_math, param_dtype
+from op_samples import DEVICE_OPERATORS, operator_runner, check_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDERS = ["forward", "reverse", "random"]
@@ -494,15 +495,6 @@ def test_group_norm_bitwise_repeatable_across_thread_orders(emu):
 
 # --- Every device operator over the sample table ------------------------------
 
-# The operators with a CUDA part (csrc/*_ops.h over cuda/*.cu); the composites
-# and the weight folding run the same C++ on every device.
-DEVICE_OPERATORS = [
-    "batch_norm_forward", "batch_norm_backward", "batch_norm_act_forward", "batch_norm_act_backward",
-    "batch_norm_update_stats", "batch_norm_stats", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
-    "rms_norm_backward", "group_norm_forward", "group_norm_backward", "layer_norm_channels_forward",
-    "layer_norm_channels_backward",
-]
-
 
 def test_the_emulator_binds_every_device_operator(emu):
     names = {n.removeprefix("bn_ext_emulated::") for n in torch._C._dispatch_get_all_op_names()
@@ -510,33 +502,8 @@ def test_the_emulator_binds_every_device_operator(emu):
     assert names - {"set_order", "sm_count"} == set(DEVICE_OPERATORS)
 
 
-def _copies(args):
-    """Independent copies of the arguments (an operator may update some in place), without autograd."""
-    return [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
-
-
 @pytest.mark.parametrize("op", DEVICE_OPERATORS)
 def test_samples_against_the_cpu_operator(emu, op):
     """Every sample of tests/op_samples.py through the emulated CUDA operator,
-    against the CPU operator and the float64 reference: the outputs and the
-    arguments it updates in place. Each output is a sum of terms no larger
-    than the product of the two largest arguments' values."""
-    from op_samples import samples
-
-    for k, args in enumerate(samples(op)):
-        runs = [_copies(args), _copies(args), in_float64(_copies(args))]
-        got, want, exact = [(getattr(library, op)(*run), run) for library, run in zip((emu, cpu_ops, cpu_ops), runs)]
-        floating = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()]
-        computed_in = op_math(floating[0].dtype)
-        largest = sorted(a.detach().double().abs().max().item() for a in floating)[-2:]
-        magnitude = largest[0] * largest[-1] if len(largest) == 2 else largest[0]
-
-        def tensors(result):
-            outputs = result[0] if isinstance(result[0], tuple) else () if result[0] is None else (result[0],)
-            return [*outputs, *(a for a in result[1] if isinstance(a, torch.Tensor) and a.is_floating_point())]
-
-        for i, (a, w, e) in enumerate(zip(tensors(got), tensors(want), tensors(exact), strict=True)):
-            what = f"{op} sample {k} [{i}]"
-            assert a.shape == w.shape and a.dtype == w.dtype, f"{what}: {a.shape} {a.dtype} vs {w.shape} {w.dtype}"
-            assert_error_within(a, e, w, msg=what, dtype=computed_in if a.dtype == torch.float64 else None,
-                                magnitude=magnitude)
+    within the error ratio of the CPU operator's."""
+    check_samples(op, operator_runner(emu), peer=operator_runner(cpu_ops))

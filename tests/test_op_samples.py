@@ -8,7 +8,7 @@ import torch
 from torch.library import opcheck
 
 import bn_ext  # noqa: F401  (registers the operators)
-from op_samples import registered_operators, samples
+from op_samples import DEVICE_OPERATORS, operator_runner, check_samples, registered_operators, samples
 
 OPERATORS = registered_operators()
 
@@ -72,3 +72,10 @@ def test_gradcheck_and_gradgradcheck(op):
         primals = [args[i] for i in inputs]
         assert torch.autograd.gradcheck(call, primals)
         assert torch.autograd.gradgradcheck(call, primals)
+
+
+@pytest.mark.parametrize("op", DEVICE_OPERATORS)
+def test_samples_against_float64(op):
+    """Every device operator's samples on the CPU (at each kernel level: make
+    test runs this file at every level) against the float64 reference."""
+    check_samples(op, operator_runner(torch.ops.bn_ext))
