@@ -22,7 +22,8 @@ inline std::vector<double> channel_values(const std::optional<at::Tensor>& t, in
     // takes it); a view for 0-d and 1-d tensors.
     const at::Tensor flat = t->reshape({-1});
     const scalar_t* p = flat.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * flat.stride(0)]);
+    const int64_t stride = flat.stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<double>(p[c * stride]);
   });
   return v;
 }
