@@ -36,10 +36,9 @@ def build_emulator():
     device build switches at 2^30)."""
     build = ROOT / "build" / "emulated_ops"
     build.mkdir(parents=True, exist_ok=True)
-    sources = ["emulated_library.cpp", "emulated_batch_norm.cpp", "emulated_group_norm.cpp", "emulated_row_norm.cpp"]
     cpp_extension.load(
         name="bn_ext_emulated",
-        sources=[str(ROOT / "tests" / "emulator" / name) for name in sources],
+        sources=sorted(str(p) for p in (ROOT / "tests" / "emulator").glob("emulated_*.cpp")),
         extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "tests" / "emulator")],
         extra_cflags=["-std=c++20", os.environ.get("BN_EXT_EMULATOR_OPTIMIZATION", "-O1"), "-fno-strict-aliasing",
                       "-Wno-unknown-pragmas", "-DBN_EXT_CUDA_EMULATOR", "-DBN_EXT_INDEX32_LIMIT=1000"],
