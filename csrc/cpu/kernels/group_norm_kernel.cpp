@@ -408,7 +408,10 @@ void set_group_backward_coefficients(ChannelCoefficients<T>& k, int64_t at, cons
   const double x_scale = -rstd * rstd * rstd * B / D, shift = -rstd * A / D;
   // Pointers in locals: the stores may alias the vectors' fields.
   Op *dy_scale = k.dy_scale.data() + at, *x_scales = k.x_scale.data() + at, *constant = k.constant.data() + at;
-  const Op* center = k.center.data() + at;
+  Op* center = k.center.data() + at;
+  // The sums are taken; the dx pass folds a mean near zero as the forward
+  // does (set_forward_coefficients), one coefficient array fewer to read.
+  if (std::abs(mean) * rstd <= kFoldedMeanDeviations) std::fill_n(center, Cg, Op(0));
   for (int64_t j = 0; j < Cg; ++j) {
     dy_scale[j] = static_cast<Op>(rstd * w[c0 + j]);
     x_scales[j] = static_cast<Op>(x_scale);
@@ -470,8 +473,10 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
         set_group_sums(r, &sums[r * Cg]);
         set_group_backward_coefficients(block, group_entry(block, g, r, r0), g, r, mean[r], rstd[r], w, sums);
       }
-      block_form_pass<T, Affine<true, true>>(dx + offset, {dy + offset, x + offset}, block, planes, 0, channels,
-                                             stream);
+      with_centering(block, [&](auto centered) {
+        block_form_pass<T, Affine<true, true, centered()>>(dx + offset, {dy + offset, x + offset}, block, planes, 0,
+                                                          channels, stream);
+      });
     });
     group_norm_param_grads(g, rstd, sums, param_grads, dweight, dbias);
     return;
@@ -488,7 +493,12 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
       for (int64_t r = n0 * g.G; r < n1 * g.G; ++r) {
         set_group_backward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, sums);
       }
-      rows_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
+      with_centering(
+          k,
+          [&](auto centered) {
+            rows_form_pass<T, Affine<true, true, centered()>>(dx, {dy, x}, k, g.C, n0 * g.S, n1 * g.S, g.S);
+          },
+          n0 * k.stride, n1 * k.stride);
     });
   } else {
     const auto raw = channel_grad_sums(dy, x, k.center.data(), channel_planes(g));
@@ -497,7 +507,7 @@ void group_norm_backward_kernel(const T* dy, const T* x, T* dx, const GroupNormG
       for (int64_t r = 0; r < g.N * g.G; ++r) {
         set_group_backward_coefficients(k, group_entry(k, g, r), g, r, mean[r], rstd[r], w, sums);
       }
-      sample_form_pass<T, Affine<true, true>>(dx, {dy, x}, k, g);
+      with_centering(k, [&](auto centered) { sample_form_pass<T, Affine<true, true, centered()>>(dx, {dy, x}, k, g); });
     }
   }
   group_norm_param_grads(g, rstd, sums, param_grads, dweight, dbias);
