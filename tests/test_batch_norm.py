@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import bn_ext
@@ -462,6 +462,9 @@ def test_nan_and_inf_propagate_like_torch(training):
     training=st.booleans(),
     dtype=st.sampled_from(DTYPES),
 )
+# One value whose output cancels to 0.009 of terms near 0.38 (the DEFAULT
+# level, without FMA, rounds both).
+@example(dims=[1, 1, 1], perm_seed=328, step=1, training=False, dtype=torch.float32)
 def test_property_random_shapes_and_strides(dims, perm_seed, step, training, dtype):
     """Any shape and any strides (permuted and sliced views) match torch."""
     if training and dims[0] * torch.tensor(dims[2:]).prod().item() == 1:
@@ -476,10 +479,17 @@ def test_property_random_shapes_and_strides(dims, perm_seed, step, training, dty
     C = x.shape[1]
     w, b, rm, rv = make_params(C, dtype)
     rm_ref, rv_ref = f64(rm), f64(rv)
+    # y = x * alpha + beta cancels where y is small beside its terms (one
+    # sample, say): no op-math result is more exact than one rounding of them.
+    dims_c = [0, *range(2, x.dim())]
+    mean, var = (f64(x).mean(dims_c), f64(x).var(dims_c, correction=0)) if training else (rm_ref, rv_ref)
+    shape = [1, C] + [1] * (x.dim() - 2)
+    alpha = (f64(w) / torch.sqrt(var + 1e-5)).view(shape)
+    terms = torch.cat([(f64(x) * alpha).flatten(), (f64(b).view(shape) - mean.view(shape) * alpha).flatten()])
     peer = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
     out = bn_ext.batch_norm(x, rm, rv, w, b, training)
     expected = F.batch_norm(f64(x), rm_ref, rv_ref, f64(w), f64(b), training)
-    assert_error_within(out, expected, peer)
+    assert_error_within(out, expected, peer, magnitude=terms.abs().max().item())
     assert_close(rm, rm_ref, param_dtype(dtype))
     assert_close(rv, rv_ref, param_dtype(dtype))
 
