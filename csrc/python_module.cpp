@@ -15,6 +15,9 @@
 
 #include <chrono>
 #include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -86,50 +89,62 @@ PyObject* call_without_gil(const Call& call) {
   return THPVariable_Wrap(std::move(out));
 }
 
-// batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
-PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// A Python argument as the C++ parameter type P (a shape as the vector an
+// IntArrayRef views).
+template <typename P>
+auto from_python(PyObject* obj, const char* name) {
+  if constexpr (std::is_same_v<P, Tensor>) {
+    return tensor_arg(obj, name);
+  } else if constexpr (std::is_same_v<P, std::optional<Tensor>>) {
+    return optional_tensor_arg(obj, name);
+  } else if constexpr (std::is_same_v<P, double>) {
+    return float_arg(obj, name);
+  } else if constexpr (std::is_same_v<P, std::optional<double>>) {
+    return optional_float_arg(obj, name);
+  } else if constexpr (std::is_same_v<P, bool>) {
+    return PyObject_IsTrue(obj) == 1;
+  } else {
+    static_assert(std::is_same_v<P, at::IntArrayRef>, "no conversion for this parameter type");
+    return shape_arg(obj, name);
+  }
+}
+
+// The direct binding of `function`: its Python arguments converted in order
+// (names[0] is the function's name, then its parameters'), then the call.
+template <typename... P, size_t... I>
+PyObject* call_direct(Tensor (*function)(P...), const char* const* names, PyObject* const* args, Py_ssize_t nargs,
+                      std::index_sequence<I...>) {
+  check_arg_count(nargs, sizeof...(P), names[0]);
+  // Braces: converted left to right, so the first bad argument is the one named.
+  const std::tuple<decltype(from_python<std::decay_t<P>>(nullptr, nullptr))...> values{
+      from_python<std::decay_t<P>>(args[I], names[I + 1])...};
+  return call_without_gil([&] { return function(std::get<I>(values)...); });
+}
+
+template <typename R, typename... P>
+constexpr size_t arity(R (*)(P...)) {
+  return sizeof...(P);
+}
+
+template <auto function, const char* const* names>
+PyObject* direct(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  check_arg_count(nargs, 9, "batch_norm");
-  const Tensor input = tensor_arg(args[0], "input");
-  const auto running_mean = optional_tensor_arg(args[1], "running_mean");
-  const auto running_var = optional_tensor_arg(args[2], "running_var");
-  const auto weight = optional_tensor_arg(args[3], "weight");
-  const auto bias = optional_tensor_arg(args[4], "bias");
-  const bool training = PyObject_IsTrue(args[5]) == 1;
-  const auto momentum = optional_float_arg(args[6], "momentum");
-  const double eps = float_arg(args[7], "eps");
-  const auto num_batches_tracked = optional_tensor_arg(args[8], "num_batches_tracked");
-  return call_without_gil([&] {
-    return bn_ext::batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                              num_batches_tracked);
-  });
+  return call_direct(function, names, args, nargs, std::make_index_sequence<arity(function)>());
   END_HANDLE_TH_ERRORS
 }
 
-// layer_norm(input, normalized_shape, weight, bias, eps)
-PyObject* layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  check_arg_count(nargs, 5, "layer_norm");
-  const Tensor input = tensor_arg(args[0], "input");
-  const auto shape = shape_arg(args[1], "normalized_shape");
-  const auto weight = optional_tensor_arg(args[2], "weight");
-  const auto bias = optional_tensor_arg(args[3], "bias");
-  const double eps = float_arg(args[4], "eps");
-  return call_without_gil([&] { return bn_ext::layer_norm(input, shape, weight, bias, eps); });
-  END_HANDLE_TH_ERRORS
-}
-
-// rms_norm(input, normalized_shape, weight, eps)
-PyObject* rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  check_arg_count(nargs, 4, "rms_norm");
-  const Tensor input = tensor_arg(args[0], "input");
-  const auto shape = shape_arg(args[1], "normalized_shape");
-  const auto weight = optional_tensor_arg(args[2], "weight");
-  const auto eps = optional_float_arg(args[3], "eps");
-  return call_without_gil([&] { return bn_ext::rms_norm(input, shape, weight, eps); });
-  END_HANDLE_TH_ERRORS
-}
+// The bound functions: bn_ext.batch_norm's form with torch.nn's options
+// (momentum None: a cumulative average; training updates the running
+// statistics), layer_norm, rms_norm.
+using BatchNorm = Tensor (*)(const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                             const std::optional<Tensor>&, const std::optional<Tensor>&, bool, std::optional<double>,
+                             double, const std::optional<Tensor>&);
+constexpr BatchNorm kBatchNorm = &bn_ext::batch_norm;
+constexpr const char* kBatchNormNames[] = {
+    "batch_norm", "input",    "running_mean", "running_var", "weight",
+    "bias",       "training", "momentum",     "eps",         "num_batches_tracked"};
+constexpr const char* kLayerNormNames[] = {"layer_norm", "input", "normalized_shape", "weight", "bias", "eps"};
+constexpr const char* kRmsNormNames[] = {"rms_norm", "input", "normalized_shape", "weight", "eps"};
 
 // cpu_output_cache_stats() -> (limit, cached, in use, hits, misses)
 PyObject* cpu_output_cache_stats(PyObject*, PyObject*) {
@@ -188,13 +203,17 @@ PyObject* cpu_capabilities(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
+// A METH_FASTCALL function as the PyCFunction its table entry holds.
+PyCFunction fastcall(PyObject* (*function)(PyObject*, PyObject* const*, Py_ssize_t)) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(function));
+}
+
 PyMethodDef methods[] = {
-    {"batch_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batch_norm)), METH_FASTCALL,
+    {"batch_norm", fastcall(direct<kBatchNorm, kBatchNormNames>), METH_FASTCALL,
      "bn_ext.batch_norm's direct binding (training updates the running statistics)"},
-    {"layer_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_norm)), METH_FASTCALL,
+    {"layer_norm", fastcall(direct<&bn_ext::layer_norm, kLayerNormNames>), METH_FASTCALL,
      "bn_ext.layer_norm's direct binding"},
-    {"rms_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(rms_norm)), METH_FASTCALL,
-     "bn_ext.rms_norm's direct binding"},
+    {"rms_norm", fastcall(direct<&bn_ext::rms_norm, kRmsNormNames>), METH_FASTCALL, "bn_ext.rms_norm's direct binding"},
     {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS, "bn_ext.cpu_output_cache_stats's binding"},
     {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_O, "bn_ext.set_cpu_output_cache_limit's binding"},
     {"empty_cpu_output_cache", empty_cpu_output_cache, METH_NOARGS, "bn_ext.empty_cpu_output_cache's binding"},
