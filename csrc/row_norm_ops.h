@@ -92,7 +92,7 @@ struct RowNormOps {
     const Tensor mean = rms ? Tensor() : at::empty(row_stat_shape(x, normalized_shape), options);
     const Tensor rstd = at::empty(row_stat_shape(x, normalized_shape), options);
     if (g.rows > 0) Device::forward(RowNormForwardCall{x, out, mean, rstd, weight, bias, g, eps});
-    return {out, rms ? at::empty({0}, options) : mean, rstd};
+    return {out, mean, rstd};  // mean undefined for RMSNorm, whose operator drops it
   }
 
   // dx (output_mask[0]), dweight (mask[1]) and dbias (mask[2]); mean is unused by RMSNorm.
